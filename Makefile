@@ -1,0 +1,31 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+# The CPU build of torch is installed first where there is no NVIDIA GPU, so pip does not pull a
+# multi-GB CUDA build; on GPU machines pyproject's normal torch range brings the CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_CPU_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "no NVIDIA GPU found: installing the CPU build of torch $(TORCH_CPU_VERSION)"; \
+	  $(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)" || \
+	  $(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/loraops demo
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .loraops

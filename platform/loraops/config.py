@@ -1,0 +1,254 @@
+"""Typed configuration: one pydantic schema, loaded from YAML, with `--set a.b=c` overrides.
+
+Every command takes the same file. Errors name the key (``training.learning_rate: ...``) and are
+raised as :class:`ConfigError`, which the CLI turns into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraops.errors import LoraopsError
+
+#: Environment variable that moves the workspace (everything loraops generates).
+WORKSPACE_ENV = "LORAOPS_HOME"
+DEFAULT_WORKSPACE = ".loraops"
+#: Environment variable with the SQLAlchemy URL of the project database (registry, Optuna studies).
+DATABASE_ENV = "LORAOPS_DATABASE_URL"
+#: Environment variable with the root URI for registry artifacts (local folder, s3://, gs://).
+ARTIFACTS_ENV = "LORAOPS_ARTIFACT_URI"
+#: The model name that selects the embedded tiny Phi model, built once into the workspace.
+TINY_MODEL = "builtin:tiny-phi"
+#: The data source that selects the built-in DialogSum-format data set.
+BUILTIN_DATA = "builtin"
+
+PHI2_PROMPT = "Instruct: Summarize the following conversation.\n{dialogue}\nOutput:\n"
+
+
+class ConfigError(LoraopsError, ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+class Section(BaseModel):
+    """Base for every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(TINY_MODEL, description="Hub name, local checkpoint folder, or builtin:tiny-phi.")
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+class QuantizationConfig(Section):
+    """bitsandbytes settings; the defaults are the seed's BitsAndBytesConfig."""
+
+    load_in_4bit: bool = True
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_compute_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    bnb_4bit_use_double_quant: bool = False
+
+
+class LoraSettings(Section):
+    r: int = Field(32, ge=1, le=1024)
+    alpha: int = Field(32, ge=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "dense"])
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one module name")
+        return value
+
+
+class TrainingConfig(Section):
+    """One QLoRA run; the defaults are the seed's recipe."""
+
+    max_steps: int = Field(1000, ge=1)
+    per_device_train_batch_size: int = Field(1, ge=1)
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = Field(1, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    optim: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused"] = "paged_adamw_32bit"
+    logging_steps: int = Field(25, ge=1)
+    eval_steps: int = Field(25, ge=1)
+    save_steps: int = Field(25, ge=1)
+    save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest N step checkpoints.")
+    gradient_checkpointing: bool = True
+    group_by_length: bool = True
+    report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["none"])
+    seed: int = 42
+    eval_max_samples: int | None = Field(None, ge=1, description="Cap the eval split (eval loss) size.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class DataConfig(Section):
+    """Where the dialogues come from and how they become prompts."""
+
+    source: str = Field(BUILTIN_DATA, description="builtin, a hub data set name, or a local .jsonl/.json/.csv/.parquet file or folder.")
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str = "test"
+    id_column: str = "id"
+    dialogue_column: str = "dialogue"
+    summary_column: str = Field("summary", description="Reference column; summary1..summaryN are also read as extra references.")
+    prompt_template: str = PHI2_PROMPT
+    max_length: int = Field(512, ge=16, description="Tokens of prompt + summary + EOS; the dialogue is cut first.")
+    max_summary_length: int = Field(128, ge=1, description="Tokens kept of a training summary.")
+    max_train_samples: int | None = Field(None, ge=1)
+    builtin_size: int = Field(2000, ge=30, description="Dialogues generated for the built-in data set.")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_dialogue_slot(cls, value: str) -> str:
+        if "{dialogue}" not in value:
+            raise ValueError("must contain the placeholder {dialogue}")
+        return value
+
+    @model_validator(mode="after")
+    def _summary_fits(self) -> DataConfig:
+        if self.max_summary_length >= self.max_length:
+            raise ValueError("max_summary_length must be smaller than max_length")
+        return self
+
+
+class EvaluationConfig(Section):
+    """Held-out generation and ROUGE."""
+
+    split: str | None = Field(None, description="Defaults to data.test_split.")
+    max_samples: int | None = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=2048)
+
+
+class Config(Section):
+    """The whole configuration of a loraops job."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    workspace: str | None = Field(None, description=f"Folder for everything generated; default ${WORKSPACE_ENV} or ./{DEFAULT_WORKSPACE}.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @property
+    def workspace_path(self) -> Path:
+        return resolve_workspace(self.workspace)
+
+
+def resolve_workspace(explicit: str | os.PathLike | None = None) -> Path:
+    """The workspace folder: explicit value, else $LORAOPS_HOME, else ./.loraops."""
+    raw = explicit or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE
+    return Path(raw).expanduser().resolve()
+
+
+def database_url(explicit: str | None = None, workspace: str | os.PathLike | None = None) -> str:
+    """The project database: explicit URL, else $LORAOPS_DATABASE_URL, else a SQLite file in the workspace."""
+    url = explicit or os.environ.get(DATABASE_ENV)
+    if url:
+        return url
+    return f"sqlite:///{resolve_workspace(workspace) / 'loraops.db'}"
+
+
+def artifact_uri(explicit: str | None = None, workspace: str | os.PathLike | None = None) -> str:
+    """Where registered adapters' files live: explicit, else $LORAOPS_ARTIFACT_URI, else WORKSPACE/registry."""
+    return explicit or os.environ.get(ARTIFACTS_ENV) or str(resolve_workspace(workspace) / "registry")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b=c`` into (["a", "b"], value); the value is parsed as YAML (numbers, lists, ...)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. training.learning_rate=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted key in a nested dict (in place) and return it."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(path[:depth + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per problem, each starting with the dotted key."""
+    lines = []
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "<root>"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif problem["type"] != "missing" and "input" in problem and not isinstance(problem["input"], (dict, list)):
+            message = f"{message} (got {problem['input']!r})"
+        lines.append(f"{key}: {message}")
+    return "; ".join(lines)
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML mapping from a file, or ConfigError naming the file and the problem."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {file}")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{file}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def validate(schema: type[BaseModel], data: dict[str, Any], origin: str = "config") -> Any:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {format_validation_error(exc)}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a :class:`Config` from YAML (or defaults when ``path`` is None) plus overrides."""
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, list(overrides or []))
+    return validate(Config, data, origin=str(path) if path is not None else "config")
+
+
+def dump_config(config: BaseModel) -> dict[str, Any]:
+    """Plain-data form (YAML/JSON ready) of a config."""
+    return config.model_dump(mode="json")

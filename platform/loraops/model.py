@@ -1,0 +1,152 @@
+"""Models: a causal LM loaded 4-bit through bitsandbytes, LoRA attached with PEFT, adapters loaded.
+
+The same code loads ``microsoft/phi-2`` from the hub and the embedded tiny Phi from the workspace;
+bitsandbytes runs 4-bit nf4 on both CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from loraops.config import TINY_MODEL, Config, LoraSettings, QuantizationConfig
+from loraops.errors import LoraopsError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_model_path(config: Config) -> str:
+    """Hub name or local folder; the embedded tiny model is built into the workspace on first use."""
+    if config.model.name == TINY_MODEL:
+        from loraops.tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model(config.workspace_path))
+    return config.model.name
+
+
+def load_tokenizer(config: Config):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.model.trust_remote_code, revision=config.model.revision)
+    except OSError as exc:
+        raise LoraopsError(f"model.name {config.model.name!r}: cannot load the tokenizer: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        # Phi-2 has no pad token; padding positions are masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def bnb_config(quantization: QuantizationConfig):
+    """The BitsAndBytesConfig for these settings, or None for an unquantized base."""
+    if not quantization.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=DTYPES[quantization.bnb_4bit_compute_dtype],
+        bnb_4bit_use_double_quant=quantization.bnb_4bit_use_double_quant,
+    )
+
+
+def load_base_model(config: Config):
+    """The base causal LM, 4-bit when configured, on the GPU if there is one."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(config)
+    target = device()
+    log.info("loading %s (%s) on %s", config.model.name, "4-bit " + config.quantization.bnb_4bit_quant_type if config.quantization.load_in_4bit else "unquantized", target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=bnb_config(config.quantization),
+            dtype=DTYPES[config.quantization.bnb_4bit_compute_dtype],
+            device_map={"": str(target)},
+            trust_remote_code=config.model.trust_remote_code,
+            revision=config.model.revision,
+        )
+    except OSError as exc:
+        raise LoraopsError(f"model.name {config.model.name!r}: cannot load the model: {exc}") from None
+    model.config.use_cache = False
+    return model
+
+
+def check_target_modules(model, lora: LoraSettings) -> None:
+    """Every LoRA target must name modules of this model: a wrong name would train nothing there."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [target for target in lora.target_modules if target not in names]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "weight") and module.weight is not None and module.weight.dim() == 2})
+        raise LoraopsError(f"lora.target_modules: {missing} not found in the model; its linear modules are {linear}")
+
+
+def lora_config(lora: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        target_modules=list(lora.target_modules),
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        task_type=lora.task_type,
+    )
+
+
+def prepare_for_training(model, config: Config):
+    """k-bit preparation (fp32 norms, input grads, optional checkpointing), then LoRA."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    check_target_modules(model, config.lora)
+    if config.quantization.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif config.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(config.lora))
+
+
+def check_adapter_dir(adapter: str | Path) -> Path:
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        raise LoraopsError(f"adapter folder not found: {path}")
+    missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
+    if missing:
+        raise LoraopsError(f"{path} is not a PEFT adapter folder: missing {', '.join(missing)}")
+    return path
+
+
+def attach_adapter(base_model, adapter: str | Path):
+    """Wrap a loaded base model with a saved adapter, ready for inference."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base_model, str(check_adapter_dir(adapter)), is_trainable=False)
+    model.eval()
+    return model
+
+
+def load_for_inference(config: Config, adapter: str | Path | None = None):
+    """Base model (+ adapter when given) in eval mode, with its tokenizer."""
+    tokenizer = load_tokenizer(config)
+    model = load_base_model(config)
+    model.config.use_cache = True
+    if adapter is not None:
+        model = attach_adapter(model, adapter)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,302 @@
+"""CLI of the adapter registry: ``registry list|show|audit``, ``register``, ``promote``, ``rollback``.
+
+Only argparse is imported here: SQLAlchemy and pyarrow load inside the handlers, so that
+``loraops --help`` stays fast. Every command takes ``--db URL`` and ``--store URI`` (defaults:
+$LORAOPS_DATABASE_URL / $LORAOPS_ARTIFACT_URI, else the workspace's SQLite file and folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from typing import Any
+
+_REF_HELP = "NAME (latest version), NAME@ALIAS or NAME:VERSION"
+_DIRECTION_HELP = (
+    "direction: metrics whose name contains 'loss' or 'perplexity' are better when lower, "
+    "all others (rouge*, accuracy, ...) when higher; override with --lower-is-better / --higher-is-better"
+)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``registry``, ``register``, ``promote`` and ``rollback`` to the ``loraops`` parser."""
+    common = _common_options()
+    _add_registry(sub, common)
+    _add_register(sub, common)
+    _add_promote(sub, common)
+    _add_rollback(sub, common)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("registry location")
+    group.add_argument("--db", metavar="URL", help="SQLAlchemy database URL (default: $LORAOPS_DATABASE_URL, else sqlite:///WORKSPACE/loraops.db)")
+    group.add_argument("--store", metavar="URI", help="artifact root: folder, s3://..., gs://... (default: $LORAOPS_ARTIFACT_URI, else WORKSPACE/registry)")
+    return parent
+
+
+def _registry(args: argparse.Namespace):
+    from loraops.registry.api import Registry
+
+    return Registry(db_url=args.db, artifact_uri=args.store)
+
+
+# --- registry list | show | audit ---------------------------------------------------------------
+
+
+def _add_registry(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "registry",
+        help="list and inspect registered adapters",
+        description="Registered LoRA adapters: versions with metrics, lineage and checksums; aliases; the audit log.",
+    )
+    actions = parser.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+
+    listing = actions.add_parser("list", parents=[common], help="every adapter with its versions and aliases", description="Every registered adapter: version count, latest version, aliases.")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(handler=_run_list)
+
+    show = actions.add_parser(
+        "show",
+        parents=[common],
+        help="one adapter's versions, or one version's details",
+        description="NAME: the adapter's versions and aliases. NAME@ALIAS or NAME:VERSION: that version's "
+        "metadata (base model, configs, metrics, data fingerprint, lineage, files with sha256).",
+    )
+    show.add_argument("ref", metavar="REF", help=_REF_HELP)
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+    show.set_defaults(handler=_run_show)
+
+    audit = actions.add_parser("audit", parents=[common], help="the audit log of alias changes", description="Every alias change of an adapter, oldest first: when, who, from, to, why.")
+    audit.add_argument("name", metavar="NAME")
+    audit.add_argument("--alias", help="only this alias")
+    audit.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    audit.set_defaults(handler=_run_audit)
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    adapters = _registry(args).list_adapters()
+    if args.json:
+        return _print_json([a.to_dict() for a in adapters])
+    if not adapters:
+        print("no adapters registered yet (see `loraops register --help`)")
+        return 0
+    rows = [[a.name, a.versions, a.latest_version or "-", _aliases_text(a.aliases) or "-", _when(a.created_at)] for a in adapters]
+    print(_table(["NAME", "VERSIONS", "LATEST", "ALIASES", "CREATED"], rows))
+    return 0
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    from loraops.registry.api import parse_ref
+
+    registry = _registry(args)
+    name, alias, version = parse_ref(args.ref)
+    if alias is None and version is None:
+        return _show_adapter(registry, name, args.json)
+    found = registry.get(args.ref)
+    if args.json:
+        return _print_json(found.to_dict())
+    print(_version_text(found))
+    return 0
+
+
+def _show_adapter(registry, name: str, as_json: bool) -> int:
+    info = registry.adapter(name)
+    versions = registry.versions(name)
+    if as_json:
+        return _print_json(info.to_dict() | {"versions": [v.to_dict() for v in versions]})
+    print(f"{info.name}: {info.versions} version(s); aliases: {_aliases_text(info.aliases) or 'none'}")
+    rows = [
+        [v.version, _when(v.created_at), v.created_by or "-", ",".join(v.aliases) or "-", _metrics_text(v.metrics) or "-", _lineage_text(v)]
+        for v in versions
+    ]
+    print(_table(["VERSION", "CREATED", "BY", "ALIASES", "METRICS", "FROM"], rows))
+    return 0
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    events = _registry(args).audit_log(args.name, args.alias)
+    if args.json:
+        return _print_json([e.to_dict() for e in events])
+    if not events:
+        print(f"no alias changes recorded for {args.name}")
+        return 0
+    rows = [[_when(e.at), e.actor or "-", e.alias, e.action, e.from_version or "-", e.to_version, e.reason or ""] for e in events]
+    print(_table(["WHEN", "WHO", "ALIAS", "ACTION", "FROM", "TO", "REASON"], rows))
+    return 0
+
+
+# --- register ----------------------------------------------------------------------------------
+
+
+def _add_register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "register",
+        parents=[common],
+        help="copy an adapter into the registry as a new version",
+        description="Copy a PEFT adapter folder into registry storage as the next version of NAME, "
+        "with sha256 checksums of every file. With --adapter, metadata is picked up from the run "
+        "folder around it when present: ../config.yaml (base model, quantization, LoRA, training "
+        "hyperparameters, data source + fingerprint), the best eval_loss in ../metrics.jsonl and "
+        "ROUGE from ../evaluation.json. With --from-experiment, the best trial named in "
+        "EXPERIMENT/best_trial.json, with its config, metrics, params and trial id.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--adapter", metavar="DIR", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    source.add_argument("--from-experiment", metavar="PATH", help="tune experiment folder holding best_trial.json")
+    parser.add_argument("--name", required=True, help="adapter name: letters, digits, '.', '_', '-'; starts with a letter or digit; no '..'")
+    parser.add_argument("--metrics", metavar="JSON", help='extra metrics, a JSON object or a JSON file, e.g. \'{"rougeL": 41.2}\' (wins over discovered ones)')
+    parser.add_argument("--description", help="free text stored with the version")
+    parser.add_argument("--actor", help="who registers (default: the OS user)")
+    parser.add_argument("--json", action="store_true", help="print the new version as JSON")
+    parser.set_defaults(handler=_run_register)
+
+
+def _run_register(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    options = {"description": args.description, "actor": args.actor}
+    if args.from_experiment:
+        version = registry.register_from_experiment(args.from_experiment, args.name, args.metrics, **options)
+    else:
+        version = registry.register(args.adapter, args.name, args.metrics, **options)
+    if args.json:
+        return _print_json(version.to_dict())
+    size = sum(entry["size"] for entry in version.files.values())
+    print(f"registered {version.ref} ({len(version.files)} files, {_bytes(size)}) at {version.artifact_uri}")
+    if version.metrics:
+        print(f"metrics: {_metrics_text(version.metrics, limit=None)}")
+    return 0
+
+
+# --- promote / rollback ------------------------------------------------------------------------
+
+
+def _add_promote(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "promote",
+        parents=[common],
+        help="point an alias (default: production) at a version",
+        description="Point NAME@ALIAS at VERSION and record the change in the audit log. With "
+        "--if-better METRIC, only when VERSION is strictly better on METRIC than the alias's "
+        f"current version; otherwise nothing changes, both figures are printed and the exit code is 2. {_DIRECTION_HELP}.",
+    )
+    parser.add_argument("name", metavar="NAME")
+    parser.add_argument("version", metavar="VERSION", help="version number, e.g. 3 or v3")
+    parser.add_argument("--alias", default="production", help="alias to move (default: production)")
+    parser.add_argument("--if-better", metavar="METRIC", help="promote only if VERSION beats the current target on METRIC, e.g. eval_loss or rougeL")
+    direction = parser.add_mutually_exclusive_group()
+    direction.add_argument("--higher-is-better", dest="higher_is_better", action="store_true", default=None, help="METRIC is better when higher")
+    direction.add_argument("--lower-is-better", dest="higher_is_better", action="store_false", help="METRIC is better when lower")
+    _add_change_options(parser)
+    parser.set_defaults(handler=_run_promote)
+
+
+def _add_rollback(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "rollback",
+        parents=[common],
+        help="point an alias back at its previous version",
+        description="Point NAME@ALIAS back at the version it had before its latest promotion, per the "
+        "audit log. Repeated rollbacks walk further back (3 -> 2 -> 1), they do not toggle.",
+    )
+    parser.add_argument("name", metavar="NAME")
+    parser.add_argument("--alias", default="production", help="alias to move back (default: production)")
+    _add_change_options(parser)
+    parser.set_defaults(handler=_run_rollback)
+
+
+def _add_change_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", help="why, for the audit log")
+    parser.add_argument("--actor", help="who, for the audit log (default: the OS user)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _run_promote(args: argparse.Namespace) -> int:
+    change = _registry(args).promote(
+        args.name, args.version, alias=args.alias, if_better=args.if_better, higher_is_better=args.higher_is_better, actor=args.actor, reason=args.reason
+    )
+    return _print_change(change, args.json)
+
+
+def _run_rollback(args: argparse.Namespace) -> int:
+    change = _registry(args).rollback(args.name, alias=args.alias, actor=args.actor, reason=args.reason)
+    return _print_change(change, args.json)
+
+
+def _print_change(change, as_json: bool) -> int:
+    if as_json:
+        from dataclasses import asdict
+
+        return _print_json(asdict(change))
+    print(change.message)
+    return 0
+
+
+# --- formatting --------------------------------------------------------------------------------
+
+
+def _print_json(data: Any) -> int:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    print()
+    return 0
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells)
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _aliases_text(aliases: dict[str, int]) -> str:
+    return ", ".join(f"{alias}->v{version}" for alias, version in aliases.items())
+
+
+def _metrics_text(metrics: dict[str, float], limit: int | None = 4) -> str:
+    # eval loss and ROUGE-L first: the figures people promote on
+    order = sorted(metrics, key=lambda key: (key not in ("eval_loss", "rougeL"), key))
+    shown = order if limit is None else order[:limit]
+    text = " ".join(f"{key}={metrics[key]:.4g}" for key in shown)
+    return text + (" ..." if len(order) > len(shown) else "")
+
+
+def _lineage_text(version) -> str:
+    if version.experiment:
+        return f"{version.experiment}" + (f" trial {version.trial_id}" if version.trial_id else "")
+    return version.source_path or "-"
+
+
+def _bytes(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+def _version_text(version) -> str:
+    def compact(value: Any) -> str:
+        return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value if value is not None else "-")
+
+    lines = [
+        f"{version.ref}" + (f"  [{', '.join(version.aliases)}]" if version.aliases else ""),
+        f"  created:          {_when(version.created_at)} by {version.created_by or 'unknown'}",
+        f"  description:      {compact(version.description)}",
+        f"  base model:       {compact(version.base_model)}",
+        f"  quantization:     {compact(version.quantization)}",
+        f"  lora:             {compact(version.lora)}",
+        f"  hyperparameters:  {compact(version.hyperparameters)}",
+        f"  metrics:          {_metrics_text(version.metrics, limit=None) or '-'}",
+        f"  data:             {compact(version.data_source)} (fingerprint {compact(version.data_fingerprint)})",
+        f"  experiment:       {compact(version.experiment)}" + (f" trial {version.trial_id}" if version.trial_id else ""),
+        f"  registered from:  {compact(version.source_path)}",
+        f"  artifacts:        {version.artifact_uri}",
+        "  files:",
+    ]
+    lines += [f"    {rel}  {_bytes(entry['size'])}  sha256 {entry['sha256']}" for rel, entry in sorted(version.files.items())]
+    return "\n".join(lines)
