@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from loraops import __version__
 from loraops.errors import LoraopsError
+from loraops.registry.cli import add_commands as add_registry_commands
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -107,7 +108,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate, _add_demo]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate, _add_demo, add_registry_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,25 +16,25 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-_EXPORTS = {
-    "Registry": "loraops.registry.api",
-    "ModelVersion": "loraops.registry.api",
-    "AdapterInfo": "loraops.registry.api",
-    "AliasEvent": "loraops.registry.api",
-    "AliasChange": "loraops.registry.api",
-    "Lineage": "loraops.registry.api",
-    "PromotionRefused": "loraops.registry.api",
-    "data_fingerprint": "loraops.registry.api",
-    "lower_is_better": "loraops.registry.api",
-    "parse_ref": "loraops.registry.api",
-    "validate_name": "loraops.registry.api",
-    "read_best_trial": "loraops.registry.api",
-    "read_run_folder": "loraops.registry.api",
-    "ArtifactStore": "loraops.registry.store",
-    "IntegrityError": "loraops.registry.store",
-}
-
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AdapterInfo",
+    "AliasChange",
+    "AliasEvent",
+    "ArtifactStore",
+    "IntegrityError",
+    "Lineage",
+    "ModelVersion",
+    "PromotionRefused",
+    "Registry",
+    "data_fingerprint",
+    "lower_is_better",
+    "parse_ref",
+    "read_best_trial",
+    "read_run_folder",
+    "validate_name",
+]
+#: Where each public name lives; everything not from the store comes from the API module.
+_EXPORTS = {name: "loraops.registry.store" if name in ("ArtifactStore", "IntegrityError") else "loraops.registry.api" for name in __all__}
 
 if TYPE_CHECKING:
     from loraops.registry.api import (

@@ -30,13 +30,13 @@ import math
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 #: Files every registered adapter folder must have (PEFT format).
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: Files of a training checkpoint folder that are not part of the adapter: not copied when a
+#: ``checkpoint-<step>`` folder is registered (optimizer state is large, and a pickle).
+NOT_ADAPTER_FILES = ("trainer_state.pt",)
 NAME_RULE = "1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit, no '..'"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSION = re.compile(r"^[vV]?([0-9]+)$")
@@ -405,11 +408,20 @@ class Registry:
     ):
         self.workspace = lconfig.resolve_workspace(workspace)
         self.db_url = lconfig.database_url(db_url, self.workspace)
-        self.store = store or ArtifactStore(lconfig.artifact_uri(artifact_uri, self.workspace))
-        self._engine = None
+        self.artifact_uri = store.uri if store is not None else lconfig.artifact_uri(artifact_uri, self.workspace)
+        self._store = store
+        self._engine: Engine | None = None
 
     @property
-    def engine(self):
+    def store(self) -> ArtifactStore:
+        """The artifact store, opened on first use (listing and the audit log never need it)."""
+        if self._store is None:
+            self._store = ArtifactStore(self.artifact_uri)
+        return self._store
+
+    @property
+    def engine(self) -> Engine:
+        """The database engine, connected (and the tables created) on first use."""
         if self._engine is None:
             self._engine = db.get_engine(self.db_url)
         return self._engine
@@ -434,17 +446,19 @@ class Registry:
         """
         validate_name(name)
         source = check_adapter_dir(adapter_dir)
-        lineage = lineage or read_run_folder(source)
+        lineage = replace(lineage or read_run_folder(source))  # a copy: the caller's stays as it was
         lineage.metrics = lineage.metrics | parse_metrics(metrics)
         if description is not None:
             lineage.description = description
-        staged = self.store.stage(name, source)  # the slow part, before any lock is taken
+        # Everything slow (hashing the data, copying the files) happens before any lock is taken.
+        fields = self._version_fields(source, lineage, actor or default_actor())
+        staged = self.store.stage(name, source, skip=NOT_ADAPTER_FILES)
         try:
-            row = self._commit_version(name, staged, source, lineage, actor or default_actor())
+            row = self._commit_version(name, staged, fields)
         except BaseException:
             self.store.delete(staged.path)
             raise
-        log.info("registered %s:%d (%d files) from %s", name, row.version, len(row.files), source)
+        log.debug("registered %s:%d (%d files) from %s", name, row.version, len(row.files), source)
         return self._to_version(row, name, [])
 
     def register_from_experiment(
@@ -461,62 +475,68 @@ class Registry:
         adapter, lineage = read_best_trial(experiment)
         return self.register(adapter, name, metrics, lineage=lineage, description=description, actor=actor)
 
-    def _commit_version(self, name: str, staged: StagedUpload, source: Path, lineage: Lineage, actor: str | None) -> VersionRow:
-        """Allocate the number, move the files to NAME/vN and insert the row, all in one transaction.
+    @staticmethod
+    def _version_fields(source: Path, lineage: Lineage, actor: str | None) -> dict[str, Any]:
+        """The version row's columns that do not depend on its number or storage place."""
+        config = lineage.config or {}
+        data = config.get("data") if isinstance(config.get("data"), dict) else None
+        model = config.get("model") if isinstance(config.get("model"), dict) else {}
+        return {
+            "created_by": actor,
+            "description": lineage.description,
+            "base_model": model.get("name"),
+            "quantization": config.get("quantization"),
+            "lora": config.get("lora") or _json_or_none(source / "adapter_config.json"),
+            "hyperparameters": lineage.hyperparameters,
+            "metrics": lineage.metrics,
+            "data_source": str(data.get("source", lconfig.BUILTIN_DATA)) if data is not None else None,
+            "data_fingerprint": data_fingerprint(data) if data is not None else None,
+            "experiment": lineage.experiment,
+            "trial_id": lineage.trial_id,
+            "source_path": str(source),
+        }
 
-        The number comes from the adapter row's counter, incremented while that row is locked
-        (``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so concurrent
-        registrations queue up and get consecutive numbers; a rollback gives the number back.
-        The unique (adapter, version) constraint backs this up.
-        """
+    def _commit_version(self, name: str, staged: StagedUpload, fields: dict[str, Any]) -> VersionRow:
+        """Give the staged files the next version number, retrying when concurrent writers collide."""
         adapter_id = self._ensure_adapter(name)
         for attempt in range(1, db.WRITE_ATTEMPTS + 1):
-            published: tuple[int, str] | None = None
             try:
-                with db.write_transaction(self.engine) as session:
-                    adapter = session.scalars(select(AdapterRow).where(AdapterRow.id == adapter_id).with_for_update()).one()
-                    adapter.last_version += 1
-                    number = adapter.last_version
-                    session.flush()
-                    published = (number, self.store.publish(staged, name, number))
-                    row = self._version_row(adapter_id, number, published[1], staged, source, lineage, actor)
-                    session.add(row)
-                    session.flush()
-                return row
-            except BaseException as exc:
-                if published is not None:
-                    committed = self._find_committed(adapter_id, *published)
-                    if committed is not None:  # the commit went through; only its reply was lost
-                        return committed
-                    self.store.move(published[1], staged.path, staged.manifest)  # back, for a retry or cleanup
-                retry = isinstance(exc, DBAPIError) and db.is_contention(exc) and attempt < db.WRITE_ATTEMPTS
-                if not retry:
+                return self._allocate_and_publish(adapter_id, name, staged, fields)
+            except DBAPIError as exc:
+                if not db.is_contention(exc) or attempt == db.WRITE_ATTEMPTS:
                     raise
                 log.debug("version allocation for %s collided (attempt %d): %s", name, attempt, exc)
         raise AssertionError("unreachable")
 
-    def _version_row(self, adapter_id: int, number: int, path: str, staged: StagedUpload, source: Path, lineage: Lineage, actor: str | None) -> VersionRow:
-        config = lineage.config or {}
-        data = config.get("data") if isinstance(config.get("data"), dict) else None
-        model = config.get("model") if isinstance(config.get("model"), dict) else {}
-        return VersionRow(
-            adapter_id=adapter_id,
-            version=number,
-            created_by=actor,
-            description=lineage.description,
-            base_model=model.get("name"),
-            quantization=config.get("quantization"),
-            lora=config.get("lora") or _json_or_none(source / "adapter_config.json"),
-            hyperparameters=lineage.hyperparameters,
-            metrics=lineage.metrics,
-            data_source=str(data.get("source", lconfig.BUILTIN_DATA)) if data is not None else None,
-            data_fingerprint=data_fingerprint(data) if data is not None else None,
-            experiment=lineage.experiment,
-            trial_id=lineage.trial_id,
-            source_path=str(source),
-            artifact_uri=self.store.uri_of(path),
-            files=staged.manifest,
-        )
+    def _allocate_and_publish(self, adapter_id: int, name: str, staged: StagedUpload, fields: dict[str, Any]) -> VersionRow:
+        """Allocate the number, move the files to NAME/vN and insert the row, all in one transaction.
+
+        The number comes from the adapter row's counter, incremented while that row is locked
+        (``SELECT ... FOR UPDATE`` on PostgreSQL; on SQLite the transaction's ``BEGIN IMMEDIATE``
+        holds the database's write lock), so concurrent registrations queue up and get
+        consecutive numbers, and a rolled-back transaction gives its number back. The unique
+        (adapter, version) constraint backs this up. The row appears only with the commit, and
+        only after the files are complete in their final place.
+        """
+        final: str | None = None
+        number = 0
+        try:
+            with db.write_transaction(self.engine) as session:
+                adapter = session.scalars(select(AdapterRow).where(AdapterRow.id == adapter_id).with_for_update()).one()
+                adapter.last_version = number = adapter.last_version + 1
+                session.flush()
+                final = self.store.publish(staged, name, number)
+                row = VersionRow(adapter_id=adapter_id, version=number, artifact_uri=self.store.uri_of(final), files=staged.manifest, **fields)
+                session.add(row)
+            return row
+        except BaseException:
+            if final is not None:
+                committed = self._find_committed(adapter_id, number, final)
+                if committed is not None:  # the commit went through; only its acknowledgement was lost
+                    return committed
+                # Back under the staging name: a retry publishes them again, else the caller deletes them.
+                self.store.move(final, staged.path, staged.manifest)
+            raise
 
     def _ensure_adapter(self, name: str) -> int:
         """The adapter row's id, creating the row if needed (a lost insert race just retries)."""
@@ -687,9 +707,9 @@ class Registry:
                     stack.append(event_row.to_version)
             if len(stack) < 2:
                 raise LoraopsError(f"{name}@{alias} (version {current.version}) has no earlier target to roll back to")
-            target = stack[-2]
-            self._move_alias(session, adapter.id, alias, target, current.version, "rollback", actor, reason)
-            return AliasChange(name, alias, target, current.version, True, f"{name}@{alias}: rolled back from version {current.version} to {target}")
+            target, previous = stack[-2], current.version  # read before _move_alias updates the row
+            self._move_alias(session, adapter.id, alias, target, previous, "rollback", actor, reason)
+            return AliasChange(name, alias, target, previous, True, f"{name}@{alias}: rolled back from version {previous} to {target}")
 
         return db.run_write(self.engine, work)
 
@@ -707,7 +727,7 @@ class Registry:
         new, old = _metric(candidate, metric, adapter.name), _metric(incumbent, metric, adapter.name)
         higher = (not lower_is_better(metric)) if higher_is_better is None else higher_is_better
         better = new > old if higher else new < old
-        figures = f"{metric}: candidate v{candidate.version} = {new:g}, {alias} v{previous} = {old:g} ({'higher' if higher else 'lower'} is better)"
+        figures = f"{metric}: candidate v{candidate.version} = {new:g}, {alias} v{previous} = {old:g}; {'higher' if higher else 'lower'} is better"
         if not better:
             raise PromotionRefused(f"not promoted, {adapter.name} v{candidate.version} is not better than {alias}: {figures}")
         return f" ({figures})"

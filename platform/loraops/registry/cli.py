@@ -15,7 +15,7 @@ from typing import Any
 
 _REF_HELP = "NAME (latest version), NAME@ALIAS or NAME:VERSION"
 _DIRECTION_HELP = (
-    "direction: metrics whose name contains 'loss' or 'perplexity' are better when lower, "
+    "Direction: metrics whose name contains 'loss' or 'perplexity' are better when lower, "
     "all others (rouge*, accuracy, ...) when higher; override with --lower-is-better / --higher-is-better"
 )
 
@@ -246,7 +246,7 @@ def _print_json(data: Any) -> int:
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [headers] + [[str(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells)
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells)
 
 
 def _when(moment: datetime) -> str:

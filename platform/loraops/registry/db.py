@@ -242,3 +242,11 @@ def run_write(engine: Engine, work: Callable[[Session], T], attempts: int = WRIT
                 raise
             time.sleep(min(0.05 * 2**attempt, 2.0))
     raise AssertionError("unreachable")
+
+
+def dispose_engine(url: str) -> None:
+    """Close this process's pooled connections to ``url`` (e.g. before dropping that database)."""
+    with _engines_lock:
+        engine = _engines.pop((os.getpid(), url), None)
+    if engine is not None:
+        engine.dispose()

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -52,9 +53,9 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def local_files(folder: Path) -> list[str]:
-    """Relative posix paths of the regular files under ``folder``, sorted (symlinks are followed)."""
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+def local_files(folder: Path, skip: Collection[str] = ()) -> list[str]:
+    """Relative posix paths of the regular files under ``folder`` except ``skip``, sorted (symlinks followed)."""
+    files = sorted(rel for p in folder.rglob("*") if p.is_file() and (rel := p.relative_to(folder).as_posix()) not in skip)
     if not files:
         raise LoraopsError(f"{folder} holds no files to register")
     return files
@@ -114,23 +115,25 @@ class ArtifactStore:
 
     def uri_of(self, path: str) -> str:
         """A URI that names ``path`` for people and other tools (the root's scheme kept)."""
-        scheme = self.uri.split("://", 1)[0] + "://" if "://" in self.uri else ""
-        if not scheme or scheme == "file://":
-            return path if not scheme else f"file://{path}"
-        return f"{scheme}{path.lstrip('/')}"
+        scheme, separator, _ = self.uri.partition("://")
+        if not separator:
+            return path
+        if scheme == "file":
+            return f"file://{path}"
+        return f"{scheme}://{path.lstrip('/')}"  # s3://bucket/..., gs://bucket/...
 
     def version_path(self, name: str, version: int) -> str:
         return self.path(name, f"v{version}")
 
     # --- writing -------------------------------------------------------------------------------
 
-    def stage(self, name: str, source: Path) -> StagedUpload:
-        """Copy every file under ``source`` into a fresh staging folder, hashing as it goes."""
+    def stage(self, name: str, source: Path, skip: Collection[str] = ()) -> StagedUpload:
+        """Copy every file under ``source`` (but ``skip``) into a fresh staging folder, hashing as it goes."""
         staging = self.path(name, f".staging-{uuid.uuid4().hex}")
         manifest: Manifest = {}
         try:
             self.fs.create_dir(staging, recursive=True)
-            for rel in local_files(source):
+            for rel in local_files(source, skip):
                 manifest[rel] = self._upload(source / rel, f"{staging}/{rel}")
         except BaseException:
             self.delete(staging)
