@@ -27,7 +27,7 @@ ARCHITECTURE = dict(
     partial_rotary_factor=0.4,
 )
 SEED = 1234
-PRETRAIN_STEPS = int(__import__("os").environ.get("TINY_PRETRAIN", "0"))
+PRETRAIN_STEPS = 300
 
 
 def tiny_model_dir(workspace: Path) -> Path:
