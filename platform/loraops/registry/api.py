@@ -92,6 +92,8 @@ class ModelVersion:
     artifact_uri: str
     files: dict[str, dict[str, Any]]
     aliases: list[str] = field(default_factory=list)
+    #: The resolved training config the adapter was made with (None for versions registered without one).
+    config: dict[str, Any] | None = None
 
     @property
     def ref(self) -> str:
@@ -494,6 +496,7 @@ class Registry:
             "experiment": lineage.experiment,
             "trial_id": lineage.trial_id,
             "source_path": str(source),
+            "config": config or None,
         }
 
     def _commit_version(self, name: str, staged: StagedUpload, fields: dict[str, Any]) -> VersionRow:
@@ -797,6 +800,7 @@ class Registry:
             artifact_uri=row.artifact_uri,
             files=dict(row.files),
             aliases=list(aliases),
+            config=row.config,
         )
 
 

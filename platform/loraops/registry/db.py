@@ -32,6 +32,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     text,
 )
 from sqlalchemy.engine import make_url
@@ -95,6 +96,9 @@ class VersionRow(Base):
     experiment: Mapped[str | None] = mapped_column(Text)
     trial_id: Mapped[str | None] = mapped_column(String(256))
     source_path: Mapped[str | None] = mapped_column(Text)
+    #: The full resolved training config (model, quantization, prompt template, ...): what a
+    #: serving replica needs to rebuild the model the adapter was trained on.
+    config: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     artifact_uri: Mapped[str] = mapped_column(Text, nullable=False)
     #: {relative path: {"sha256": hex, "size": bytes}} for every file of the version.
     files: Mapped[dict[str, dict[str, Any]]] = mapped_column(JSON, nullable=False)
@@ -193,11 +197,28 @@ def _create_tables(engine: Engine) -> None:
         if engine.dialect.name == "postgresql":
             session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
         Base.metadata.create_all(session.connection())
+        _add_missing_columns(session)
 
     try:
         run_write(engine, create)
     except OperationalError as exc:
         raise LoraopsError(f"cannot open the registry database {engine.url.render_as_string(hide_password=True)}: {exc.orig}") from None
+
+
+#: Columns added after the first release: (table, column). Databases created before get them on
+#: first use (nullable, so existing rows stay valid); create_all only creates missing tables.
+_ADDED_COLUMNS = (("registry_versions", "config"),)
+
+
+def _add_missing_columns(session: Session) -> None:
+    connection = session.connection()
+    inspector = inspect(connection)
+    for table_name, column_name in _ADDED_COLUMNS:
+        if column_name in {column["name"] for column in inspector.get_columns(table_name)}:
+            continue
+        column = Base.metadata.tables[table_name].columns[column_name]
+        column_type = column.type.compile(dialect=connection.dialect)
+        connection.execute(text(f"ALTER TABLE {table_name} ADD COLUMN {column_name} {column_type}"))
 
 
 # --- transactions ------------------------------------------------------------------------------
