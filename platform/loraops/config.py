@@ -139,6 +139,82 @@ class EvaluationConfig(Section):
     max_new_tokens: int = Field(64, ge=1, le=2048)
 
 
+#: The distributions a ``search.space`` entry may use; each maps to both Ray Tune and Optuna.
+SEARCH_DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice")
+
+
+def _unset(value: Any) -> bool:
+    return value is None
+
+
+class SearchDistribution(Section):
+    """One searched key of ``search.space``: exactly one distribution.
+
+    Bounds are inclusive and must themselves be valid values of the key. ``choice`` options may be
+    lists (a set of target modules) or mappings (several keys of a section chosen together, such as
+    micro-batch and gradient accumulation).
+    """
+
+    uniform: tuple[float, float] | None = Field(None, exclude_if=_unset, description="[low, high]: a float, uniform.")
+    loguniform: tuple[float, float] | None = Field(None, exclude_if=_unset, description="[low, high], low > 0: a float, uniform in log space.")
+    quniform: tuple[float, float, float] | None = Field(None, exclude_if=_unset, description="[low, high, q]: a float, uniform, a multiple of q.")
+    randint: tuple[int, int] | None = Field(None, exclude_if=_unset, description="[low, high]: an integer, both ends included.")
+    choice: list[Any] | None = Field(None, exclude_if=_unset, min_length=1, description="One of these values.")
+
+    @model_validator(mode="after")
+    def _exactly_one_valid(self) -> SearchDistribution:
+        given = [name for name in SEARCH_DISTRIBUTIONS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"needs exactly one of {', '.join(SEARCH_DISTRIBUTIONS)}, got {given or 'none'}")
+        bounds = self.uniform or self.loguniform or self.quniform or self.randint
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"{given[0]}: low must be smaller than high, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform: low must be positive, got {self.loguniform[0]}")
+        if self.quniform is not None:
+            low, high, q = self.quniform
+            steps = (high - low) / q if q > 0 else 0.5
+            if abs(steps - round(steps)) > 1e-9:
+                raise ValueError(f"quniform: q must be positive and divide high - low, got {list(self.quniform)}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in SEARCH_DISTRIBUTIONS if getattr(self, name) is not None)
+
+
+class SchedulerConfig(Section):
+    """When trials stop: ASHA stops weak trials early on eval loss; FIFO runs every trial to its last step."""
+
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(100, ge=1, description="Optimizer steps every trial runs before ASHA may stop it.")
+    reduction_factor: float = Field(2.0, gt=1.0, description="ASHA keeps the best 1/reduction_factor of the trials at each rung.")
+
+
+class TrialResources(Section):
+    """What one trial reserves on the Ray cluster."""
+
+    cpu: float = Field(1.0, gt=0.0, description="CPUs per trial; also the trial's torch threads.")
+    gpu: float | None = Field(None, ge=0.0, description="GPUs per trial, fractions share a GPU; default 1 if the cluster has GPUs, else 0.")
+
+
+class SearchConfig(Section):
+    """A Ray Tune hyperparameter search (``loraops tune``): Optuna TPE proposes, ASHA stops, eval loss decides."""
+
+    num_samples: int = Field(8, ge=1, description="Trials in the experiment.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps per trial (ASHA's max_t); default training.max_steps.")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="Default: the trials the cluster's GPUs (else CPUs) hold at once.")
+    seed: int = Field(0, description="Seed of the TPE sampler.")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    resources: TrialResources = Field(default_factory=TrialResources)
+    keep_checkpoints: int = Field(2, ge=1, description="Adapter checkpoints kept per trial, the best by eval loss (plus the latest).")
+    max_failures: int = Field(0, ge=0, description="Retries of a failed trial, from its latest checkpoint.")
+    storage: str | None = Field(None, description="Experiments root: a folder or a pyarrow URI (s3://, gs://); default WORKSPACE/experiments.")
+    database_url: str | None = Field(None, description=f"SQLAlchemy URL of the Optuna studies; default ${DATABASE_ENV} or WORKSPACE/loraops.db.")
+    ray_address: str | None = Field(None, description="Ray cluster to run on; default $RAY_ADDRESS, else a new local instance.")
+    space: dict[str, SearchDistribution] = Field(default_factory=dict, description="Dotted config key -> distribution.")
+
+
 class Config(Section):
     """The whole configuration of a loraops job."""
 
@@ -150,6 +226,7 @@ class Config(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
 
     @property
     def workspace_path(self) -> Path:

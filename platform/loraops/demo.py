@@ -1,37 +1,212 @@
-"""`loraops demo`: the main job on the embedded default, start to finish, on any machine."""
+"""`loraops demo`: the whole loop on the embedded default, on any machine, in one command.
+
+search (Ray Tune + Optuna, ASHA) -> register the best trial -> promote it to production ->
+serve it (Ray Serve, autoscaling) -> call the endpoint over HTTP with held-out dialogues ->
+base vs tuned summaries side by side and the ROUGE gain.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from loraops.config import load_config
+from loraops.config import Config, load_config
 from loraops.errors import LoraopsError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path("tune") / "tiny.yaml"
+DEFAULT_TUNE_CONFIG = Path("tune") / "tiny.yaml"
+DEFAULT_SERVE_CONFIG = Path("serve") / "tiny.yaml"
+ADAPTER_NAME = "tiny"
 
 
-def run_demo(config_path: str | None = None, overrides: list[str] | None = None) -> dict:
-    """Train the tiny model's adapter, evaluate base vs tuned, print the ROUGE table."""
-    from loraops.evaluate import evaluate, format_report
-    from loraops.train import train
+@dataclass
+class DemoResult:
+    experiment: str
+    version: int
+    promoted: bool
+    url: str
+    base_rouge: dict[str, float]
+    tuned_rouge: dict[str, float]
+    served_versions: set[int]
 
-    path = Path(config_path) if config_path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise LoraopsError(f"demo config not found: {path} (run from the repository root or pass --config)")
-    config = load_config(path, overrides)
-    print(f"== loraops demo: QLoRA on {config.model.name}, data {config.data.source}, workspace {config.workspace_path}")
-    result = train(config)
-    print(f"== trained: best eval loss {result.best_eval_loss:.4f} at step {result.best_step}; loss curve {result.plot_file}")
-    report = evaluate(config, adapter=result.adapter_dir)
-    print(format_report(report))
-    example = report["examples"][0]
-    print("\n== one held-out dialogue")
-    print(example["dialogue"])
-    print(f"-- reference: {example['references'][0]}")
-    print(f"-- base:      {example.get('base', '')}")
-    print(f"-- tuned:     {example['tuned']}")
-    print(f"\nreport: {report['report_file']}\nrun folder: {result.output_dir}")
-    return report
+
+def run_demo(
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    serve_config_path: str | None = None,
+    serve_overrides: list[str] | None = None,
+    samples: int = 40,
+    keep_serving: bool = False,
+) -> DemoResult:
+    """Search, register, promote, serve and call the endpoint; print what happened and where."""
+    config = load_config(_existing(config_path, DEFAULT_TUNE_CONFIG), overrides)
+    serve_path = _existing(serve_config_path, DEFAULT_SERVE_CONFIG)
+    started = time.perf_counter()
+    _banner(f"loraops demo: {config.model.name} on {config.data.source}; workspace {config.workspace_path}")
+
+    import ray
+
+    # Join the Ray instance a caller (or RAY_ADDRESS) provides; else start one and stop it after.
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else _cpus(), include_dashboard=False, configure_logging=False)
+    try:
+        outcome = _search(config)
+        version, promoted = _register_and_promote(config, outcome)
+        url = _serve(config, serve_path, serve_overrides)
+        result = _compare(config, outcome, version, promoted, url, samples)
+        _where(config, outcome, url, started)
+        if keep_serving:
+            _wait_forever(url)
+        return result
+    finally:
+        _shutdown(own_ray)
+
+
+def _existing(path: str | None, default: Path) -> Path:
+    chosen = Path(path) if path else default
+    if not chosen.is_file():
+        raise LoraopsError(f"config not found: {chosen} (run from the repository root or pass the path)")
+    return chosen
+
+
+def _cpus() -> int:
+    return os.cpu_count() or 2
+
+
+# --- the steps ---------------------------------------------------------------------------------
+
+
+def _search(config: Config):
+    from loraops.tune.experiment import run_experiment
+    from loraops.tune.results import format_table, summary_line
+
+    name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    _banner(f"1/4 search: {config.search.num_samples} QLoRA trials, {config.search.max_concurrent_trials} at a time (Optuna TPE + ASHA)")
+    outcome = run_experiment(config, name=name)
+    print(format_table(outcome.rows))
+    print(summary_line(outcome.rows))
+    if not outcome.best:
+        raise LoraopsError(f"the search {outcome.location.uri} finished without a usable trial")
+    metrics = outcome.best["metrics"]
+    print(f"best trial {outcome.best['trial_id']}: eval loss {metrics['eval_loss']:.4f} with {outcome.best['params']}")
+    return outcome
+
+
+def _register_and_promote(config: Config, outcome) -> tuple[int, bool]:
+    from loraops.registry import PromotionRefused, Registry
+
+    _banner("2/4 register the best trial and promote it to production")
+    registry = Registry(workspace=config.workspace_path)
+    version = registry.register_from_experiment(outcome.location.uri, ADAPTER_NAME)
+    print(f"registered {ADAPTER_NAME}:{version.version} (sha256-checked copy in the registry)")
+    try:
+        registry.promote(ADAPTER_NAME, version.version, alias="production", if_better="eval_loss", reason="loraops demo: best trial of the search")
+        print(f"promoted {ADAPTER_NAME}:{version.version} to {ADAPTER_NAME}@production")
+        return version.version, True
+    except PromotionRefused as refused:
+        # An earlier demo left a better production version: it stays, and is what gets served.
+        print(f"kept the current production version: {refused}")
+        return registry.get(f"{ADAPTER_NAME}@production").version, False
+
+
+def _serve(config: Config, serve_path: Path, overrides: list[str] | None) -> str:
+    from loraops.serve.app import deploy
+    from loraops.serve.settings import load_serve_config
+
+    _banner("3/4 serve the production adapter (Ray Serve, autoscaling)")
+    serve_config = load_serve_config(serve_path, [f"args.adapter={ADAPTER_NAME}@production", f"args.workspace={config.workspace_path}", *(overrides or [])])
+    url = deploy(serve_config)
+    print(f"serving at {url} (API docs: {url}/docs)")
+    return url
+
+
+def _compare(config: Config, outcome, version: int, promoted: bool, url: str, samples: int) -> DemoResult:
+    """Tuned summaries over HTTP from the endpoint, base summaries from the base model in-process."""
+    from loraops.evaluate import evaluation_examples, generate_summaries, rouge
+    from loraops.model import load_for_inference
+    from loraops.serve.client import SummarizerClient
+
+    _banner(f"4/4 call the endpoint with {samples} held-out dialogues over HTTP")
+    served_config = Config.model_validate(outcome.best["config"]) if promoted else config
+    examples = evaluation_examples(served_config)[:samples]
+    dialogues = [example.dialogue for example in examples]
+    references = [example.references for example in examples]
+    with SummarizerClient(url) as client:
+        # Requests of a few dialogues each, as an app would send them; the replicas batch them.
+        answers = [answer for start in range(0, len(dialogues), 8) for answer in client.summarize_batch(dialogues[start:start + 8])]
+    tuned = [answer["summary"] for answer in answers]
+    versions = {answer["model"]["version"] for answer in answers}
+    base_model, tokenizer = load_for_inference(served_config)
+    base = generate_summaries(base_model, tokenizer, dialogues, served_config, progress=False)
+    base_scores, tuned_scores = rouge(base, references), rouge(tuned, references)
+    for example, before, after in list(zip(examples, base, tuned))[:3]:
+        print(f"\n{example.dialogue}\n  reference: {example.references[0]}\n  base:      {before}\n  tuned:     {after}")
+    print(f"\nROUGE on {len(examples)} held-out dialogues (F1 x 100); tuned = {ADAPTER_NAME}:{sorted(versions)} over HTTP")
+    print(f"{'metric':<10}{'base':>10}{'tuned':>10}{'gain':>10}")
+    for kind in base_scores:
+        print(f"{kind:<10}{base_scores[kind]:>10.2f}{tuned_scores[kind]:>10.2f}{tuned_scores[kind] - base_scores[kind]:>+10.2f}")
+    return DemoResult(outcome.location.uri, version, promoted, url, base_scores, tuned_scores, versions)
+
+
+def _where(config: Config, outcome, url: str, started: float) -> None:
+    from loraops.config import artifact_uri, database_url
+    from loraops.tune.results import BEST_TRIAL_FILE, PLOT_FILE, RESULTS_FILE
+
+    _banner(f"done in {time.perf_counter() - started:.0f} s; where things are")
+    rows = [
+        ("results table", outcome.folder / RESULTS_FILE),
+        ("search plot", outcome.folder / PLOT_FILE),
+        ("best trial", outcome.folder / BEST_TRIAL_FILE),
+        ("experiment (Tune)", outcome.location.uri),
+        ("registry database", database_url(workspace=config.workspace_path)),
+        ("registry artifacts", artifact_uri(workspace=config.workspace_path)),
+        ("Ray logs", "/tmp/ray/session_latest/logs"),
+        ("endpoint", url),
+    ]
+    for label, value in rows:
+        print(f"  {label:<20}{value}")
+
+
+def _wait_forever(url: str) -> None:
+    print(f"\nthe endpoint stays up; try:\n  curl -s -X POST {url}/v1/summarize -H 'Content-Type: application/json' "
+          "-d '{\"dialogue\": \"#Person1#: Can I book a table for two on Friday at 7:00?\\n#Person2#: Yes, see you on Friday.\"}'\n"
+          "press Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down")
+
+
+def _shutdown(own_ray: bool) -> None:
+    import ray
+
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception as exc:  # noqa: BLE001 - shutting down whatever is there; never mask the real error
+        log.debug("serve shutdown: %s", exc)
+    if own_ray:
+        ray.shutdown()
+
+
+def _banner(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def summary_of(result: DemoResult) -> dict[str, Any]:
+    """Plain-data form of a demo result, for logs and tests."""
+    return {
+        "experiment": result.experiment,
+        "version": result.version,
+        "promoted": result.promoted,
+        "url": result.url,
+        "rougeL_gain": round(result.tuned_rouge["rougeL"] - result.base_rouge["rougeL"], 2),
+    }

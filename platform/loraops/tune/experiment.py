@@ -1,0 +1,423 @@
+"""Build, run and resume a Ray Tune experiment: ``Tuner`` with Optuna TPE, ASHA or FIFO, one
+process per trial; ``Tuner.restore`` to continue one whose driver stopped.
+
+An experiment is the folder ``STORAGE/NAME`` (STORAGE: ``search.storage``, a folder or a pyarrow
+URI, default ``WORKSPACE/experiments``). Besides Tune's own files it holds ``loraops.yaml``, the
+resolved config the experiment was started with (what ``--resume`` and ``--show`` read), and the
+results (see :mod:`loraops.tune.results`). The Optuna study of the same NAME lives in the project
+database (``search.database_url``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraops.config import Config, ConfigError, database_url, dump_config, validate
+from loraops.errors import LoraopsError
+from loraops.tune import results
+from loraops.tune.space import SearchSpace
+from loraops.tune.trainable import METRIC, MODE, STEP, build_trainable
+
+log = logging.getLogger(__name__)
+
+#: The experiment's resolved config, written into its folder at the start.
+CONFIG_FILE = "loraops.yaml"
+NAME_RULE = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where an experiment lives: ``root`` (a local folder or a URI) and ``name``."""
+
+    root: str
+    name: str
+
+    @classmethod
+    def parse(cls, path: str) -> Location:
+        """A location from an experiment's own path (folder or URI)."""
+        path = path.rstrip("/")
+        if "://" not in path:
+            path = str(Path(path).expanduser().resolve())
+        root, _, name = path.rpartition("/")
+        return cls(root, name)
+
+    @property
+    def uri(self) -> str:
+        return f"{self.root}/{self.name}"
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.root
+
+    def local_dir(self, workspace: Path) -> Path:
+        """Where results are written on this machine: the experiment itself when it is local,
+        else a mirror under WORKSPACE/experiments (and the files are uploaded to the URI too)."""
+        return Path(self.uri) if self.is_local else workspace / "experiments" / self.name
+
+    def exists(self) -> bool:
+        import pyarrow.fs
+
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(self.uri)
+        return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+    def read_text(self, name: str) -> str:
+        import pyarrow.fs
+
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(f"{self.uri}/{name}")
+        if filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+            raise LoraopsError(f"{self.uri} is not a loraops experiment: {name} not found")
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read().decode()
+
+    def write_text(self, name: str, text: str) -> None:
+        import pyarrow.fs
+
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(self.uri)
+        filesystem.create_dir(path, recursive=True)
+        with filesystem.open_output_stream(f"{path}/{name}") as stream:
+            stream.write(text.encode())
+
+
+@dataclass
+class Outcome:
+    """What ``loraops tune`` reports at the end."""
+
+    location: Location
+    config: Config
+    folder: Path  # local folder with the results
+    rows: list[results.TrialRow]
+    finished: bool
+    best: dict[str, Any] | None
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+
+def run_experiment(config: Config, name: str | None = None) -> Outcome:
+    """Start a new experiment from ``config`` (its ``search`` section) and run it to the end."""
+    space = SearchSpace.from_config(config)  # a bad space fails before Ray starts
+    check_scheduler(config)
+    base = base_config(config)
+    location = Location(storage_root(config), check_name(name) if name else default_name(config))
+    if location.exists():
+        raise LoraopsError(f"experiment {location.uri} already exists: continue it with `loraops tune --resume {location.uri}`, or pick another --name")
+    config.workspace_path.mkdir(parents=True, exist_ok=True)  # also holds the default SQLite database
+    db_url = database_url(config.search.database_url, config.workspace_path)
+    ensure_new_study(db_url, location.name)
+    prepare_model(config)
+
+    from ray import tune
+
+    from loraops.tune.searcher import StudySearch
+
+    with ray_session(config.search.ray_address):
+        resources = trial_resources(config)
+        concurrency = config.search.max_concurrent_trials or default_concurrency(resources)
+        log.info("experiment %s: %d trials, %d at a time, %s per trial; Optuna study %r in %s", location.uri, config.search.num_samples, concurrency, resources, location.name, _safe_url(db_url))
+        location.write_text(CONFIG_FILE, yaml.safe_dump(base, sort_keys=False))
+        tuner = tune.Tuner(
+            build_trainable(base, space, resources),
+            param_space=space.ray_param_space(),
+            tune_config=tune.TuneConfig(
+                search_alg=StudySearch(database_url=db_url, study_name=location.name, seed=config.search.seed, num_samples=config.search.num_samples),
+                scheduler=build_scheduler(config),
+                num_samples=config.search.num_samples,
+                max_concurrent_trials=concurrency,
+                reuse_actors=False,  # one process per trial: its GPU memory is freed when it ends
+                trial_dirname_creator=trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=location.name,
+                storage_path=location.root,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=config.search.keep_checkpoints, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
+                failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
+                progress_reporter=progress_reporter(space, config.search.num_samples),
+                verbose=1,  # the table; Tune's per-result lines would repeat every parameter
+            ),
+        )
+        configure_driver(location)
+        tuner.fit()
+    return finish(location, config, space)
+
+
+def resume_experiment(path: str) -> Outcome:
+    """Continue an interrupted experiment: finished trials stay as they are, unfinished ones go
+    on from their latest checkpoint, and the search proposes the trials still missing."""
+    location = Location.parse(path)
+    config = read_experiment_config(location)
+    space = SearchSpace.from_config(config)
+    base = base_config(config)
+    prepare_model(config)
+
+    from ray import tune
+
+    with ray_session(config.search.ray_address):
+        if not tune.Tuner.can_restore(location.uri):
+            raise LoraopsError(f"{location.uri} has no Tune experiment state to resume")
+        tuner = tune.Tuner.restore(
+            location.uri,
+            trainable=build_trainable(base, space, trial_resources(config)),
+            resume_unfinished=True,
+            resume_errored=False,  # a failed trial is a result, not something to run again
+            restart_errored=False,
+        )
+        configure_driver(location)
+        tuner.fit()
+    return finish(location, config, space)
+
+
+def show_experiment(path: str) -> Outcome:
+    """The results of an experiment as they are now (finished, running or interrupted)."""
+    location = Location.parse(path)
+    config = read_experiment_config(location)
+    _, rows = results.load_trials(location.uri)
+    folder = location.local_dir(config.workspace_path)
+    best = results.read_best(folder) if folder.is_dir() else None
+    return Outcome(location, config, folder, rows, _all_finished(rows, config), best)
+
+
+def latest_experiment(root: str) -> str:
+    """The most recently started loraops experiment under a local storage root."""
+    if "://" in root:
+        raise LoraopsError(f"cannot find the latest experiment in {root}: pass its path to --resume")
+    candidates = [folder for folder in Path(root).glob("*") if (folder / CONFIG_FILE).is_file()]
+    if not candidates:
+        raise LoraopsError(f"no loraops experiment in {root}")
+    return str(max(candidates, key=lambda folder: (folder / CONFIG_FILE).stat().st_mtime))
+
+
+# --- pieces ------------------------------------------------------------------------------------
+
+
+def storage_root(config: Config) -> str:
+    raw = config.search.storage
+    if raw is None:
+        return str(config.workspace_path / "experiments")
+    return raw.rstrip("/") if "://" in raw else str(Path(raw).expanduser().resolve())
+
+
+def check_name(name: str) -> str:
+    """An experiment name is a folder and an Optuna study name: the rule of config names."""
+    if not re.fullmatch(NAME_RULE, name):
+        raise LoraopsError(f"--name {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
+    return name
+
+
+def default_name(config: Config) -> str:
+    return f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def base_config(config: Config) -> dict[str, Any]:
+    """The config every trial starts from: the trial budget in ``training.max_steps``, and paths
+    made absolute, because Ray workers run elsewhere (another cwd, maybe another machine sharing
+    the workspace) and without $LORAOPS_HOME."""
+    data = dump_config(config)
+    data["training"]["max_steps"] = trial_steps(config)
+    data["workspace"] = str(config.workspace_path)
+    for section, key in (("data", "source"), ("model", "name")):
+        local = Path(data[section][key]).expanduser()
+        if local.exists():
+            data[section][key] = str(local.resolve())
+    return data
+
+
+def trial_steps(config: Config) -> int:
+    """Optimizer steps per trial: ``search.max_steps``, else ``training.max_steps``."""
+    return config.search.max_steps or config.training.max_steps
+
+
+def read_experiment_config(location: Location) -> Config:
+    data = yaml.safe_load(location.read_text(CONFIG_FILE))
+    return validate(Config, data, origin=f"{location.uri}/{CONFIG_FILE}")
+
+
+def check_scheduler(config: Config) -> None:
+    scheduler = config.search.scheduler
+    if scheduler.type == "asha" and scheduler.grace_period > trial_steps(config):
+        raise ConfigError(f"search.scheduler.grace_period: {scheduler.grace_period} is more than the {trial_steps(config)} steps of a trial")
+
+
+def build_scheduler(config: Config) -> Any:
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    scheduler = config.search.scheduler
+    if scheduler.type == "fifo":
+        return FIFOScheduler()
+    return AsyncHyperBandScheduler(
+        time_attr=STEP,  # rungs in optimizer steps, whatever eval_steps is
+        metric=METRIC,
+        mode=MODE,
+        max_t=trial_steps(config),
+        grace_period=scheduler.grace_period,
+        reduction_factor=scheduler.reduction_factor,
+    )
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short trial folders (Tune's default repeats every parameter in the name)."""
+    return f"trial_{trial.trial_id}"
+
+
+def progress_reporter(space: SearchSpace, num_samples: int) -> Any:
+    """A readable live table: the searched values and the eval losses, nothing of Ray's internals."""
+    from ray.tune import CLIReporter
+
+    return CLIReporter(
+        parameter_columns={key: key.split(".")[-1] for key in space.keys},
+        metric_columns={STEP: "step", METRIC: "eval loss", "best_eval_loss": "best"},
+        total_samples=num_samples,
+        max_report_frequency=20,
+        max_column_length=36,  # room for a target-module set
+        metric="best_eval_loss",
+        mode=MODE,
+        sort_by_metric=True,
+    )
+
+
+def trial_resources(config: Config) -> dict[str, float]:
+    """CPUs and GPUs per trial; GPUs default to 1 when the cluster has any, else 0."""
+    import ray
+
+    cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+    gpu = config.search.resources.gpu
+    if gpu is None:
+        gpu = 1.0 if cluster_gpus else 0.0
+    if gpu > cluster_gpus:
+        log.warning("search.resources.gpu is %g per trial but the cluster has %g GPUs now; trials wait for the autoscaler", gpu, cluster_gpus)
+    return {"cpu": config.search.resources.cpu, "gpu": gpu}
+
+
+def default_concurrency(resources: dict[str, float]) -> int:
+    """As many trials as the cluster's GPUs hold (CPUs on a CPU-only cluster), at least one."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    if resources["gpu"] > 0:
+        return max(1, int(cluster.get("GPU", 0.0) // resources["gpu"]))
+    return max(1, int(cluster.get("CPU", 1.0) // resources["cpu"]))
+
+
+def prepare_model(config: Config) -> None:
+    """Build the embedded tiny model once here, so concurrent trials do not race to build it."""
+    from loraops.model import resolve_model_path
+
+    resolve_model_path(config)
+
+
+def ensure_new_study(db_url: str, name: str) -> None:
+    import optuna
+
+    if name in optuna.study.get_all_study_names(storage=db_url):
+        raise LoraopsError(f"the database {_safe_url(db_url)} already has an Optuna study named {name!r}: pick another --name")
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Connect to ``address`` (else $RAY_ADDRESS), else start a local Ray sized to this machine.
+    Leaving disconnects; only a local instance started here is stopped."""
+    import ray
+
+    if ray.is_initialized():  # e.g. a notebook or test that set Ray up itself
+        yield
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or None)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def configure_driver(location: Location) -> None:
+    """Process-wide settings Tune reads when the run starts."""
+    import optuna
+
+    # Tune's classic reporter prints the CLIReporter table; the newer output ignores it.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    if location.is_local and "TUNE_GLOBAL_CHECKPOINT_S" not in os.environ:
+        # Snapshot the experiment state every second (cheap on a local disk, default ~10 s): a
+        # killed driver then loses at most a second of bookkeeping. See searcher.StudySearch.
+        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress table already says it
+
+
+def finish(location: Location, config: Config, space: SearchSpace) -> Outcome:
+    """Write the results table, the plot and (when every trial is done) the best trial."""
+    analysis, rows = results.load_trials(location.uri)
+    folder = location.local_dir(config.workspace_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [results.write_table(rows, folder / results.RESULTS_FILE)]
+    x_key, x_log, color_key = plot_axes(space)
+    plot = results.plot_search(rows, x_key, x_log, color_key, folder / results.PLOT_FILE, title=location.name)
+    written += [plot] if plot else []
+    finished = _all_finished(rows, config)
+    best = None
+    row = results.best_row(rows)
+    if finished and row is not None:
+        best = best_record(analysis, row, location, folder, config, space)
+        results.write_best(folder, best)
+        written += [folder / results.BEST_TRIAL_FILE, folder / results.BEST_CONFIG_FILE]
+    if not location.is_local:
+        for path in written:
+            _upload(path, location)
+    return Outcome(location, config, folder, rows, finished, best)
+
+
+def best_record(analysis: Any, row: results.TrialRow, location: Location, folder: Path, config: Config, space: SearchSpace) -> dict[str, Any]:
+    """``best_trial.json`` for ``row``: its adapter is the trial's best checkpoint (by eval loss)."""
+    from loraops.tune.space import trial_config, trial_name
+
+    trial = next(trial for trial in analysis.trials if trial.trial_id == row.trial_id)
+    checkpoint = analysis.get_best_checkpoint(trial, metric=METRIC, mode=MODE)
+    if checkpoint is None:
+        raise LoraopsError(f"trial {row.trial_id} has no checkpoint in {location.uri}")
+    if location.is_local:
+        adapter = Path(checkpoint.path)
+    else:
+        adapter = Path(checkpoint.to_directory(str(folder / "best_adapter")))
+    params = space.decode(row.params)
+    full = trial_config(base_config(config), params, name=trial_name(location.name, row.trial_id))
+    return results.best_trial_record(row, location.name, location.uri, adapter.resolve(), dump_config(full), params)
+
+
+def plot_axes(space: SearchSpace) -> tuple[str | None, bool, str | None]:
+    """The plot's x axis (the learning rate if searched, else the first float) and color (the
+    first choice or integer key)."""
+    floats = [d for d in space.dimensions if d.kind in ("uniform", "loguniform", "quniform")]
+    x = next((d for d in floats if d.key == "training.learning_rate"), floats[0] if floats else None)
+    x = x or space.dimensions[0]
+    color = next((d.key for d in space.dimensions if d.kind in ("choice", "randint") and d.key != x.key), None)
+    return x.key, x.log, color
+
+
+def _upload(path: Path, location: Location) -> None:
+    import pyarrow.fs
+
+    filesystem, target = pyarrow.fs.FileSystem.from_uri(location.uri)
+    pyarrow.fs.copy_files(str(path), f"{target}/{path.name}", destination_filesystem=filesystem)
+
+
+def _all_finished(rows: list[results.TrialRow], config: Config) -> bool:
+    return len(rows) >= config.search.num_samples and all(row.finished for row in rows)
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for display
+        return url

@@ -1,0 +1,256 @@
+"""What an experiment produced: the trials table, the best trial, and a picture of the search.
+
+Read from the experiment folder alone (Tune's experiment state and each trial's result.json), so
+``loraops tune --show`` works on a running, an interrupted or a finished experiment, without Ray.
+
+Files written into the experiment folder:
+
+    results.csv        trial, status, searched values, best eval loss (step), steps done, stop reason
+    search.png         eval loss over steps per trial | best eval loss against the main parameter
+    best_trial.json    trial_id, experiment, experiment_path, adapter_path, config, metrics, params
+    best_config.yaml   the best trial's full loraops config
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraops.errors import LoraopsError
+from loraops.tune.trainable import MAX_STEPS, METRIC, STEP
+
+RESULTS_FILE = "results.csv"
+PLOT_FILE = "search.png"
+BEST_TRIAL_FILE = "best_trial.json"
+BEST_CONFIG_FILE = "best_config.yaml"
+FINISHED = ("TERMINATED", "ERROR")
+
+
+@dataclass
+class TrialRow:
+    """One trial of an experiment, as the results table shows it."""
+
+    trial_id: str
+    status: str  # Tune's: PENDING, RUNNING, PAUSED, TERMINATED, ERROR
+    params: dict[str, Any]  # searched key -> sampled value (choice labels as Tune shows them)
+    best_eval_loss: float | None
+    best_step: int | None
+    steps: int
+    max_steps: int | None
+    error: str | None = None
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    @property
+    def stop_reason(self) -> str:
+        if self.status == "ERROR":
+            return f"error: {self.error or 'unknown (see the trial folder)'}"
+        if self.status != "TERMINATED":
+            return ""
+        if self.max_steps is not None and self.steps >= self.max_steps:
+            return "completed"
+        return "stopped early (ASHA)"
+
+
+def load_trials(experiment_uri: str) -> tuple[Any, list[TrialRow]]:
+    """Tune's analysis of an experiment folder (local path or URI) and its trials, best first."""
+    from ray.tune import ExperimentAnalysis
+
+    # Tune warns about every trial that has not reported yet; here that is just "pending".
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    try:
+        analysis = ExperimentAnalysis(experiment_uri)
+    except (ValueError, FileNotFoundError) as exc:
+        raise LoraopsError(f"{experiment_uri} is not a Tune experiment folder: {str(exc).splitlines()[0]}") from None
+    rows = [_row(trial, analysis.trial_dataframes.get(trial.trial_id)) for trial in analysis.trials]
+    rows.sort(key=lambda row: (row.best_eval_loss is None, row.best_eval_loss or 0.0, row.trial_id))
+    return analysis, rows
+
+
+def _row(trial: Any, frame: Any) -> TrialRow:
+    history: list[tuple[int, float]] = []
+    if frame is not None and not frame.empty and METRIC in frame and STEP in frame:
+        points = frame[[STEP, METRIC]].dropna()
+        history = [(int(step), float(loss)) for step, loss in points.itertuples(index=False)]
+    best = min(history, key=lambda point: point[1]) if history else None
+    last = trial.last_result or {}
+    # Tune's snapshot records a running trial as PENDING (so that a resume starts it again).
+    status = "RUNNING" if trial.status == "PENDING" and last.get(STEP) else trial.status
+    return TrialRow(
+        trial_id=trial.trial_id,
+        status=status,
+        params=dict(trial.config),
+        best_eval_loss=best[1] if best else None,
+        best_step=best[0] if best else None,
+        steps=int(last.get(STEP, 0) or 0),
+        max_steps=int(last[MAX_STEPS]) if last.get(MAX_STEPS) else None,
+        error=error_message(trial.get_error()) if trial.status == "ERROR" else None,
+        history=history,
+    )
+
+
+def error_message(text: str | None) -> str | None:
+    """The last ``SomeError: message`` line of a trial's error.txt (the cause, not Ray's wrapper)."""
+    if not text:
+        return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", line)]
+    message = (raised or lines)[-1]
+    return re.sub(r"^(?:\w+\.)+(?=\w+(Error|Exception)\b)", "", message)  # loraops.errors.LoraopsError -> LoraopsError
+
+
+# --- table -------------------------------------------------------------------------------------
+
+
+def table_columns(rows: list[TrialRow]) -> list[str]:
+    keys = list(dict.fromkeys(key for row in rows for key in row.params))
+    return ["trial", "status", *keys, "best_eval_loss", "best_step", "steps", "stop_reason"]
+
+
+def table_records(rows: list[TrialRow]) -> list[dict[str, Any]]:
+    """One dict per trial, in :func:`table_columns` order, values unformatted."""
+    records = []
+    for row in rows:
+        record: dict[str, Any] = {"trial": row.trial_id, "status": row.status, **row.params}
+        record.update(best_eval_loss=row.best_eval_loss, best_step=row.best_step, steps=row.steps, stop_reason=row.stop_reason)
+        records.append(record)
+    return records
+
+
+def write_table(rows: list[TrialRow], path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=table_columns(rows))
+        writer.writeheader()
+        writer.writerows(table_records(rows))
+    return path
+
+
+def format_table(rows: list[TrialRow], max_width: int = 48) -> str:
+    """The results table as aligned text, best trial first."""
+    if not rows:
+        return "(no trials yet)"
+    columns = table_columns(rows)
+    records = [{key: _clip(_format_value(record.get(key)), max_width) for key in columns} for record in table_records(rows)]
+    widths = {key: max(len(key), *(len(record[key]) for record in records)) for key in columns}
+    lines = ["  ".join(key.ljust(widths[key]) for key in columns).rstrip()]
+    lines += ["  ".join(record[key].ljust(widths[key]) for key in columns).rstrip() for record in records]
+    return "\n".join(lines)
+
+
+def summary_line(rows: list[TrialRow]) -> str:
+    counts: dict[str, int] = {}
+    for row in rows:
+        reason = row.stop_reason.split(":")[0] or row.status.lower()
+        counts[reason] = counts.get(reason, 0) + 1
+    return f"{len(rows)} trials: " + ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _natural(text: str) -> tuple[int, float, str]:
+    """Numbers in numeric order, before other labels."""
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# --- best trial --------------------------------------------------------------------------------
+
+
+def best_row(rows: list[TrialRow]) -> TrialRow | None:
+    scored = [row for row in rows if row.best_eval_loss is not None and math.isfinite(row.best_eval_loss)]
+    return min(scored, key=lambda row: row.best_eval_loss) if scored else None
+
+
+def best_trial_record(row: TrialRow, experiment: str, experiment_path: str, adapter_path: Path, config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The ``best_trial.json`` contract that ``loraops registry`` reads."""
+    return {
+        "trial_id": row.trial_id,
+        "experiment": experiment,
+        "experiment_path": experiment_path,
+        "adapter_path": str(adapter_path),
+        "config": config,
+        "metrics": {"eval_loss": row.best_eval_loss, "step": row.best_step, "steps": row.steps},
+        "params": params,
+    }
+
+
+def write_best(folder: Path, record: dict[str, Any]) -> None:
+    (folder / BEST_TRIAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (folder / BEST_CONFIG_FILE).write_text(yaml.safe_dump(record["config"], sort_keys=False))
+
+
+def read_best(folder: Path) -> dict[str, Any] | None:
+    path = folder / BEST_TRIAL_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# --- plot --------------------------------------------------------------------------------------
+
+
+def plot_search(rows: list[TrialRow], x_key: str | None, x_log: bool, color_key: str | None, path: Path, title: str) -> Path | None:
+    """Left: eval loss over steps per trial (the best one bold). Right: best eval loss against
+    ``x_key`` (log axis when ``x_log``), colored by ``color_key``; x = early-stopped trials."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [row for row in rows if row.history]
+    if not scored:
+        return None
+    best = best_row(rows)
+    fig, (curves, params) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for row in scored:
+        steps, losses = zip(*row.history)
+        is_best = row is best
+        curves.plot(steps, losses, marker=".", linewidth=2.5 if is_best else 1.0, alpha=1.0 if is_best else 0.6,
+                    label=f"{row.trial_id} (best)" if is_best else None, linestyle="-" if row.stop_reason == "completed" else "--")
+    curves.set(xlabel="step", ylabel="eval loss", title="eval loss per trial (dashed: stopped early)")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=8)
+
+    if x_key is not None:
+        groups = sorted({str(row.params.get(color_key)) for row in scored}, key=_natural) if color_key else ["all"]
+        colors = plt.get_cmap("tab10")
+        for index, group in enumerate(groups):
+            members = [row for row in scored if not color_key or str(row.params.get(color_key)) == group]
+            label = f"{color_key}={group}" if color_key else None
+            for early in (False, True):
+                points = [(row.params[x_key], row.best_eval_loss) for row in members if (row.stop_reason != "completed") == early and x_key in row.params]
+                if points:
+                    params.scatter(*zip(*points), color=colors(index % 10), marker="x" if early else "o", s=45, label=label)
+                    label = None  # one legend entry per group
+        if x_log:
+            params.set_xscale("log")
+        params.set(xlabel=x_key, ylabel="best eval loss", title=f"best eval loss vs {x_key} (x: stopped early)")
+        params.grid(alpha=0.3)
+        if color_key:
+            params.legend(fontsize=8)
+    else:
+        params.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
