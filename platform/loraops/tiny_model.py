@@ -79,7 +79,8 @@ def build_tiny_model(folder: Path) -> None:
 
     from loraops.builtin_data import corpus_texts, generate_splits
 
-    tokenizer = build_tokenizer(corpus_texts(generate_splits()))
+    splits = generate_splits()
+    tokenizer = build_tokenizer(corpus_texts(splits))
     tokenizer.save_pretrained(folder)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     config = PhiConfig(vocab_size=len(tokenizer), bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, **ARCHITECTURE)
@@ -87,14 +88,13 @@ def build_tiny_model(folder: Path) -> None:
     torch.manual_seed(SEED)
     try:
         model = PhiForCausalLM(config)
-        if PRETRAIN_STEPS:
-            pretrain_on_dialogues(model, tokenizer, PRETRAIN_STEPS)
+        pretrain_on_dialogues(model, tokenizer, [row["dialogue"] for row in splits["train"]], PRETRAIN_STEPS)
     finally:
         torch.random.set_rng_state(generator_state)
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def pretrain_on_dialogues(model, tokenizer, steps: int, batch_size: int = 16, max_tokens: int = 256, lr: float = 3e-3) -> None:
+def pretrain_on_dialogues(model, tokenizer, dialogues: list[str], steps: int, batch_size: int = 16, max_tokens: int = 256, lr: float = 3e-3) -> None:
     """Plain language-model training on dialogue text only (no prompts, no summaries).
 
     Like Phi-2, the base then knows the language but not the task, so base-vs-tuned ROUGE measures
@@ -105,10 +105,8 @@ def pretrain_on_dialogues(model, tokenizer, steps: int, batch_size: int = 16, ma
     import torch
     from tqdm.auto import tqdm
 
-    from loraops.builtin_data import generate_splits
     from loraops.data import pad_batch
 
-    dialogues = [row["dialogue"] for row in generate_splits()["train"]]
     rows = []
     for text in dialogues:
         ids = tokenizer.encode(text, add_special_tokens=False)[:max_tokens] + [tokenizer.eos_token_id]
