@@ -17,20 +17,15 @@ from loraops.registry.cli import add_commands as add_registry_commands
 from loraops.serve.cli import add_commands as add_serve_commands
 from loraops.tune.cli import add_commands as add_tune_commands
 
-Handler = Callable[[argparse.Namespace], int | None]
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    required: bool = True,
+    config_help: str = "YAML config, e.g. tune/tiny.yaml",
+    set_help: str = "override one config key, e.g. --set training.learning_rate=1e-4 (repeatable)",
+) -> None:
     """--config FILE and repeatable --set KEY=VALUE, shared by every command that reads a config."""
-    parser.add_argument("--config", "-c", required=required, metavar="FILE", help="YAML config, e.g. tune/tiny.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set training.learning_rate=1e-4 (repeatable)",
-    )
+    parser.add_argument("--config", "-c", required=required, metavar="FILE", help=config_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
 
 def _load(args: argparse.Namespace):
@@ -102,8 +97,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "to production, served by Ray Serve, called over HTTP with held-out dialogues; prints base vs "
         "tuned summaries and the ROUGE gain, then shuts everything down.",
     )
-    parser.add_argument("--config", "-c", metavar="FILE", help="tune config (default: tune/tiny.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a tune config key (repeatable)")
+    add_config_arguments(parser, required=False, config_help="tune config (default: tune/tiny.yaml)", set_help="override a tune config key (repeatable)")
     parser.add_argument("--serve-config", metavar="FILE", help="serve config (default: serve/tiny.yaml)")
     parser.add_argument("--serve-set", dest="serve_overrides", action="append", default=[], metavar="KEY=VALUE", help="override a serve config key (repeatable)")
     parser.add_argument("--samples", type=int, default=40, help="held-out dialogues sent to the endpoint (default: 40)")

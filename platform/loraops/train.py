@@ -278,17 +278,19 @@ class MetricsLog:
         if fresh:
             path.write_text("")
         self.sinks = []
+        self.closers = []
         targets = set(config.training.report_to) - {"none"}
         if "tensorboard" in targets:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(log_dir=str(path.parent / "tensorboard"))
             self.sinks.append(lambda event: [writer.add_scalar(k, v, event["step"]) for k, v in event.items() if k != "step"])
-            self._close_tb = writer.close
+            self.closers.append(writer.close)
         if "wandb" in targets:
             import wandb
 
             wandb.init(project="loraops", name=config.name, config=dump_config(config))
+            self.closers.append(wandb.finish)
             self.sinks.append(lambda event: wandb.log({k: v for k, v in event.items() if k != "step"}, step=event["step"]))
 
     def write(self, **event: Any) -> dict[str, Any]:
@@ -299,8 +301,8 @@ class MetricsLog:
         return event
 
     def close(self) -> None:
-        if hasattr(self, "_close_tb"):
-            self._close_tb()
+        for close in self.closers:
+            close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

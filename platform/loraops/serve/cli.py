@@ -25,17 +25,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _add_config_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     from loraops.cli import add_config_arguments
 
-    add_config_arguments(parser, required=default is None)
+    add_config_arguments(
+        parser,
+        required=default is None,
+        config_help="serve config, e.g. serve/tiny.yaml (a Ray Serve config file)" + (f"; default {default}" if default else ""),
+        set_help="override one key of the loraops application, e.g. --set args.adapter=tiny:3, "
+        "--set deployments.SummarizerModel.autoscaling_config.max_replicas=2, --set http_options.port=8080 (repeatable)",
+    )
     if default is not None:
         parser.set_defaults(config=default)
-    for action in parser._actions:
-        if action.dest == "config":
-            action.help = "serve config, e.g. serve/tiny.yaml (a Ray Serve config file)" + (f"; default {default}" if default else "")
-        if action.dest == "overrides":
-            action.help = (
-                "override one key of the loraops application, e.g. --set args.adapter=tiny:3, "
-                "--set deployments.SummarizerModel.autoscaling_config.max_replicas=2, --set http_options.port=8080 (repeatable)"
-            )
 
 
 # --- serve -------------------------------------------------------------------------------------
