@@ -1,45 +1,25 @@
-"""CLI of the summarization endpoint: ``serve`` (deploy a serve config), ``summarize`` (call it), ``bench serve``.
-
-Only argparse is imported here; Ray, torch and httpx load inside the handlers, so ``loraops --help``
-stays fast.
-"""
+"""``loraops serve`` (deploy a serve config) and ``loraops summarize`` (call the endpoint)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 
+from loraops.commands.common import SubParsers, add_serve_config_arguments, quiet_http_log
 from loraops.errors import LoraopsError
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``serve``, ``summarize`` and ``bench`` to the ``loraops`` parser."""
+def add_commands(sub: SubParsers) -> None:
+    """Add ``serve`` and ``summarize``."""
     _add_serve(sub)
     _add_summarize(sub)
-    _add_bench(sub)
-
-
-def _add_config_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    from loraops.cli import add_config_arguments
-
-    add_config_arguments(
-        parser,
-        required=default is None,
-        config_help="serve config, e.g. serve/tiny.yaml (a Ray Serve config file)" + (f"; default {default}" if default else ""),
-        set_help="override one key of the loraops application, e.g. --set args.adapter=tiny:3, "
-        "--set deployments.SummarizerModel.autoscaling_config.max_replicas=2, --set http_options.port=8080 (repeatable)",
-    )
-    if default is not None:
-        parser.set_defaults(config=default)
 
 
 # --- serve -------------------------------------------------------------------------------------
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:
+def _add_serve(sub: SubParsers) -> None:
     parser = sub.add_parser(
         "serve",
         help="deploy the summarization endpoint (Ray Serve) from a serve config",
@@ -49,7 +29,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "without restarts. Bearer auth is on when the variable named by args.auth_token_env (LORAOPS_API_TOKEN) is set "
         "in the replicas' environment.",
     )
-    _add_config_arguments(parser)
+    add_serve_config_arguments(parser)
     parser.add_argument("--address", metavar="ADDR", help="Ray cluster to deploy to (default: $RAY_ADDRESS, else a new local Ray instance)")
     parser.add_argument(
         "--detach",
@@ -61,38 +41,33 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from loraops import cluster
     from loraops.serve.settings import load_serve_config
 
     config = load_serve_config(args.config, args.overrides)
-    address = args.address or os.environ.get("RAY_ADDRESS")
+    address = cluster.cluster_address(args.address)
     if args.detach and not address:
         raise LoraopsError("--detach needs a Ray cluster that outlives this command: start one (`ray start --head`) and pass --address or set RAY_ADDRESS")
-    import ray
     from ray import serve
 
     from loraops.serve.app import deploy
 
-    ray.init(address=address or None, include_dashboard=False, configure_logging=False)
+    cluster.connect(address, configure_logging=False)
     url = deploy(config)
     print(f"serving {config.settings.adapter} ({config.settings.mode} mode) at {url}  (API docs: {url}/docs)", flush=True)
     if args.detach:
         return 0
-    print("press Ctrl-C to stop", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("shutting down", file=sys.stderr)
-        serve.delete(config.app_name)
-        if not address:
-            serve.shutdown()
+    cluster.wait_until_interrupted()
+    serve.delete(config.app_name)
+    if not address:  # the local instance ends with this process: stop its Serve cleanly first
+        serve.shutdown()
     return 0
 
 
 # --- summarize ---------------------------------------------------------------------------------
 
 
-def _add_summarize(sub: argparse._SubParsersAction) -> None:
+def _add_summarize(sub: SubParsers) -> None:
     parser = sub.add_parser(
         "summarize",
         help="summarize a dialogue with a running endpoint",
@@ -109,18 +84,10 @@ def _add_summarize(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_summarize)
 
 
-def _quiet_http_log(args: argparse.Namespace) -> None:
-    """httpx logs every request at INFO: too much for a CLI unless -v."""
-    import logging
-
-    if not args.verbose:
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 def _run_summarize(args: argparse.Namespace) -> int:
     from loraops.serve.client import SummarizerClient
 
-    _quiet_http_log(args)
+    quiet_http_log(args)
 
     dialogue = _read_dialogue(args.text, args.file)
     with SummarizerClient(args.url, token=args.token, timeout=args.timeout) as client:
@@ -146,40 +113,3 @@ def _read_dialogue(text: str | None, file: str | None) -> str:
         except OSError as exc:
             raise LoraopsError(f"--file {file}: {exc.strerror}") from None
     return text  # type: ignore[return-value]
-
-
-# --- bench -------------------------------------------------------------------------------------
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("bench", help="benchmarks", description="Benchmarks that print a table and write JSON figures.")
-    kinds = parser.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
-    bench = kinds.add_parser(
-        "serve",
-        help="latency and throughput of the endpoint, nf4 vs merged, at several concurrencies",
-        description="Deploys the serve config once per mode with one model replica (autoscaling off) on a local Ray "
-        "instance, runs closed-loop HTTP clients for --duration seconds per concurrency, and reports p50/p95 latency, "
-        "requests/s and generated tokens/s.",
-    )
-    _add_config_arguments(bench, default="serve/tiny.yaml")
-    bench.add_argument("--modes", default="nf4,merged", help="comma-separated modes (default nf4,merged)")
-    bench.add_argument("--concurrency", default="1,16", help="comma-separated client counts (default 1,16)")
-    bench.add_argument("--duration", type=float, default=20.0, metavar="S", help="seconds per measurement (default 20)")
-    bench.add_argument("--max-new-tokens", type=int, default=48, metavar="N", help="tokens per summary (default 48)")
-    bench.add_argument("--output", default="benchmarks/results/serve-cpu-tiny.json", metavar="FILE", help="JSON results (default %(default)s)")
-    bench.add_argument("--address", metavar="ADDR", help="Ray cluster (default: $RAY_ADDRESS, else a new local instance)")
-    bench.set_defaults(handler=_run_bench_serve)
-
-
-def _run_bench_serve(args: argparse.Namespace) -> int:
-    from loraops.serve.bench import benchmark
-
-    _quiet_http_log(args)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    try:
-        concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    except ValueError:
-        raise LoraopsError(f"--concurrency {args.concurrency!r}: expected comma-separated integers") from None
-    benchmark(args.config, args.overrides, modes, concurrencies, args.duration, args.max_new_tokens, args.output, address=args.address)
-    print(f"results: {args.output}")
-    return 0
