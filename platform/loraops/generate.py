@@ -73,14 +73,14 @@ def generate_completions(
         **generate_options,
     )
     new_tokens = generated[:, batch["input_ids"].shape[1]:].tolist()
-    completions = []
-    for prompt, row, limit in zip(prompts, new_tokens, limits, strict=True):
-        ids = row[:limit]
-        if tokenizer.eos_token_id in ids:
-            ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
-        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        completions.append(Completion(text=text, token_ids=ids, prompt_tokens=len(prompt)))
-    return completions
+    return [completion_from_ids(tokenizer, row[:limit], len(prompt)) for prompt, row, limit in zip(prompts, new_tokens, limits, strict=True)]
+
+
+def completion_from_ids(tokenizer, ids: list[int], prompt_tokens: int) -> Completion:
+    """The completion of generated ``ids``: cut after the first end-of-text token, decoded without special tokens."""
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
+    return Completion(text=tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=list(ids), prompt_tokens=prompt_tokens)
 
 
 # --- the serving model -------------------------------------------------------------------------

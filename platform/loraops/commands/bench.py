@@ -21,30 +21,81 @@ def add_commands(sub: SubParsers) -> None:
 def _add_serve(kinds: SubParsers) -> None:
     bench = kinds.add_parser(
         "serve",
-        help="latency and throughput of the endpoint, nf4 vs merged, at several concurrencies",
-        description="Deploys the serve config once per mode with one model replica (autoscaling off) on a local Ray "
-        "instance, runs closed-loop HTTP clients for --duration seconds per concurrency, and reports p50/p95 latency, "
-        "requests/s and generated tokens/s.",
+        help="latency, throughput and Serve's overhead on a mixed-length workload",
+        description="Over HTTP (default): deploys the serve config once per mode and batching with one model replica (autoscaling "
+        "off) on a local Ray instance, runs closed-loop clients for --duration seconds per concurrency, and reports p50/p95/p99 "
+        "latency, generated tokens/s and Serve's overhead (end-to-end minus the model's own time). --model-only: the replica's "
+        "model and batching called directly, no Ray, no HTTP (with --random-init phi-2: on a GPU machine without a download).",
     )
     add_serve_config_arguments(bench, default="serve/tiny.yaml")
-    bench.add_argument("--modes", default="nf4,merged", help="comma-separated modes (default nf4,merged)")
-    bench.add_argument("--concurrency", default="1,16", help="comma-separated client counts (default 1,16)")
+    bench.add_argument("--modes", default="nf4,merged", help="comma-separated serving modes (default nf4,merged)")
+    bench.add_argument(
+        "--batching",
+        default="continuous,static",
+        help="comma-separated batching: continuous, static (the engine's policies); --model-only also takes generate, "
+        "the pre-engine baseline (one generate call per batch) (default continuous,static)",
+    )
+    bench.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default 1,4,16)")
     bench.add_argument("--duration", type=float, default=20.0, metavar="S", help="seconds per measurement (default 20)")
     bench.add_argument("--max-new-tokens", type=int, default=48, metavar="N", help="tokens per summary (default 48)")
-    bench.add_argument("--output", default="benchmarks/results/serve-cpu-tiny.json", metavar="FILE", help="JSON results (default %(default)s)")
+    bench.add_argument("--data", metavar="FILE", help="DialogSum-format file (dialogue, summary columns) for the workload; default the built-in test split")
+    bench.add_argument(
+        "--lengths",
+        choices=("fixed", "reference"),
+        help="fixed: every request asks --max-new-tokens; reference: its reference summary's length, at most that "
+        "(default fixed, reference with --random-init: random weights never stop on their own)",
+    )
+    bench.add_argument("--model-only", action="store_true", help="no Ray, no HTTP: the replica's ServingModel and engine directly")
+    bench.add_argument("--random-init", metavar="ARCH", help="with --model-only: serve this architecture with random weights (phi-2) instead of the registry's adapter")
+    bench.add_argument("--random-init-layers", type=int, metavar="N", help=argparse.SUPPRESS)  # tests: a short random-init model
+    bench.add_argument("--output", metavar="FILE", help="JSON results (default benchmarks/results/serve-cpu-tiny.json, or serve-model-<device>.json with --model-only)")
     bench.add_argument("--address", metavar="ADDR", help="Ray cluster (default: $RAY_ADDRESS, else a new local instance)")
     bench.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from loraops.bench.serve import benchmark
+    from loraops.bench.serve import benchmark, benchmark_model
 
     quiet_http_log(args)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = _names(args.modes)
+    batchings = _names(args.batching)
     try:
         concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     except ValueError:
         raise LoraopsError(f"--concurrency {args.concurrency!r}: expected comma-separated integers") from None
-    benchmark(args.config, args.overrides, modes, concurrencies, args.duration, args.max_new_tokens, args.output, address=args.address)
-    print(f"results: {args.output}")
+    if not concurrencies or min(concurrencies) < 1:
+        raise LoraopsError(f"--concurrency {args.concurrency!r}: expected positive integers")
+    if args.max_new_tokens < 1:
+        raise LoraopsError(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
+    if args.random_init and not args.model_only:
+        raise LoraopsError("--random-init needs --model-only (a random-init model is not in the registry a deployment serves from)")
+    if args.model_only:
+        output = args.output or f"benchmarks/results/serve-model-{_device_tag()}.json"
+        benchmark_model(
+            args.config, args.overrides, modes, batchings, concurrencies, args.duration, args.max_new_tokens, output,
+            data=args.data, lengths=args.lengths, random_init=args.random_init, random_init_layers=args.random_init_layers,
+        )
+    else:
+        bad = sorted(set(batchings) - {"continuous", "static"})
+        if bad:
+            raise LoraopsError(f"--batching {bad[0]!r}: over HTTP the replica batches continuous or static (generate is --model-only)")
+        output = args.output or "benchmarks/results/serve-cpu-tiny.json"
+        benchmark(
+            args.config, args.overrides, modes, concurrencies, args.duration, args.max_new_tokens, output,
+            address=args.address, batchings=batchings, data=args.data, lengths=args.lengths or "fixed",
+        )
+    print(f"results: {output}")
     return 0
+
+
+def _names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _device_tag() -> str:
+    """cpu, or the GPU's name in lower case (h200, a100-sxm4-80gb, ...)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return torch.cuda.get_device_name().lower().removeprefix("nvidia ").replace(" ", "-")

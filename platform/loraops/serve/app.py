@@ -26,7 +26,7 @@ import logging
 import os
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
@@ -84,6 +84,8 @@ class ModelRef(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = Field(description="Generated tokens, the end-of-text token included.")
+    model_ms: float = Field(description="Milliseconds the request spent in the model replica's engine (queue_ms waiting for a slot, then generating).")
+    queue_ms: float = Field(description="Milliseconds it waited for a slot in the running batch.")
 
 
 class Summary(BaseModel):
@@ -256,14 +258,16 @@ class SummarizerAPI:
         log.info("auth %s", f"on (bearer token from ${self.settings.auth_token_env})" if app.state.auth_token else "off")
 
     @app.post("/v1/summarize", response_model=Summary, responses=ERROR_RESPONSES, dependencies=[Depends(require_token)])
-    async def summarize(self, body: SummarizeRequest) -> dict[str, Any]:
-        """Summarize one dialogue with the served adapter."""
+    async def summarize(self, body: SummarizeRequest, response: Response) -> dict[str, Any]:
+        """Summarize one dialogue with the served adapter. The ``Server-Timing`` header gives the model's share of the time."""
         payload = self._payload(body.dialogue, body.max_new_tokens, body.temperature)
-        return await self._summarize(payload, field="dialogue")
+        result = await self._summarize(payload, field="dialogue")
+        response.headers["Server-Timing"] = server_timing([result])
+        return result
 
     @app.post("/v1/summarize/batch", response_model=list[Summary], responses=ERROR_RESPONSES, dependencies=[Depends(require_token)])
-    async def summarize_batch(self, body: BatchRequest) -> list[dict[str, Any]]:
-        """Summarize several dialogues; the answers come in the same order."""
+    async def summarize_batch(self, body: BatchRequest, response: Response) -> list[dict[str, Any]]:
+        """Summarize several dialogues; the answers come in the same order (``Server-Timing``: the slowest one's model time)."""
         if len(body.dialogues) > self.settings.max_batch_dialogues:
             raise ApiError(422, "validation_error", f"dialogues: at most {self.settings.max_batch_dialogues} per request, got {len(body.dialogues)}", field="dialogues")
         payloads = [self._payload(text, body.max_new_tokens, body.temperature) for text in body.dialogues]
@@ -271,6 +275,7 @@ class SummarizerAPI:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+        response.headers["Server-Timing"] = server_timing(results)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
 
     @app.get("/v1/models", responses=ERROR_RESPONSES, dependencies=[Depends(require_token)])
@@ -322,6 +327,12 @@ class SummarizerAPI:
             raise ApiError(503, "overloaded", f"the model is overloaded ({exc}); retry later", headers={"Retry-After": "1"}) from None
         except (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError) as exc:
             raise ApiError(503, "unavailable", f"no model replica available ({type(exc).__name__}); retry later", headers={"Retry-After": "5"}) from None
+
+
+def server_timing(results: list[dict[str, Any]]) -> str:
+    """``Server-Timing`` of an answer: ``model`` (time in the model engine) and ``queue`` (its wait for a slot), in ms."""
+    slowest = max(results, key=lambda r: r["usage"]["model_ms"])["usage"]
+    return f"model;dur={slowest['model_ms']}, queue;dur={slowest['queue_ms']}"
 
 
 # --- building the application ------------------------------------------------------------------

@@ -4,13 +4,17 @@ A replica loads the version that ``adapter`` (``NAME@production`` by default, or
 ``NAME:VERSION``) points to, rebuilt from the training config recorded with that version, in the
 configured mode (``nf4`` or ``merged``, see :func:`loraops.generate.load_for_serving`).
 
-Requests are batched with ``@serve.batch``: concurrent requests share one left-padded ``generate``
-call, exactly the evaluation path (:func:`loraops.generate.generate_completions`).
+Requests go to the replica's :class:`~loraops.engine.Engine`: continuous batching (requests join and
+leave the running batch between decode steps) over a KV cache whose shapes come from a fixed set of
+buckets (``batch_buckets`` x ``length_buckets``). The constructor runs every bucket shape once before
+the replica reports healthy (on a GPU in merged mode that compiles the decode step for each), so no
+request waits for a compilation. Greedy answers are the tokens evaluation's
+:func:`loraops.generate.generate_completions` produces.
 
 Adapter swaps without downtime: every ``registry_poll_s`` the replica asks the registry where its
 reference points; when the alias has moved it loads the new adapter next to the old one and
-switches between two batches (:meth:`loraops.generate.ServingModel.swap`), so no request fails and
-the base model is never reloaded. Serve's ``user_config`` (``reconfigure``) can change the
+switches while no request is decoding (:meth:`loraops.engine.Engine.exclusive`,
+:meth:`loraops.generate.ServingModel.swap`), so no request fails and the base model is never reloaded. Serve's ``user_config`` (``reconfigure``) can change the
 reference, the batch settings and the poll interval the same way. Every response names the
 version that generated it.
 """
@@ -18,12 +22,10 @@ version that generated it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import sys
-import threading
-import time
-from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
@@ -50,13 +52,6 @@ class DialogueTooLong(LoraopsError):
             f"the dialogue is {self.prompt_tokens} tokens as a prompt; with max_new_tokens {self.max_new_tokens} that is "
             f"{self.prompt_tokens + self.max_new_tokens}, over the model's context of {self.context_tokens} tokens"
         )
-
-
-@dataclass(frozen=True)
-class _Job:
-    prompt: list[int]
-    max_new_tokens: int
-    temperature: float
 
 
 def training_config(version, workspace: str):
@@ -110,17 +105,15 @@ class SummarizerModel:
             torch.set_num_threads(self.settings.torch_threads)
         self.live = LiveSettings.model_validate(self.settings.live())
         self.registry = Registry(db_url=self.settings.db_url, artifact_uri=self.settings.artifact_uri, workspace=self.settings.workspace)
-        # Generation and adapter swaps both run in worker threads: this lock keeps them apart.
-        self._model_lock = threading.Lock()
         self._switch_lock = asyncio.Lock()
         self.problem: str | None = None
+        self.engine = None
         self.version = self.registry.get(self.live.adapter)
         self.served = self._load(self.version)
         latest = self.registry.get(self.live.adapter)
         if latest.version != self.version.version:  # the alias moved while this replica was loading
             self._switch(latest)
-        self._warm_up()
-        self._apply_batch_settings()
+        self.engine = self._start_engine(self.live.max_batch_size)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_registry())
 
     # --- loading and switching -----------------------------------------------------------------
@@ -136,22 +129,32 @@ class SummarizerModel:
             self.settings.mode,
             adapter_name=adapter_slot(version.name, version.version),
             dtype=self.settings.dtype,
-            static_cache=self.settings.static_cache,
         )
         log.info("serving %s (%s mode, %s) from %s", version.ref, self.settings.mode, served.dtype, path)
         return served
 
-    def _warm_up(self) -> None:
-        """Compile before the first request: with a static cache on GPU the first generate call compiles
-        the decoding step, which would otherwise land on a user's request (eager mode needs nothing)."""
-        if not self.served.generate_options():
-            return
-        from loraops.data import prompt_ids
+    def _start_engine(self, max_batch_size: int):
+        """The decode engine for the served model: buckets from the settings, every shape run once (warm-up), its loop started."""
+        from loraops.engine import Engine
 
-        prompt = prompt_ids(self.served.tokenizer, "#Person1#: Hello.\n#Person2#: Hi.", self.served.config.data, budget=sys.maxsize)
-        started = time.perf_counter()
-        self._generate([_Job(prompt, self.settings.default_max_new_tokens, 0.0)])
-        log.info("warm-up (compiled decoding) took %.1f s", time.perf_counter() - started)
+        buckets = self.settings.buckets(max_batch_size, self.context_tokens)
+        engine = Engine(
+            self.served,
+            buckets,
+            policy=self.settings.batching,
+            max_batch_size=max_batch_size,
+            batch_wait_s=self.live.batch_wait_timeout_s,
+            compile=self.settings.compiles(self.served),
+            label=self.version,
+        )
+        shapes, seconds = engine.warm_up()
+        self.warm_up_report = {"shapes": shapes, "seconds": round(seconds, 2), "compiled": engine.compiled}
+        log.info(
+            "warm-up: %d shapes (batch %s x cache length %s, prefill batch %s) in %.1f s%s",
+            shapes, list(buckets.batch), list(buckets.length), list(buckets.prefill_batch), seconds, ", decode step compiled" if engine.compiled else "",
+        )
+        engine.start()
+        return engine
 
     async def _follow(self, ref: str, strict: bool = False) -> None:
         """Switch to the version ``ref`` names now, if it is not the one being served."""
@@ -172,10 +175,12 @@ class SummarizerModel:
         blocker = swap_blocker(self.served.config, config)
         if blocker:
             raise LoraopsError(f"{blocker}: redeploy the application to serve it")
-        path = self.registry.resolve(version.ref)  # verified checksums, outside the model lock
-        with self._model_lock:
+        path = self.registry.resolve(version.ref)  # verified checksums, before the engine is held
+        with self.engine.exclusive() if self.engine is not None else contextlib.nullcontext():
             self.served.swap(path, adapter_slot(version.name, version.version))
             previous, self.version = self.version, version
+            if self.engine is not None:
+                self.engine.label = version  # requests admitted from now on carry the new version
         self.problem = None
         log.info("switched from %s to %s", previous.ref, version.ref)
 
@@ -191,17 +196,25 @@ class SummarizerModel:
                 log.warning("registry check for %s failed: %s", self.live.adapter, exc)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve's lightweight update: new adapter reference, batch settings or poll interval, in place."""
+        """Serve's lightweight update: new adapter reference, batch settings or poll interval, in place.
+
+        A ``max_batch_size`` above the largest warmed batch bucket builds and warms a new engine first
+        (requests keep being served by the old one meanwhile), so no request meets an unwarmed shape.
+        """
         live = validate_live(user_config, self.settings)
         moved = live.adapter != self.live.adapter
         self.live = live
-        self._apply_batch_settings()
+        if live.max_batch_size > self.engine.buckets.max_batch:
+            await asyncio.to_thread(self._replace_engine, live.max_batch_size)
+        self.engine.set_limits(live.max_batch_size, live.batch_wait_timeout_s)
         if moved:
             await self._follow(live.adapter, strict=True)
 
-    def _apply_batch_settings(self) -> None:
-        self._generate_batch.set_max_batch_size(self.live.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(self.live.batch_wait_timeout_s)
+    def _replace_engine(self, max_batch_size: int) -> None:
+        old = self.engine
+        with old.exclusive():  # the model is not thread-safe: the old engine idles while the new one warms
+            self.engine = self._start_engine(max_batch_size)
+        old.stop()
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -210,10 +223,30 @@ class SummarizerModel:
         return self.settings.context_tokens or self.served.context_tokens
 
     async def summarize(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One summary: ``{"dialogue", "max_new_tokens"?, "temperature"?}`` (validated by the API)."""
+        """One summary: ``{"dialogue", "max_new_tokens"?, "temperature"?}`` (validated by the API).
+
+        ``usage.model_ms`` is the time the request spent in the model engine (waiting for a slot, which
+        ``usage.queue_ms`` gives, plus generating): the rest of what a client measures is Serve's overhead.
+        """
         max_new_tokens = request.get("max_new_tokens") or self.settings.default_max_new_tokens
         prompt = await asyncio.to_thread(self._encode, request["dialogue"], max_new_tokens)
-        return await self._generate_batch(_Job(prompt, max_new_tokens, float(request.get("temperature") or 0.0)))
+        future = self.engine.submit(prompt, max_new_tokens, float(request.get("temperature") or 0.0))
+        try:
+            generated = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()  # the engine drops the request at its next step
+            raise
+        completion, version = generated.completion, generated.label
+        return {
+            "summary": completion.text,
+            "model": {"name": version.name, "version": version.version},
+            "usage": {
+                "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": len(completion.token_ids),
+                "model_ms": round(generated.model_s * 1000, 2),
+                "queue_ms": round(generated.queue_s * 1000, 2),
+            },
+        }
 
     def _encode(self, dialogue: str, max_new_tokens: int) -> list[int]:
         """The training prompt for ``dialogue``, uncut: a dialogue that does not fit is an error, not truncated."""
@@ -224,36 +257,6 @@ class SummarizerModel:
         if len(ids) + max_new_tokens > self.context_tokens:
             raise DialogueTooLong(len(ids), max_new_tokens, self.context_tokens)
         return ids
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _generate_batch(self, jobs: list[_Job]) -> list[dict[str, Any]]:
-        # generate releases the GIL: in a thread it leaves the replica's event loop responsive.
-        return await asyncio.to_thread(self._generate, jobs)
-
-    def _generate(self, jobs: list[_Job]) -> list[dict[str, Any]]:
-        """One generate call per temperature in the batch (normally one), under the model lock."""
-        from loraops.generate import generate_completions
-
-        results: list[dict[str, Any] | None] = [None] * len(jobs)
-        with self._model_lock:
-            served, version = self.served, self.version
-            for temperature in sorted({job.temperature for job in jobs}):
-                group = [i for i, job in enumerate(jobs) if job.temperature == temperature]
-                completions = generate_completions(
-                    served.model,
-                    served.tokenizer,
-                    [jobs[i].prompt for i in group],
-                    [jobs[i].max_new_tokens for i in group],
-                    temperature=temperature,
-                    **served.generate_options(),
-                )
-                for i, completion in zip(group, completions, strict=True):
-                    results[i] = {
-                        "summary": completion.text,
-                        "model": {"name": version.name, "version": version.version},
-                        "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": len(completion.token_ids)},
-                    }
-        return results  # type: ignore[return-value]
 
     async def info(self) -> dict[str, Any]:
         """What this replica serves."""
@@ -271,10 +274,21 @@ class SummarizerModel:
             "max_batch_size": self.live.max_batch_size,
             "batch_wait_timeout_s": self.live.batch_wait_timeout_s,
             "registry_poll_s": self.live.registry_poll_s,
+            "batching": self.engine.policy,
+            "buckets": {"batch": list(self.engine.buckets.batch), "length": list(self.engine.buckets.length), "prefill_batch": list(self.engine.buckets.prefill_batch)},
+            "warm_up": self.warm_up_report,
             "problem": self.problem,
         }
 
     def check_health(self) -> None:
-        """Serve's health check: a replica whose registry watch died is restarted."""
+        """Serve's health check: a replica whose registry watch or engine died is restarted."""
         if self._watch_task.done():
             raise RuntimeError(f"the registry watch stopped: {self._watch_task.exception() if not self._watch_task.cancelled() else 'cancelled'}")
+        if not self.engine.alive:
+            raise RuntimeError(f"the model engine stopped: {self.engine.failure}")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
+

@@ -73,7 +73,20 @@ class ServeSettings(LiveSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="merged mode: dtype of the dequantized base; auto = the quantization compute dtype the adapter was trained with."
     )
-    static_cache: bool = Field(True, description="merged mode on a GPU: static KV cache with compiled decoding (ignored on CPU and in nf4 mode).")
+    batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: requests join and leave the running batch between decode steps. static: a batch runs until all its requests end.",
+    )
+    batch_buckets: list[int] | None = Field(
+        None, description="Batch sizes a decode step runs at (rows padded up to the next); default 1, 2, 4, ... below max_batch_size, then max_batch_size."
+    )
+    length_buckets: list[int] | None = Field(
+        None, description="KV-cache lengths (prompt + new tokens) a step attends over, rounded up to the next; default 256, 512, ... below the context, then the context."
+    )
+    prefill_batch_size: int = Field(4, ge=1, le=256, description="Most prompts prefilled in one pass (prefill batch buckets are the batch buckets up to it).")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="Compile the decode step, one graph per bucket shape, all during warm-up. auto: in merged mode on a GPU (nf4 does not compile usefully)."
+    )
     default_max_new_tokens: int = Field(64, ge=1, description="Summary length in tokens when a request does not say.")
     max_new_tokens_limit: int = Field(256, ge=1, le=4096, description="The largest max_new_tokens a request may ask for.")
     max_batch_dialogues: int = Field(32, ge=1, le=1024, description="Most dialogues in one /v1/summarize/batch request.")
@@ -88,11 +101,35 @@ class ServeSettings(LiveSettings):
     artifact_uri: str | None = Field(None, description="Registry artifact root; default $LORAOPS_ARTIFACT_URI, else WORKSPACE/registry.")
     workspace: str | None = Field(None, description="Workspace (models, registry cache); default $LORAOPS_HOME, else ./.loraops.")
 
+    @field_validator("batch_buckets", "length_buckets")
+    @classmethod
+    def _ascending(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if not value or value != sorted(set(value)) or value[0] < 1:
+            raise ValueError(f"expected ascending positive integers without repeats, got {value}")
+        return value
+
     @model_validator(mode="after")
     def _default_within_limit(self) -> ServeSettings:
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError(f"default_max_new_tokens ({self.default_max_new_tokens}) is above max_new_tokens_limit ({self.max_new_tokens_limit})")
         return self
+
+    def buckets(self, max_batch_size: int, context_tokens: int):
+        """The engine's :class:`~loraops.engine.Buckets`: batch buckets capped by ``max_batch_size``, length buckets by the context."""
+        from loraops.engine import Buckets
+
+        over = [n for n in self.length_buckets or [] if n > context_tokens]
+        if over:
+            raise ConfigError(f"args.length_buckets: {over[0]} is over the context of {context_tokens} tokens")
+        return Buckets.build(max_batch_size, context_tokens, self.batch_buckets, self.length_buckets, self.prefill_batch_size)
+
+    def compiles(self, served) -> bool:
+        """Whether the engine compiles its decode step for ``served``: ``on``, ``off``, or ``auto`` (merged mode on a GPU)."""
+        if self.compile == "auto":
+            return served.mode == "merged" and next(served.model.parameters()).device.type == "cuda"
+        return self.compile == "on"
 
     def live(self) -> dict[str, Any]:
         """The Serve ``user_config`` of the model deployment: the settings a replica updates in place."""
