@@ -84,3 +84,14 @@ def test_override_without_equals_is_an_error():
         load_config(None, ["training.max_steps"])
 
 
+
+
+@pytest.mark.parametrize("bad", ["a..b", "-dash", "x" * 129, "a/b", "sp ace"])
+def test_config_names_follow_the_one_name_rule(bad):
+    """A config name becomes a run folder, an experiment and an adapter name: the registry's rule."""
+    from loraops.layout import NAME_RULE, is_valid_name
+
+    with pytest.raises(ConfigError, match=r": name: .*1-128 characters"):
+        load_config(REPO / "tune" / "tiny.yaml", [f"name={bad}"])
+    assert not is_valid_name(bad) and "1-128 characters" in NAME_RULE
+    assert load_config(REPO / "tune" / "tiny.yaml", ["name=phi2-dialogsum.v2_a"]).name == "phi2-dialogsum.v2_a"
