@@ -136,6 +136,9 @@ def test_summary_comes_back_with_the_version_that_made_it(http):
     assert answer["model"] == {"name": ADAPTER, "version": 1}
     assert answer["usage"]["prompt_tokens"] > 10
     assert 1 <= answer["usage"]["completion_tokens"] <= 16
+    # The model's own time, in the body and in the Server-Timing header: the rest is Serve's overhead.
+    assert 0 <= answer["usage"]["queue_ms"] <= answer["usage"]["model_ms"]
+    assert response.headers["server-timing"] == f"model;dur={answer['usage']['model_ms']}, queue;dur={answer['usage']['queue_ms']}"
 
 
 @pytest.mark.ray
@@ -176,6 +179,10 @@ def test_models_healthz_and_docs(http, serve_urls):
     assert (main["name"], main["version"], main["mode"], main["adapter"]) == (ADAPTER, 1, "merged", f"{ADAPTER}@production")
     assert (open_model["mode"], open_model["dtype"], open_model["adapter"], open_model["version"]) == ("nf4", "float32", f"{ADAPTER}:2", 2)
     assert main["limits"]["max_new_tokens_limit"] == 128
+    buckets = main["buckets"]
+    assert (main["batching"], buckets["batch"], buckets["length"]) == ("continuous", [1, 2, 4, 8], [256, 512, 1024])
+    # The replica ran every prefill and decode shape before it took traffic (nothing compiles on a CPU).
+    assert main["warm_up"]["shapes"] == len(buckets["length"]) * (len(buckets["prefill_batch"]) + len(buckets["batch"]))
     assert health.status_code == 200 and health.json()["model"]["version"] == 1
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert {"/v1/summarize", "/v1/summarize/batch", "/v1/models", "/healthz"} <= set(spec["paths"])
@@ -326,7 +333,8 @@ def test_cli_serve_detached_deploys_a_config_on_a_running_cluster(cli_env, serve
 @pytest.mark.ray
 @pytest.mark.slow
 def test_promotion_under_load_drops_nothing_and_switches_every_replica(serve_urls, serving_home):
-    from loraops.bench.serve import builtin_test_dialogues, run_load
+    from loraops.bench.load import run_load
+    from loraops.bench.serve import builtin_test_dialogues
     from loraops.registry import Registry
 
     registry = Registry(workspace=serving_home)
@@ -369,7 +377,8 @@ def test_promotion_under_load_drops_nothing_and_switches_every_replica(serve_url
 @pytest.mark.ray
 @pytest.mark.slow
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_urls):
-    from loraops.bench.serve import builtin_test_dialogues, run_load
+    from loraops.bench.load import run_load
+    from loraops.bench.serve import builtin_test_dialogues
 
     def wait_for(condition, timeout_s: float) -> float:
         started = time.monotonic()

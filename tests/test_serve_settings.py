@@ -22,6 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
         ("deployments.SummarizerModel.autoscaling_config.max_replica=2", "autoscaling_config.max_replica: unknown key"),
         ("deployments.SummarizerModel.autoscaling_config.max_replicas=0", "autoscaling_config: max_replicas"),
         ("deployments.SummarizerModel.ray_actor_options.num_gpu=1", "ray_actor_options.num_gpu: unknown key"),
+        ("args.batching=dynamic", "args: batching: Input should be 'continuous' or 'static'"),
+        ("args.batch_buckets=[4, 2]", "args: batch_buckets: Value error, expected ascending positive integers without repeats, got [4, 2]"),
+        ("args.length_buckets=[256, 256]", "args: length_buckets: Value error, expected ascending"),
+        ("args.prefill_batch_size=0", "args: prefill_batch_size"),
+        ("args.compile=yes", "args: compile: Input should be 'auto', 'on' or 'off'"),
     ],
 )
 def test_serve_config_errors_name_the_key(override, message):
@@ -43,3 +48,16 @@ def test_shipped_serve_configs_are_valid_for_loraops_and_ray():
         ServeDeploySchema.model_validate(config.raw)
         assert config.deployment_options["SummarizerModel"]["autoscaling_config"]["max_replicas"] >= 3
     assert load_serve_config(REPO / "serve" / "phi2.yaml").deployment_options["SummarizerModel"]["ray_actor_options"]["num_gpus"] > 0
+
+
+def test_engine_buckets_come_from_the_settings_and_stay_within_the_context():
+    from loraops.config import ConfigError
+    from loraops.serve.settings import ServeSettings
+
+    settings = ServeSettings(batch_buckets=[1, 4, 16], length_buckets=[300, 600], prefill_batch_size=4)
+    buckets = settings.buckets(max_batch_size=8, context_tokens=1024)
+
+    assert (buckets.batch, buckets.length, buckets.prefill_batch) == ((1, 4, 8), (300, 600, 1024), (1, 4))
+    assert ServeSettings().buckets(16, 2048).batch == (1, 2, 4, 8, 16)
+    with pytest.raises(ConfigError, match="args.length_buckets: 2048 is over the context of 1024 tokens"):
+        ServeSettings(length_buckets=[512, 2048]).buckets(8, 1024)

@@ -8,6 +8,7 @@ learned to stop, so every request generates its full ``max_new_tokens``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -53,10 +54,8 @@ def ensure_random_init_model(kind: str, workspace: Path, num_hidden_layers: int 
     staging = Path(tempfile.mkdtemp(prefix=f".random-init-{kind}-", dir=target.parent))
     try:
         _build(kind, staging, num_hidden_layers)
-        try:
+        with contextlib.suppress(OSError):  # another process finished first: same seed, same model
             os.rename(staging, target)
-        except OSError:
-            pass  # another process finished first: same seed, same model
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -111,10 +110,8 @@ def ensure_random_init_adapter(folder: Path, config) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         get_peft_model(load_base_model(config), lora_config(config.lora)).save_pretrained(staging)
-        try:
+        with contextlib.suppress(OSError):
             os.rename(staging, target)
-        except OSError:
-            pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

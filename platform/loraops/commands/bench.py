@@ -46,9 +46,13 @@ def _add_serve(kinds: SubParsers) -> None:
         "(default fixed, reference with --random-init: random weights never stop on their own)",
     )
     bench.add_argument("--model-only", action="store_true", help="no Ray, no HTTP: the replica's ServingModel and engine directly")
-    bench.add_argument("--random-init", metavar="ARCH", help="with --model-only: serve this architecture with random weights (phi-2) instead of the registry's adapter")
+    bench.add_argument(
+        "--random-init", metavar="ARCH", help="with --model-only: serve this architecture with random weights (phi-2) instead of the registry's adapter"
+    )
     bench.add_argument("--random-init-layers", type=int, metavar="N", help=argparse.SUPPRESS)  # tests: a short random-init model
-    bench.add_argument("--output", metavar="FILE", help="JSON results (default benchmarks/results/serve-cpu-tiny.json, or serve-model-<device>.json with --model-only)")
+    bench.add_argument(
+        "--output", metavar="FILE", help="JSON results (default benchmarks/results/serve-cpu-tiny.json; with --model-only serve-model-<device>.json)"
+    )
     bench.add_argument("--address", metavar="ADDR", help="Ray cluster (default: $RAY_ADDRESS, else a new local instance)")
     bench.set_defaults(handler=run_serve)
 

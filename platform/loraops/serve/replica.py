@@ -14,9 +14,9 @@ request waits for a compilation. Greedy answers are the tokens evaluation's
 Adapter swaps without downtime: every ``registry_poll_s`` the replica asks the registry where its
 reference points; when the alias has moved it loads the new adapter next to the old one and
 switches while no request is decoding (:meth:`loraops.engine.Engine.exclusive`,
-:meth:`loraops.generate.ServingModel.swap`), so no request fails and the base model is never reloaded. Serve's ``user_config`` (``reconfigure``) can change the
-reference, the batch settings and the poll interval the same way. Every response names the
-version that generated it.
+:meth:`loraops.generate.ServingModel.swap`), so no request fails and the base model is never
+reloaded. Serve's ``user_config`` (``reconfigure``) can change the reference, the batch settings
+and the poll interval the same way. Every response names the version that generated it.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ class SummarizerModel:
         """Serve's lightweight update: new adapter reference, batch settings or poll interval, in place.
 
         A ``max_batch_size`` above the largest warmed batch bucket builds and warms a new engine first
-        (requests keep being served by the old one meanwhile), so no request meets an unwarmed shape.
+        (requests wait meanwhile, then the new engine takes them), so no request meets an unwarmed shape.
         """
         live = validate_live(user_config, self.settings)
         moved = live.adapter != self.live.adapter
@@ -214,6 +214,7 @@ class SummarizerModel:
         old = self.engine
         with old.exclusive():  # the model is not thread-safe: the old engine idles while the new one warms
             self.engine = self._start_engine(max_batch_size)
+            self.engine.adopt(old)
         old.stop()
 
     # --- requests ------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ class SummarizerModel:
             "batch_wait_timeout_s": self.live.batch_wait_timeout_s,
             "registry_poll_s": self.live.registry_poll_s,
             "batching": self.engine.policy,
-            "buckets": {"batch": list(self.engine.buckets.batch), "length": list(self.engine.buckets.length), "prefill_batch": list(self.engine.buckets.prefill_batch)},
+            "buckets": {name: list(getattr(self.engine.buckets, name)) for name in ("batch", "length", "prefill_batch")},
             "warm_up": self.warm_up_report,
             "problem": self.problem,
         }

@@ -81,11 +81,13 @@ class ServeSettings(LiveSettings):
         None, description="Batch sizes a decode step runs at (rows padded up to the next); default 1, 2, 4, ... below max_batch_size, then max_batch_size."
     )
     length_buckets: list[int] | None = Field(
-        None, description="KV-cache lengths (prompt + new tokens) a step attends over, rounded up to the next; default 256, 512, ... below the context, then the context."
+        None,
+        description="KV-cache lengths (prompt + new tokens) a step attends over, rounded up to the next; default 256, 512, ... below the context, then it.",
     )
     prefill_batch_size: int = Field(4, ge=1, le=256, description="Most prompts prefilled in one pass (prefill batch buckets are the batch buckets up to it).")
     compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="Compile the decode step, one graph per bucket shape, all during warm-up. auto: in merged mode on a GPU (nf4 does not compile usefully)."
+        "auto",
+        description="Compile the decode step, one graph per bucket shape, all during warm-up. auto: merged mode on a GPU (nf4 does not compile usefully).",
     )
     default_max_new_tokens: int = Field(64, ge=1, description="Summary length in tokens when a request does not say.")
     max_new_tokens_limit: int = Field(256, ge=1, le=4096, description="The largest max_new_tokens a request may ask for.")
@@ -118,7 +120,7 @@ class ServeSettings(LiveSettings):
 
     def buckets(self, max_batch_size: int, context_tokens: int):
         """The engine's :class:`~loraops.engine.Buckets`: batch buckets capped by ``max_batch_size``, length buckets by the context."""
-        from loraops.engine import Buckets
+        from loraops.buckets import Buckets
 
         over = [n for n in self.length_buckets or [] if n > context_tokens]
         if over:
