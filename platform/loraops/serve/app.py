@@ -243,6 +243,15 @@ async def require_token(request: Request) -> None:
         raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer TOKEN)", headers={"WWW-Authenticate": "Bearer"})
 
 
+def server_timing(results: list[dict[str, Any]]) -> str:
+    """``Server-Timing`` of an answer: ``model`` (time in the model engine) and ``queue`` (its wait for a slot), in ms.
+
+    Defined above the ingress class: Serve ships that class with the module names defined before it.
+    """
+    slowest = max(results, key=lambda r: r["usage"]["model_ms"])["usage"]
+    return f"model;dur={slowest['model_ms']}, queue;dur={slowest['queue_ms']}"
+
+
 # --- the ingress deployment --------------------------------------------------------------------
 
 
@@ -329,12 +338,6 @@ class SummarizerAPI:
             raise ApiError(503, "overloaded", f"the model is overloaded ({exc}); retry later", headers={"Retry-After": "1"}) from None
         except (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError) as exc:
             raise ApiError(503, "unavailable", f"no model replica available ({type(exc).__name__}); retry later", headers={"Retry-After": "5"}) from None
-
-
-def server_timing(results: list[dict[str, Any]]) -> str:
-    """``Server-Timing`` of an answer: ``model`` (time in the model engine) and ``queue`` (its wait for a slot), in ms."""
-    slowest = max(results, key=lambda r: r["usage"]["model_ms"])["usage"]
-    return f"model;dur={slowest['model_ms']}, queue;dur={slowest['queue_ms']}"
 
 
 # --- building the application ------------------------------------------------------------------
