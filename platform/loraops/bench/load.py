@@ -16,9 +16,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 
 @dataclass
@@ -58,6 +59,8 @@ def run_load(
     ``body`` turns an element of ``dialogues`` into the request body (default: ``{"dialogue": it}``).
     No retries: a failed request stays a failure in the records.
     """
+    import httpx  # here, not at the top: the model-level benchmark runs where only torch's stack is installed
+
     make_body = body or (lambda text: {"dialogue": text})
 
     def client(index: int, items: Callable[[], Any], deadline: float, records: list[Record], lock: threading.Lock) -> None:
@@ -87,6 +90,8 @@ def _closed_loop(items: Sequence[Any], clients: int, duration_s: float, client: 
 
 
 def _one_request(http: httpx.Client, index: int, body: dict[str, Any]) -> Record:
+    import httpx
+
     started = time.monotonic()
     try:
         response = http.post("/v1/summarize", json=body)

@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from loraops.bench.load import GenerateBatcher, run_load, run_model_load, summarize_records
 
 #: Batching schemes the model-level benchmark compares: the engine's two policies and the pre-engine baseline.
@@ -121,6 +119,7 @@ def benchmark(
     A mode's batchings are deployed side by side and take turns at each concurrency, so a change of
     load on the machine hits them alike.
     """
+    import httpx
     from ray import serve
 
     from loraops import cluster
@@ -220,7 +219,7 @@ def benchmark_model(
         raise LoraopsError(f"--batching {unknown[0]!r}: expected one of {', '.join(MODEL_BATCHINGS)}")
     lengths = lengths or ("reference" if random_init else "fixed")
     load_at_start = round(os.getloadavg()[0], 2)
-    serve_config = load_serve_config(config_path, [*overrides, f"args.max_batch_size={max(concurrencies)}"])
+    serve_config = load_serve_config(config_path, [*overrides, f"args.max_batch_size={max(concurrencies)}"], ray_schema=False)
     settings = serve_config.settings.with_absolute_paths()
     threads = _replica_threads(serve_config)
     results: list[dict[str, Any]] = []

@@ -196,16 +196,19 @@ class ServeConfigFile:
     raw: dict[str, Any]
 
 
-def load_serve_config(path: str | os.PathLike, overrides: list[str] | None = None) -> ServeConfigFile:
+def load_serve_config(path: str | os.PathLike, overrides: list[str] | None = None, ray_schema: bool = True) -> ServeConfigFile:
     """Read a serve config file, apply ``--set`` overrides and validate it (Ray's schema, then ours).
 
     Override keys are relative to the loraops application: ``args.KEY``,
     ``deployments.<SummarizerModel|SummarizerAPI>.KEY...``, ``http_options.KEY``, ``name``, ``route_prefix``.
+    ``ray_schema=False`` skips Ray's part (and so does not import Ray): for readers of ``args`` alone,
+    such as the model-level benchmark on a machine without Ray.
     """
     raw = read_yaml(path)
     app = _loraops_application(raw, str(path))
     _apply_app_overrides(raw, app, list(overrides or []))
-    _validate_ray_schema(raw, str(path))
+    if ray_schema:
+        _validate_ray_schema(raw, str(path))
     settings = validate_settings(app.get("args"), origin=f"{path}: args")
     options = {}
     for index, entry in enumerate(app.get("deployments") or []):
@@ -213,6 +216,8 @@ def load_serve_config(path: str | os.PathLike, overrides: list[str] | None = Non
         if name not in DEPLOYMENTS:
             raise ConfigError(f"{path}: deployments.{index}.name: unknown deployment {name!r} (expected {' or '.join(DEPLOYMENTS)})")
         options[name] = {key: value for key, value in entry.items() if key != "name"}
+        if not ray_schema:
+            continue
         unknown = sorted(set(options[name]) - _deployment_option_names())
         if unknown:
             raise ConfigError(f"{path}: deployments.{index} ({name}).{unknown[0]}: unknown deployment option")
