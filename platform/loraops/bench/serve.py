@@ -160,6 +160,8 @@ def benchmark(
                     print(format_row(row), flush=True)
             for batching in batchings:
                 serve.delete(f"bench-{mode}-{batching}")
+        floor = _serve_floor(config, items, body, min(10.0, duration_s))
+        print(f"Serve's floor (the same ingress and hop to a model replica that answers at once, 1 client): {floor['p50_ms']} ms p50, {floor['p99_ms']} ms p99")
         report = {
             "what": "end-to-end latency of POST /v1/summarize (HTTP, Serve proxy, ingress, engine), one model replica; "
             "overhead = end-to-end minus the model's own time (usage.model_ms)",
@@ -171,6 +173,7 @@ def benchmark(
             "machine": _machine(load_at_start),
             "model_replica": {key: value for key, value in config.deployment_options.get(MODEL_DEPLOYMENT, {}).items() if key in ("ray_actor_options",)},
             "warm_up": warm_ups,
+            "serve_floor": floor,
             "results": results,
         }
         _write(report, output)
@@ -179,6 +182,37 @@ def benchmark(
         if owned:
             serve.shutdown()
         cluster.shutdown(owned)
+
+
+def _serve_floor(config, items: Sequence[WorkItem], body, duration_s: float) -> dict[str, Any]:
+    """End-to-end latency of the same application with a model replica that answers at once: what HTTP,
+    the proxy, the ingress and one handle call cost on this machine, the floor under Serve's overhead."""
+    from ray import serve
+
+    from loraops.serve.app import SummarizerAPI, app_url
+    from loraops.serve.settings import API_DEPLOYMENT, MODEL_DEPLOYMENT
+
+    answer = {"summary": "", "model": {"name": "echo", "version": 0}, "usage": {"prompt_tokens": 0, "completion_tokens": 1, "model_ms": 0.0, "queue_ms": 0.0}}
+
+    @serve.deployment(name=MODEL_DEPLOYMENT)
+    class EchoModel:
+        async def summarize(self, request: dict[str, Any]) -> dict[str, Any]:
+            return answer
+
+    model_options = {k: v for k, v in config.deployment_options.get(MODEL_DEPLOYMENT, {}).items() if k == "ray_actor_options"}
+    api = SummarizerAPI.options(**config.deployment_options.get(API_DEPLOYMENT, {}))
+    serve.run(api.bind(EchoModel.options(**model_options).bind(), config.settings.model_dump()), name="bench-floor", route_prefix="/floor")
+    url = app_url(config).removesuffix(config.route_prefix.rstrip("/")) + "/floor"
+    try:
+        run_load(url, items, clients=1, duration_s=1.0, body=body)  # connections, not measured
+        summary = summarize_records(run_load(url, items, clients=1, duration_s=duration_s, body=body), duration_s)
+    finally:
+        serve.delete("bench-floor")
+    return {"requests": summary["requests"], "failed": summary["failed"], "p50_ms": _ms(summary["p50_s"]), "p99_ms": _ms(summary["p99_s"])}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
 
 
 def _tokenizer_for(settings):
