@@ -42,17 +42,19 @@ def _add_serve(sub: SubParsers) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from loraops import cluster
+    from loraops.serve.app import check_deployable, check_port_free, deploy
     from loraops.serve.settings import load_serve_config
 
     config = load_serve_config(args.config, args.overrides)
+    check_deployable(config.settings)  # registry mistakes in one line, before Ray starts
     address = cluster.cluster_address(args.address)
     if args.detach and not address:
         raise LoraopsError("--detach needs a Ray cluster that outlives this command: start one (`ray start --head`) and pass --address or set RAY_ADDRESS")
     from ray import serve
 
-    from loraops.serve.app import deploy
-
-    cluster.connect(address, configure_logging=False)
+    if not address:
+        check_port_free(config)  # the local instance's proxy would bind here
+    cluster.connect(address, configure_logging=False, log_to_driver=not args.detach)
     url = deploy(config)
     print(f"serving {config.settings.adapter} ({config.settings.mode} mode) at {url}  (API docs: {url}/docs)", flush=True)
     if args.detach:

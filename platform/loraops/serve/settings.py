@@ -80,6 +80,12 @@ class ServeSettings(LiveSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body; bigger ones get 413.")
     context_tokens: int | None = Field(None, ge=16, description="Prompt + summary token limit; default the model's context window.")
     request_timeout_s: float = Field(300.0, gt=0.0, description="How long the API waits for the model before answering 503.")
+    body_timeout_s: float = Field(
+        10.0, gt=0.0, le=600.0, description="How long the API waits for a request's whole body before answering 408 (a stalled client holds an API slot)."
+    )
+    allow_trust_remote_code: bool = Field(
+        False, description="Serve versions trained with model.trust_remote_code: true (that runs code from the model repository in every replica)."
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per model replica; default what Ray sets from num_cpus.")
     auth_token_env: str = Field(
         "LORAOPS_API_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the bearer token; auth is on when it is set."
@@ -160,12 +166,16 @@ class ServeConfigFile:
 def load_serve_config(path: str | os.PathLike, overrides: list[str] | None = None) -> ServeConfigFile:
     """Read a serve config file, apply ``--set`` overrides and validate it (Ray's schema, then ours).
 
+    Unknown keys are errors at every level (Ray's own schema ignores some, e.g. a misspelt
+    ``route_prefx`` next to ``route_prefix``).
+
     Override keys are relative to the loraops application: ``args.KEY``,
     ``deployments.<SummarizerModel|SummarizerAPI>.KEY...``, ``http_options.KEY``, ``name``, ``route_prefix``.
     """
     raw = read_yaml(path)
     app = _loraops_application(raw, str(path))
     _apply_app_overrides(raw, app, list(overrides or []))
+    _reject_unknown_keys(raw, app, str(path))
     _validate_ray_schema(raw, str(path))
     settings = validate_settings(app.get("args"), origin=f"{path}: args")
     options = {}
@@ -223,6 +233,21 @@ def _apply_app_overrides(raw: dict[str, Any], app: dict[str, Any], overrides: li
             app[key] = view[key]
     app["args"], raw["http_options"] = view["args"], view["http_options"]
     app["deployments"] = [dict(entry, name=name) for name, entry in view["deployments"].items()]
+
+
+def _reject_unknown_keys(raw: dict[str, Any], app: dict[str, Any], origin: str) -> None:
+    """Top-level, ``http_options`` and application keys that Ray's schema does not know (it silently drops them)."""
+    from ray.serve.schema import HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
+
+    index = raw["applications"].index(app)
+    for where, mapping, schema in (
+        ("", raw, ServeDeploySchema),
+        ("http_options.", raw.get("http_options"), HTTPOptionsSchema),
+        (f"applications.{index}.", app, ServeApplicationSchema),
+    ):
+        unknown = sorted(set(mapping) - set(schema.model_fields)) if isinstance(mapping, dict) else []
+        if unknown:
+            raise ConfigError(f"{origin}: {where}{unknown[0]}: unknown key (known: {', '.join(sorted(schema.model_fields))})")
 
 
 def _deployment_option_names() -> set[str]:
