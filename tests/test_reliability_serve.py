@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -114,7 +115,7 @@ def url(ray_address, home):
             "args.max_new_tokens_limit=128",
             "args.default_max_new_tokens=16",
             "args.max_batch_dialogues=4",
-            "args.max_body_bytes=65536",
+            "args.max_body_bytes=131072",
             f"args.body_timeout_s={BODY_TIMEOUT_S}",
             "args.batch_wait_timeout_s=0.05",
             f"args.auth_token_env={TOKEN_ENV}",
@@ -179,7 +180,7 @@ CATALOGUE = [
     ("empty body", "POST", "/v1/summarize", b"", AUTH | _JSON, 422, "body"),
     ("invalid UTF-8", "POST", "/v1/summarize", b'{"dialogue": "caf\xe9 \xff"}', AUTH | _JSON, 422, "body"),
     ("JSON nested 50,000 deep", "POST", "/v1/summarize", b'{"dialogue": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", AUTH | _JSON, 422, "body"),
-    ("body over the size limit", "POST", "/v1/summarize", {"dialogue": "x" * 70_000}, AUTH, 413, "body"),
+    ("body over the size limit", "POST", "/v1/summarize", {"dialogue": "x" * 140_000}, AUTH, 413, "body"),
     ("declared Content-Length over the limit", "POST", "/v1/summarize", b"{}", AUTH | _JSON | {"content-length": "9999999"}, 413, "body"),
     ("form-encoded body", "POST", "/v1/summarize", b"dialogue=hi", AUTH | {"content-type": "application/x-www-form-urlencoded"}, 422, "body"),
     ("duplicate keys, last one blank", "POST", "/v1/summarize", b'{"dialogue": "hi", "dialogue": " "}', AUTH | _JSON, 422, "dialogue"),
@@ -200,7 +201,7 @@ CATALOGUE = [
     ("basic auth instead of bearer", "POST", "/v1/summarize", {"dialogue": DIALOGUE}, {"Authorization": "Basic dXNlcjpwYXNz"}, 401, None),
     ("no token on /v1/models", "GET", "/v1/models", None, {}, 401, None),
     ("no token on the batch route", "POST", "/v1/summarize/batch", {"dialogues": [DIALOGUE]}, {}, 401, None),
-    ("no token and an oversized body", "POST", "/v1/summarize", {"dialogue": "x" * 70_000}, {}, 401, None),
+    ("no token and an oversized body", "POST", "/v1/summarize", {"dialogue": "x" * 140_000}, {}, 401, None),
     # routes and methods
     ("unknown route", "GET", "/v2/whatever", None, AUTH, 404, None),
     ("GET on a POST route", "GET", "/v1/summarize", None, AUTH, 405, None),
@@ -213,17 +214,34 @@ CATALOGUE = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "path", "body", "headers", "status", "field"), [case[1:] for case in CATALOGUE], ids=[case[0] for case in CATALOGUE])
 def test_catalogue_of_bad_http_input(url, method, path, body, headers, status, field):
-    with httpx.Client(base_url=url, timeout=120) as client:
-        if isinstance(body, bytes):
-            response = client.request(method, path, content=body, headers=headers)
-        else:
-            response = client.request(method, path, json=body, headers=headers)
+    if "content-length" in headers:  # a header httpx would correct: sent as written
+        response = _raw_request(httpx.URL(url).port, method, path, headers, body)
+    else:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            if isinstance(body, bytes):
+                response = client.request(method, path, content=body, headers=headers)
+            else:
+                response = client.request(method, path, json=body, headers=headers)
 
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["type"]
     assert error.get("field") == field
     assert "Traceback" not in response.text and "ray::" not in response.text
+
+
+def _raw_request(port: int, method: str, path: str, headers: dict[str, str], body: bytes) -> httpx.Response:
+    """One HTTP/1.1 request over a plain socket, headers exactly as given; the answer as an httpx.Response."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    raw_headers, _, content = rest.partition(b"\r\n\r\n")
+    pairs = [line.decode("latin-1").split(":", 1) for line in raw_headers.split(b"\r\n") if b":" in line]
+    return httpx.Response(int(status_line.split()[1]), headers=[(k.strip(), v.strip()) for k, v in pairs], content=content)
 
 
 def test_catalogue_is_big_enough():
@@ -530,18 +548,41 @@ def _kill_one_model_replica() -> str:
     return victim
 
 
-def _load(url: str, stop: threading.Event):
-    """Four clients sending requests back to back until ``stop``; returns (thread, records)."""
-    from loraops.bench.serve import run_load
+@dataclass
+class Answer:
+    started: float
+    ended: float
+    status: int | None  # None: no HTTP answer at all
+    version: int | None
+    error: str | None
 
-    records: list = []
-    thread = threading.Thread(
-        target=lambda: records.extend(
-            run_load(url, [DIALOGUE], clients=4, duration_s=600, body=lambda text: {"dialogue": text, "max_new_tokens": 4}, headers=AUTH, stop=stop)
-        )
-    )
-    thread.start()
-    return thread, records
+
+def _load(url: str, stop: threading.Event, clients: int = 4):
+    """``clients`` threads sending requests back to back (no retries) until ``stop``; returns (threads, answers so far)."""
+    answers: list[Answer] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=url, headers=AUTH, timeout=120) as http:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    response = http.post("/v1/summarize", json={"dialogue": DIALOGUE, "max_new_tokens": 4})
+                except httpx.HTTPError as exc:
+                    answers.append(Answer(started, time.monotonic(), None, None, f"{type(exc).__name__}: {exc}"))
+                    continue
+                version = response.json()["model"]["version"] if response.status_code == 200 else None
+                answers.append(Answer(started, time.monotonic(), response.status_code, version, None if version else response.text[:300]))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    return threads, answers
+
+
+def _stop(threads: list[threading.Thread], stop: threading.Event) -> None:
+    stop.set()
+    for thread in threads:
+        thread.join()
 
 
 @pytest.mark.slow
@@ -559,8 +600,7 @@ def test_drill_promotion_to_a_corrupt_version(http, url, home):
         reported_after = _wait_for(lambda: any(m["problem"] for m in _models(http, 4)), 30, "a replica reporting the corrupt version")
         time.sleep(3)
     finally:
-        stop.set()
-        load.join()
+        _stop(load, stop)
     models = _models(http, 6)
     health = httpx.get(url + "/healthz", timeout=30)
     strict = httpx.get(url + "/healthz?strict=true", timeout=30)
@@ -595,8 +635,7 @@ def test_drill_replica_killed_under_load_while_production_is_corrupt(http, url, 
         _wait_for(lambda: any(r.version == 1 and r.started > killed_at for r in list(records)), 30, "answers from the fallback version")
         time.sleep(2)
     finally:
-        stop.set()
-        load.join()
+        _stop(load, stop)
     degraded = [m for m in _models(http, 8) if m["problem"]]
 
     failed = [r for r in records if r.status != 200]
@@ -653,3 +692,18 @@ def test_cli_serve_on_a_port_in_use_is_one_line(home):
     assert done.stderr.startswith(f"loraops: error: http_options: cannot listen on 127.0.0.1:{port} (Address already in use): ")
     assert done.stderr.count("\n") == 1
 
+
+
+def test_a_database_password_from_the_environment_is_not_copied_into_the_application(monkeypatch, tmp_path):
+    from loraops.serve.settings import ServeSettings
+
+    monkeypatch.setenv("LORAOPS_DATABASE_URL", "postgresql://loraops:hunter2@db.internal/loraops")
+    from_env = ServeSettings(workspace=str(tmp_path)).with_absolute_paths()
+    explicit = ServeSettings(workspace=str(tmp_path), db_url="postgresql://reader@db.internal/loraops").with_absolute_paths()
+    monkeypatch.delenv("LORAOPS_DATABASE_URL")
+    default = ServeSettings(workspace=str(tmp_path)).with_absolute_paths()
+
+    assert from_env.db_url is None  # the replicas read $LORAOPS_DATABASE_URL themselves
+    assert "hunter2" not in str(from_env.model_dump())  # what the deployments get as arguments
+    assert explicit.db_url == "postgresql://reader@db.internal/loraops"
+    assert default.db_url == f"sqlite:///{tmp_path.resolve() / 'loraops.db'}"

@@ -105,14 +105,27 @@ class ServeSettings(LiveSettings):
         return {key: getattr(self, key) for key in LIVE_KEYS}
 
     def with_absolute_paths(self) -> ServeSettings:
-        """Workspace and registry locations made absolute here: Ray workers run in another directory."""
+        """Workspace and registry locations made absolute here: Ray workers run in another directory.
+
+        A database URL with a password that comes from $LORAOPS_DATABASE_URL is not copied in:
+        these settings become the deployments' arguments, which Serve stores with the application,
+        so the replicas read the variable from their own environment instead.
+        """
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
         from loraops.config import artifact_uri, database_url
 
         workspace = resolve_workspace(self.workspace)
+        db_url: str | None = database_url(self.db_url, workspace)
+        try:
+            secret = self.db_url is None and make_url(db_url).password is not None
+        except ArgumentError:  # not a URL: the registry names the problem when it connects
+            secret = False
         return self.model_copy(
             update={
                 "workspace": str(workspace),
-                "db_url": _absolute_sqlite(database_url(self.db_url, workspace)),
+                "db_url": None if secret else _absolute_sqlite(db_url),
                 "artifact_uri": _absolute_uri(artifact_uri(self.artifact_uri, workspace)),
             }
         )
