@@ -25,9 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO, cli_env
+REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.ray
 
 TOKEN = "reliability-token"
 TOKEN_ENV = "LORAOPS_TEST_RELIABILITY_TOKEN"
@@ -211,6 +210,7 @@ CATALOGUE = [
 ]
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "path", "body", "headers", "status", "field"), [case[1:] for case in CATALOGUE], ids=[case[0] for case in CATALOGUE])
 def test_catalogue_of_bad_http_input(url, method, path, body, headers, status, field):
@@ -249,6 +249,8 @@ def test_catalogue_is_big_enough():
     assert len({case[0] for case in CATALOGUE}) == len(CATALOGUE)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_context_error_gives_the_token_counts_and_logs_no_traceback(http):
     error = http.post("/v1/summarize", json={"dialogue": LONG_DIALOGUE}).json()["error"]
 
@@ -266,6 +268,8 @@ def _serve_log_lines(needle: str) -> list[str]:
     return [line for path in logs.glob("*.log") for line in path.read_text(errors="replace").splitlines() if needle in line]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_head_healthz_and_bearer_scheme_in_openapi(url):
     head = httpx.head(url + "/healthz", timeout=30)
     spec = httpx.get(url + "/openapi.json", timeout=30).json()
@@ -279,6 +283,8 @@ def test_head_healthz_and_bearer_scheme_in_openapi(url):
     assert "security" not in spec["paths"]["/healthz"]["get"]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_models_needs_the_token_and_shows_no_paths(http, url, home):
     assert httpx.get(url + "/v1/models", timeout=30).status_code == 401
     text = http.get("/v1/models").text
@@ -288,6 +294,8 @@ def test_models_needs_the_token_and_shows_no_paths(http, url, home):
 # --- 1. isolation: no request fails another -----------------------------------------------------
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_hostile_requests_never_fail_their_batch_mates(http):
     good = [{"dialogue": f"{DIALOGUE}\n#Person2#: Table {i} is yours.", "max_new_tokens": 8} for i in range(7)]
     hostile = [
@@ -389,6 +397,8 @@ def _status_of(sock: socket.socket) -> int:
     return int(first.split()[1])
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_stalled_clients_do_not_stall_the_api(url, http):
     port = httpx.URL(url).port
     started = time.monotonic()
@@ -409,6 +419,8 @@ def test_stalled_clients_do_not_stall_the_api(url, http):
     assert statuses == [408] * len(stalled)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_client_without_the_token_is_refused_before_it_sends_its_body(url):
     statuses = [_status_of(_stalled_request(httpx.URL(url).port, token=False)) for _ in range(3)]
 
@@ -585,6 +597,7 @@ def _stop(threads: list[threading.Thread], stop: threading.Event) -> None:
         thread.join()
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_drill_promotion_to_a_corrupt_version(http, url, home):
     from loraops.registry import Registry
@@ -620,6 +633,7 @@ def test_drill_promotion_to_a_corrupt_version(http, url, home):
     _wait_for(lambda: httpx.get(url + "/healthz?strict=true", timeout=30).status_code == 200, 30, "healthy again after the rollback")
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_drill_replica_killed_under_load_while_production_is_corrupt(http, url, home):
     _settled(http, home, 2)
@@ -656,7 +670,7 @@ def test_drill_replica_killed_under_load_while_production_is_corrupt(http, url, 
 # --- 7. configuration and CLI -------------------------------------------------------------------
 
 
-def test_trust_remote_code_of_a_registered_version_is_refused_unless_allowed(home, tmp_path):
+def test_trust_remote_code_of_a_registered_version_is_refused_unless_allowed(home, cli_env):
     from loraops.errors import LoraopsError
     from loraops.registry import Lineage, Registry
     from loraops.serve.replica import training_config
@@ -677,7 +691,7 @@ def test_trust_remote_code_of_a_registered_version_is_refused_unless_allowed(hom
     assert done.stderr.startswith("loraops: error: remote:1 was trained with model.trust_remote_code: true") and done.stderr.count("\n") == 1
 
 
-def test_cli_serve_on_a_port_in_use_is_one_line(home):
+def test_cli_serve_on_a_port_in_use_is_one_line(home, cli_env):
     env = {key: value for key, value in cli_env(home).items() if key != "RAY_ADDRESS"}
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

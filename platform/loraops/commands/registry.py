@@ -56,7 +56,12 @@ def _add_registry(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     )
     actions = parser.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
 
-    listing = actions.add_parser("list", parents=[common], help="every adapter with its versions and aliases", description="Every registered adapter: version count, latest version, aliases.")
+    listing = actions.add_parser(
+        "list",
+        parents=[common],
+        help="every adapter with its versions and aliases",
+        description="Every registered adapter: version count, latest version, aliases.",
+    )
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(handler=_run_list)
 
@@ -71,7 +76,12 @@ def _add_registry(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
     show.set_defaults(handler=_run_show)
 
-    audit = actions.add_parser("audit", parents=[common], help="the audit log of alias changes", description="Every alias change of an adapter, oldest first: when, who, from, to, why.")
+    audit = actions.add_parser(
+        "audit",
+        parents=[common],
+        help="the audit log of alias changes",
+        description="Every alias change of an adapter, oldest first: when, who, from, to, why.",
+    )
     audit.add_argument("name", metavar="NAME")
     audit.add_argument("--alias", help="only this alias")
     audit.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -22,12 +22,9 @@ a request id for anything unexpected (the details are in the log line with that 
 # FastAPI must see real classes in their signatures (with strings the body became a query parameter).
 
 import asyncio
-import hmac
 import json
 import logging
 import os
-import re
-import uuid
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Request, Security
@@ -38,10 +35,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraops import __version__
 from loraops.errors import LoraopsError
+from loraops.serve.guard import ErrorResponse, RequestGuard, error_response, request_id_of
 from loraops.serve.replica import Rejection, SummarizerModel
 from loraops.serve.settings import API_DEPLOYMENT, MODEL_DEPLOYMENT, ServeSettings, validate_settings
 
@@ -118,17 +115,6 @@ class Summary(BaseModel):
     usage: Usage
 
 
-class ErrorDetail(BaseModel):
-    type: str
-    message: str
-    field: str | None = None
-    request_id: str | None = Field(None, description="On 500 answers: the id of the server log line with the details.")
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
@@ -139,9 +125,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         503: "no model replica available; retry",
     }.items()
 }
-#: Paths that answer without the bearer token: health checks and the API docs.
-OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -153,19 +136,6 @@ class ApiError(Exception):
     def __init__(self, status: int, type: str, message: str, field: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.type, self.message, self.field, self.headers = status, type, message, field, headers
-
-
-def error_response(
-    status: int, type: str, message: str, field: str | None = None, headers: dict[str, str] | None = None, request_id: str | None = None
-) -> JSONResponse:
-    detail = ErrorDetail(type=type, message=message, field=field, request_id=request_id).model_dump(exclude_none=True)
-    return JSONResponse({"error": detail}, status_code=status, headers=headers)
-
-
-def request_id_of(scope: Scope) -> str:
-    """Serve's id of this request (its proxy sets the ``x-request-id`` header, and echoes it as ``X-Request-ID``)."""
-    given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 def _field_of(loc: tuple | list) -> str:
@@ -192,7 +162,8 @@ async def _invalid_request(_request: Request, exc: RequestValidationError) -> JS
     first = problems[0] if problems else {"loc": ("body",), "msg": "invalid request"}
     if first.get("type") == "json_invalid":  # its location is a character offset, not a field
         position = first.get("loc", ("body", "?"))[-1]
-        return error_response(422, "validation_error", f"body: invalid JSON ({first.get('ctx', {}).get('error', 'decode error')} at character {position})", field="body")
+        reason = first.get("ctx", {}).get("error", "decode error")
+        return error_response(422, "validation_error", f"body: invalid JSON ({reason} at character {position})", field="body")
     field = _field_of(first.get("loc", ("body",)))
     message = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid value")
     response = error_response(422, "validation_error", f"{field}: {message}", field=field)
@@ -234,94 +205,6 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", f"internal error; the server log has the details under request id {request_id}", request_id=request_id)
 
 
-class RequestGuard:
-    """Checks every HTTP request before the application sees it, cheapest first, so that no client
-    holds one of the ingress's ``max_ongoing_requests`` slots longer than ``body_timeout_s``:
-
-    1. the bearer token, from the headers (401): a client without it never gets to send a body;
-    2. a declared Content-Length over ``max_body_bytes`` (413);
-    3. the body, read within ``body_timeout_s`` in all (408: a client that declares 100 bytes and
-       sends 10 is cut off) and up to ``max_body_bytes`` (413), then replayed to the application.
-
-    Serve's proxy streams the body to this replica as it arrives, so without the deadline a stalled
-    client would hold its slot for as long as it keeps the connection open.
-    """
-
-    def __init__(self, inner: ASGIApp):
-        self.inner = inner
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.inner(scope, receive, send)
-            return
-        # scope["app"], not the module's `app`: Serve ships the ingress class with its own copy of the app.
-        state = scope["app"].state
-        if not _authorized(scope, state.auth_token):
-            await _answer(scope, send, 401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer TOKEN)", {"WWW-Authenticate": "Bearer"})
-            return
-        limit = int(state.max_body_bytes)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _too_large(scope, send, limit)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + float(state.body_timeout_s)
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
-            except asyncio.TimeoutError:
-                message = f"the request body did not arrive within {float(state.body_timeout_s):g} s ({size} bytes received)"
-                await _answer(scope, send, 408, "request_timeout", message, {"Connection": "close"}, field="body")
-                return
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await _too_large(scope, send, limit)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.inner(scope, replay, send)
-
-
-def _authorized(scope: Scope, expected: str | None) -> bool:
-    """True when auth is off, the path is open (health, docs) or the request carries the bearer token."""
-    if not expected:
-        return True
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):] or "/"
-    if path in OPEN_PATHS:
-        return True
-    header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-    scheme, _, given = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode())
-
-
-async def _answer(scope: Scope, send: Send, status: int, type: str, message: str, headers: dict[str, str] | None = None, field: str | None = None) -> None:
-    async def nothing() -> Message:  # the response never reads the request
-        return {"type": "http.disconnect"}
-
-    await error_response(status, type, message, field=field, headers=headers)(scope, nothing, send)
-
-
-async def _too_large(scope: Scope, send: Send, limit: int) -> None:
-    await _answer(scope, send, 413, "payload_too_large", f"the request body is over the limit of {limit} bytes", field="body")
-
-
 app.add_middleware(RequestGuard)
 
 #: Declares the bearer scheme in the OpenAPI document (the docs' "Authorize" button sends the
@@ -355,7 +238,8 @@ class SummarizerAPI:
     async def summarize_batch(self, body: BatchRequest) -> list[dict[str, Any]]:
         """Summarize several dialogues; the answers come in the same order."""
         if len(body.dialogues) > self.settings.max_batch_dialogues:
-            raise ApiError(422, "validation_error", f"dialogues: at most {self.settings.max_batch_dialogues} per request, got {len(body.dialogues)}", field="dialogues")
+            limit = self.settings.max_batch_dialogues
+            raise ApiError(422, "validation_error", f"dialogues: at most {limit} per request, got {len(body.dialogues)}", field="dialogues")
         payloads = [self._payload(text, body.max_new_tokens, body.temperature) for text in body.dialogues]
         results = await asyncio.gather(*(self._summarize(p, field=f"dialogues.{i}") for i, p in enumerate(payloads)), return_exceptions=True)
         for result in results:
