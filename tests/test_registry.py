@@ -281,6 +281,42 @@ def test_tampered_or_missing_file_is_detected_on_resolve(registry, tmp_path):
         registry.resolve("guarded:1")
 
 
+def corrupt(path: Path) -> None:
+    """Flip the last byte, as a disk or a hand behind the registry's back would."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_verify_rehashes_the_stored_files_and_names_the_bad_one(registry, tmp_path):
+    registry.register(make_run(tmp_path / "run", seed=1), "checked")
+    assert registry.verify("checked:1").version == 1
+    stored = tmp_path / "store" / "checked" / "v1"
+    corrupt(stored / "adapter_model.safetensors")
+    with pytest.raises(IntegrityError, match=r"checked:1 .*checksum mismatch for file adapter_model.safetensors"):
+        registry.verify("checked")
+    (stored / "adapter_config.json").unlink()
+    with pytest.raises(IntegrityError, match="file adapter_config.json is missing"):
+        registry.verify("checked:1")
+
+
+def test_promote_and_rollback_refuse_a_corrupt_version(registry, tmp_path):
+    for seed in (1, 2, 3):
+        registry.register(make_run(tmp_path / f"run{seed}", seed=seed), "careful")
+    registry.promote("careful", 1)
+    registry.promote("careful", 2)
+    corrupt(tmp_path / "store" / "careful" / "v3" / "adapter_model.safetensors")
+    with pytest.raises(IntegrityError, match="refusing to promote careful:3 to production: .*checksum mismatch for file adapter_model.safetensors"):
+        registry.promote("careful", 3)
+    corrupt(tmp_path / "store" / "careful" / "v1" / "adapter_config.json")
+    with pytest.raises(IntegrityError, match="refusing to roll back careful@production to version 1: .*adapter_config.json"):
+        registry.rollback("careful")
+    assert registry.get("careful@production").version == 2  # nothing moved,
+    assert [(e.action, e.to_version) for e in registry.audit_log("careful")] == [("promote", 1), ("promote", 2)]  # nothing logged
+    with pytest.raises(IntegrityError, match="refusing to promote careful:1 to staging"):
+        registry.promote("careful", 1, alias="staging")
+
+
 def test_remote_store_downloads_into_a_verified_cache(db_url, tmp_path):
     """A non-local pyarrow filesystem takes the download path (SubTreeFileSystem stands in for S3)."""
     import pyarrow.fs as pafs
@@ -297,7 +333,10 @@ def test_remote_store_downloads_into_a_verified_cache(db_url, tmp_path):
     assert sha256(cached / "adapter_model.safetensors") == sha256(remote_root / "remote" / "v1" / "adapter_model.safetensors")
     (cached / "adapter_config.json").write_text("{}")  # a damaged cache is fetched again
     assert json.loads((registry.resolve("remote:1") / "adapter_config.json").read_text())["r"] == 4
+    assert registry.verify("remote:1").version == 1
     (remote_root / "remote" / "v1" / "adapter_model.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(IntegrityError, match="checksum mismatch for file adapter_model.safetensors"):
+        registry.verify("remote:1")  # the store itself is read, not the intact cache
     import shutil
 
     shutil.rmtree(cached)
@@ -465,6 +504,28 @@ def test_cli_register_promote_rollback(db_url, tmp_path):
     assert [(e["action"], e["to_version"], e["reason"]) for e in audit] == [("promote", 1, "baseline"), ("promote", 2, None), ("rollback", 1, "regression")]
     table = loraops(tmp_path, db_url, "registry", "list")
     assert table.returncode == 0 and "production->v1" in table.stdout
+
+
+def test_cli_verify_promote_rollback_refuse_a_corrupt_version(db_url, tmp_path):
+    for seed in (1, 2):
+        assert loraops(tmp_path, db_url, "register", "--adapter", str(make_run(tmp_path / f"r{seed}", seed=seed)), "--name", "cli").returncode == 0
+    assert loraops(tmp_path, db_url, "promote", "cli", "1").returncode == 0
+    ok = loraops(tmp_path, db_url, "registry", "verify", "cli:2")
+    assert ok.returncode == 0 and "all sha256 match" in ok.stdout, ok.stderr
+    corrupt(tmp_path / "ws" / "registry" / "cli" / "v2" / "adapter_model.safetensors")
+    for args in (("registry", "verify", "cli"), ("promote", "cli", "2")):
+        result = loraops(tmp_path, db_url, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("loraops: error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert "checksum mismatch for file adapter_model.safetensors" in result.stderr
+    assert loraops(tmp_path, db_url, "promote", "cli", "2", "--alias", "staging").returncode == 2
+    corrupt(tmp_path / "ws" / "registry" / "cli" / "v2" / "adapter_model.safetensors")  # repaired: flipped back
+    assert loraops(tmp_path, db_url, "promote", "cli", "2").returncode == 0
+    corrupt(tmp_path / "ws" / "registry" / "cli" / "v1" / "adapter_model.safetensors")
+    refused = loraops(tmp_path, db_url, "rollback", "cli")
+    assert refused.returncode == 2 and "refusing to roll back cli@production to version 1" in refused.stderr and "Traceback" not in refused.stderr
+    shown = json.loads(loraops(tmp_path, db_url, "registry", "show", "cli@production", "--json").stdout)
+    assert shown["version"] == 2
 
 
 def test_cli_errors_exit_2_without_traceback(db_url, tmp_path):
