@@ -50,8 +50,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise LoraopsError("--detach needs a Ray cluster that outlives this command: start one (`ray start --head`) and pass --address or set RAY_ADDRESS")
     from ray import serve
 
-    from loraops.serve.app import deploy
+    from loraops.serve.app import deploy, target_version
 
+    target_version(config)  # an unknown adapter or an unreachable registry fails before any Ray starts
     cluster.connect(address, configure_logging=False)
     url = deploy(config)
     print(f"serving {config.settings.adapter} ({config.settings.mode} mode) at {url}  (API docs: {url}/docs)", flush=True)

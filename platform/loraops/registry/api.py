@@ -145,7 +145,7 @@ class Registry:
                 return self._allocate_and_publish(adapter_id, name, staged, fields)
             except DBAPIError as exc:
                 if not db.is_contention(exc) or attempt == db.WRITE_ATTEMPTS:
-                    raise
+                    raise db.failure(exc, self.engine) from None
                 log.debug("version allocation for %s collided (attempt %d): %s", name, attempt, exc)
         raise AssertionError("unreachable")
 
@@ -198,7 +198,7 @@ class Registry:
                 return session.scalars(
                     select(VersionRow).where(VersionRow.adapter_id == adapter_id, VersionRow.version == number, VersionRow.artifact_uri == self.store.uri_of(path))
                 ).one_or_none()
-        except DBAPIError:
+        except (DBAPIError, db.DatabaseError):
             return None
 
     # --- reading -------------------------------------------------------------------------------

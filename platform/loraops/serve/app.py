@@ -351,16 +351,25 @@ def build_app(args: dict[str, Any]):
     return build(validate_settings(args).with_absolute_paths())
 
 
+def target_version(config):
+    """The registered version a serve config's adapter reference names now; an unknown one or an unreachable registry is an error.
+
+    Needs no Ray: ``loraops serve`` calls it before starting a cluster, so such a mistake costs no cluster start.
+    """
+    from loraops.registry import Registry
+
+    settings = config.settings.with_absolute_paths()
+    return Registry(db_url=settings.db_url, artifact_uri=settings.artifact_uri, workspace=settings.workspace).get(settings.adapter)
+
+
 def deploy(config) -> str:
     """Run a validated serve config (:class:`~loraops.serve.settings.ServeConfigFile`) on the connected Ray cluster.
 
     Starts Serve with the file's ``http_options`` (if Serve is not running yet), checks that the
     adapter reference resolves before any replica starts, and returns the application's URL.
     """
-    from loraops.registry import Registry
-
     settings = config.settings.with_absolute_paths()
-    version = Registry(db_url=settings.db_url, artifact_uri=settings.artifact_uri, workspace=settings.workspace).get(settings.adapter)
+    version = target_version(config)
     log.info("deploying %s: %s (%s mode)", config.app_name, version.ref, settings.mode)
     serve.start(http_options=config.http_options or None)
     serve.run(build(settings, config.deployment_options), name=config.app_name, route_prefix=config.route_prefix)
