@@ -114,7 +114,8 @@ def _serve(config: Config, serve_path: Path, overrides: list[str] | None) -> str
     from loraops.serve.settings import load_serve_config
 
     _banner("3/4 serve the production adapter (Ray Serve, autoscaling)")
-    serve_config = load_serve_config(serve_path, [f"args.adapter={ADAPTER_NAME}@{DEFAULT_ALIAS}", f"args.workspace={config.workspace_path}", *(overrides or [])])
+    adapter = f"args.adapter={ADAPTER_NAME}@{DEFAULT_ALIAS}"
+    serve_config = load_serve_config(serve_path, [adapter, f"args.workspace={config.workspace_path}", *(overrides or [])])
     url = deploy(serve_config)
     print(f"serving at {url} (API docs: {url}/docs)")
     return url
@@ -139,7 +140,7 @@ def _compare(config: Config, outcome, version: int, promoted: bool, url: str, sa
     base_model, tokenizer = load_for_inference(served_config)
     base = generate_summaries(base_model, tokenizer, dialogues, served_config, progress=False)
     base_scores, tuned_scores = rouge(base, references), rouge(tuned, references)
-    for example, before, after in list(zip(examples, base, tuned))[:3]:
+    for example, before, after in list(zip(examples, base, tuned, strict=False))[:3]:
         print(f"\n{example.dialogue}\n  reference: {example.references[0]}\n  base:      {before}\n  tuned:     {after}")
     print(f"\nROUGE on {len(examples)} held-out dialogues (F1 x 100); tuned = {ADAPTER_NAME}:{sorted(versions)} over HTTP")
     print(f"{'metric':<10}{'base':>10}{'tuned':>10}{'gain':>10}")

@@ -35,7 +35,7 @@ def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> di
         raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for prediction, refs in zip(predictions, references):
+    for prediction, refs in zip(predictions, references, strict=False):
         scores = [scorer.score(ref, prediction) for ref in refs]
         for kind in ROUGE_TYPES:
             totals[kind] += max(score[kind].fmeasure for score in scores)

@@ -145,7 +145,7 @@ class ServingModel:
         """Extra ``generate`` arguments: on a GPU the merged model decodes with a static, compiled KV cache."""
         if self.mode == "merged" and self.static_cache and device().type == "cuda":
             # transformers compiles the decoding step when the cache is static (see its
-            # _valid_auto_compile_criteria); the 4-bit graph does not compile usefully (DESIGN.md).
+            # _valid_auto_compile_criteria); the 4-bit graph does not compile usefully.
             return {"cache_implementation": "static"}
         return {}
 
@@ -185,7 +185,9 @@ class ServingModel:
                 weight.data.copy_(self._pristine[name].to(weight.device))
 
 
-def load_for_serving(config: Config, adapter_dir: str | Path, mode: str, adapter_name: str = "default", dtype: str = "auto", static_cache: bool = True) -> ServingModel:
+def load_for_serving(
+    config: Config, adapter_dir: str | Path, mode: str, adapter_name: str = "default", dtype: str = "auto", static_cache: bool = True
+) -> ServingModel:
     """The base model of ``config`` with the adapter attached for serving, in ``mode`` (nf4 or merged).
 
     Both modes load the base exactly as training did (4-bit nf4). ``merged`` then dequantizes it to

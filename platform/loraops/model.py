@@ -67,7 +67,8 @@ def load_base_model(config: Config):
 
     path = resolve_model_path(config)
     target = device()
-    log.info("loading %s (%s) on %s", config.model.name, "4-bit " + config.quantization.bnb_4bit_quant_type if config.quantization.load_in_4bit else "unquantized", target)
+    precision = "4-bit " + config.quantization.bnb_4bit_quant_type if config.quantization.load_in_4bit else "unquantized"
+    log.info("loading %s (%s) on %s", config.model.name, precision, target)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -105,7 +106,9 @@ def check_target_modules(model, lora: LoraSettings) -> None:
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [target for target in lora.target_modules if target not in names]
     if missing:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "weight") and module.weight is not None and module.weight.dim() == 2})
+        linear = sorted(
+            {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if getattr(module, "weight", None) is not None and module.weight.dim() == 2}
+        )
         raise LoraopsError(f"lora.target_modules: {missing} not found in the model; its linear modules are {linear}")
 
 

@@ -96,7 +96,9 @@ def train(
         log.info("resumed from %s at step %d", resume_from, state.step)
 
     metrics = MetricsLog(out / METRICS_FILE, config, fresh=not resume_from)
-    batches = BatchStream(train_rows, settings.per_device_train_batch_size, settings.group_by_length, settings.seed, tokenizer.pad_token_id, skip=state.micro_batches)
+    batches = BatchStream(
+        train_rows, settings.per_device_train_batch_size, settings.group_by_length, settings.seed, tokenizer.pad_token_id, skip=state.micro_batches
+    )
     autocast = autocast_context(config)
     model.train()
     bar = tqdm(total=settings.max_steps, initial=state.step, desc=f"train {config.name}", unit="step", disable=not progress, dynamic_ncols=True)
@@ -118,7 +120,8 @@ def train(
 
         last = state.step == settings.max_steps
         if state.step % settings.logging_steps == 0 or last:
-            metrics.write(step=state.step, train_loss=sum(window) / len(window), learning_rate=scheduler.get_last_lr()[0], elapsed_s=round(time.perf_counter() - started, 2))
+            elapsed = round(time.perf_counter() - started, 2)
+            metrics.write(step=state.step, train_loss=sum(window) / len(window), learning_rate=scheduler.get_last_lr()[0], elapsed_s=elapsed)
             window.clear()
         checkpoint = None
         if state.step % settings.save_steps == 0 or last:
@@ -367,9 +370,9 @@ def plot_losses(metrics_file: Path, png: Path, title: str) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     if train_points:
-        ax.plot(*zip(*train_points), label="train loss")
+        ax.plot(*zip(*train_points, strict=False), label="train loss")
     if eval_points:
-        ax.plot(*zip(*eval_points), marker="o", label="eval loss")
+        ax.plot(*zip(*eval_points, strict=False), marker="o", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)

@@ -162,7 +162,12 @@ def benchmark(
             "max_new_tokens": max_new_tokens,
             "duration_s_per_point": duration_s,
             # Other work on the machine skews the figures: the load average says how busy it was.
-            "machine": {"cpus": os.cpu_count(), "load_average_1m_at_start": load_at_start, "platform": platform.platform(), "python": platform.python_version()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "load_average_1m_at_start": load_at_start,
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+            },
             "model_replica": {key: value for key, value in config.deployment_options.get(MODEL_DEPLOYMENT, {}).items() if key in ("ray_actor_options",)},
             "results": results,
         }

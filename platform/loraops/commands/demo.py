@@ -20,7 +20,9 @@ def add_commands(sub: SubParsers) -> None:
     )
     add_config_arguments(parser, required=False, config_help="tune config (default: tune/tiny.yaml)", set_help="override a tune config key (repeatable)")
     parser.add_argument("--serve-config", metavar="FILE", help="serve config (default: serve/tiny.yaml)")
-    parser.add_argument("--serve-set", dest="serve_overrides", action="append", default=[], metavar="KEY=VALUE", help="override a serve config key (repeatable)")
+    parser.add_argument(
+        "--serve-set", dest="serve_overrides", action="append", default=[], metavar="KEY=VALUE", help="override a serve config key (repeatable)"
+    )
     parser.add_argument("--samples", type=int, default=40, help="held-out dialogues sent to the endpoint (default: 40)")
     parser.add_argument("--keep-serving", action="store_true", help="leave the endpoint up at the end and print a curl line")
     parser.set_defaults(handler=run)

@@ -56,7 +56,12 @@ def _add_registry(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     )
     actions = parser.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
 
-    listing = actions.add_parser("list", parents=[common], help="every adapter with its versions and aliases", description="Every registered adapter: version count, latest version, aliases.")
+    listing = actions.add_parser(
+        "list",
+        parents=[common],
+        help="every adapter with its versions and aliases",
+        description="Every registered adapter: version count, latest version, aliases.",
+    )
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(handler=_run_list)
 
@@ -81,7 +86,12 @@ def _add_registry(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     verify.add_argument("ref", metavar="REF", help=_REF_HELP)
     verify.set_defaults(handler=_run_verify)
 
-    audit = actions.add_parser("audit", parents=[common], help="the audit log of alias changes", description="Every alias change of an adapter, oldest first: when, who, from, to, why.")
+    audit = actions.add_parser(
+        "audit",
+        parents=[common],
+        help="the audit log of alias changes",
+        description="Every alias change of an adapter, oldest first: when, who, from, to, why.",
+    )
     audit.add_argument("name", metavar="NAME")
     audit.add_argument("--alias", help="only this alias")
     audit.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -98,7 +98,8 @@ def _run_summarize(args: argparse.Namespace) -> int:
     else:
         print(answer["summary"])
         usage = answer["usage"]
-        print(f"({answer['model']['name']} v{answer['model']['version']}, {usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated tokens)", file=sys.stderr)
+        model = f"{answer['model']['name']} v{answer['model']['version']}"
+        print(f"({model}, {usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated tokens)", file=sys.stderr)
     return 0
 
 

@@ -33,11 +33,27 @@ def add_commands(sub: SubParsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(parser, required=False)
-    parser.add_argument("--name", metavar="NAME", help="experiment (and Optuna study) name; default CONFIG_NAME-YYYYmmdd-HHMMSS. With --resume: the experiment NAME in the storage")
+    parser.add_argument(
+        "--name",
+        metavar="NAME",
+        help="experiment (and Optuna study) name; default CONFIG_NAME-YYYYmmdd-HHMMSS. With --resume: the experiment NAME in the storage",
+    )
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--resume", nargs="?", const=NEWEST, metavar="PATH", help="continue an interrupted experiment (folder or URI); default: the newest one in the storage of --config, else WORKSPACE/experiments")
+    action.add_argument(
+        "--resume",
+        nargs="?",
+        const=NEWEST,
+        metavar="PATH",
+        help="continue an interrupted experiment (folder or URI); default: the newest one in the storage of --config, else WORKSPACE/experiments",
+    )
     action.add_argument("--show", metavar="PATH", help="print the results table of an experiment, finished or running, and exit")
-    parser.add_argument("--register", nargs="?", const="", metavar="NAME", help="at the end, register the best trial's adapter as the next version of NAME (default: the config's name)")
+    parser.add_argument(
+        "--register",
+        nargs="?",
+        const="",
+        metavar="NAME",
+        help="at the end, register the best trial's adapter as the next version of NAME (default: the config's name)",
+    )
     parser.set_defaults(handler=run_command)
 
 

@@ -196,7 +196,9 @@ class Registry:
         try:
             with db.read_session(self.engine) as session:
                 return session.scalars(
-                    select(VersionRow).where(VersionRow.adapter_id == adapter_id, VersionRow.version == number, VersionRow.artifact_uri == self.store.uri_of(path))
+                    select(VersionRow).where(
+                        VersionRow.adapter_id == adapter_id, VersionRow.version == number, VersionRow.artifact_uri == self.store.uri_of(path)
+                    )
                 ).one_or_none()
         except (DBAPIError, db.DatabaseError):
             return None
@@ -382,7 +384,8 @@ class Registry:
         current = session.get(AliasRow, (adapter.id, alias))
         if current is None:
             raise LoraopsError(f"{name} has no alias {alias!r}{self._known_aliases(session, adapter)}")
-        events = session.scalars(select(AliasEventRow).where(AliasEventRow.adapter_id == adapter.id, AliasEventRow.alias == alias).order_by(AliasEventRow.id))
+        query = select(AliasEventRow).where(AliasEventRow.adapter_id == adapter.id, AliasEventRow.alias == alias)
+        events = session.scalars(query.order_by(AliasEventRow.id))
         stack: list[int] = []
         for event_row in events:
             if event_row.action == "rollback":
@@ -393,7 +396,9 @@ class Registry:
             raise LoraopsError(f"{name}@{alias} (version {current.version}) has no earlier target to roll back to")
         return stack[-2], adapter.id
 
-    def _move_alias(self, session: Session, adapter_id: int, alias: str, to: int, previous: int | None, action: str, actor: str | None, reason: str | None) -> None:
+    def _move_alias(
+        self, session: Session, adapter_id: int, alias: str, to: int, previous: int | None, action: str, actor: str | None, reason: str | None
+    ) -> None:
         row = session.get(AliasRow, (adapter_id, alias))
         if row is None:
             session.add(AliasRow(adapter_id=adapter_id, alias=alias, version=to))
@@ -401,7 +406,9 @@ class Registry:
             row.version, row.updated_at = to, db.utcnow()
         session.add(AliasEventRow(adapter_id=adapter_id, alias=alias, actor=actor, action=action, from_version=previous, to_version=to, reason=reason))
 
-    def _compare(self, session: Session, adapter: AdapterRow, candidate: VersionRow, previous: int, alias: str, metric: str, higher_is_better: bool | None) -> str:
+    def _compare(
+        self, session: Session, adapter: AdapterRow, candidate: VersionRow, previous: int, alias: str, metric: str, higher_is_better: bool | None
+    ) -> str:
         """'' when the candidate is strictly better on ``metric``, else PromotionRefused."""
         incumbent = self._version_of(session, adapter, previous)
         new, old = _metric(candidate, metric, adapter.name), _metric(incumbent, metric, adapter.name)

@@ -119,7 +119,10 @@ def run_experiment(config: Config, name: str | None = None) -> Outcome:
     with cluster.session(config.search.ray_address, num_cpus=os.cpu_count()):
         resources = trial_resources(config)
         concurrency = config.search.max_concurrent_trials or default_concurrency(resources)
-        log.info("experiment %s: %d trials, %d at a time, %s per trial; Optuna study %r in %s", location.uri, config.search.num_samples, concurrency, resources, location.name, _safe_url(db_url))
+        log.info(
+            "experiment %s: %d trials, %d at a time, %s per trial; Optuna study %r in %s",
+            *(location.uri, config.search.num_samples, concurrency, resources, location.name, _safe_url(db_url)),
+        )
         location.write_text(EXPERIMENT_CONFIG_FILE, yaml.safe_dump(base, sort_keys=False))
         tuner = tune.Tuner(
             build_trainable(base, space, resources),
@@ -135,7 +138,9 @@ def run_experiment(config: Config, name: str | None = None) -> Outcome:
             run_config=tune.RunConfig(
                 name=location.name,
                 storage_path=location.root,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=config.search.keep_checkpoints, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=config.search.keep_checkpoints, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+                ),
                 failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
                 progress_reporter=progress_reporter(space, config.search.num_samples),
                 verbose=1,  # the table; Tune's per-result lines would repeat every parameter
@@ -364,10 +369,7 @@ def best_record(analysis: Any, row: results.TrialRow, location: Location, folder
     checkpoint = analysis.get_best_checkpoint(trial, metric=METRIC, mode=MODE)
     if checkpoint is None:
         raise LoraopsError(f"trial {row.trial_id} has no checkpoint in {location.uri}")
-    if location.is_local:
-        adapter = Path(checkpoint.path)
-    else:
-        adapter = Path(checkpoint.to_directory(str(folder / "best_adapter")))
+    adapter = Path(checkpoint.path) if location.is_local else Path(checkpoint.to_directory(str(folder / "best_adapter")))
     params = space.decode(row.params)
     full = trial_config(base_config(config), params, name=trial_name(location.name, row.trial_id))
     return results.best_trial_record(row, location.name, location.uri, adapter.resolve(), dump_config(full), params)
