@@ -50,5 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless debugging
         if args.verbose:
             raise
-        print(f"loraops: error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", file=sys.stderr)
+        # One line even when the message spans several (SQL errors, remote tracebacks).
+        print(f"loraops: error: {type(exc).__name__}: {' '.join(str(exc).split())} (rerun with -v for the traceback)", file=sys.stderr)
         return 1
+

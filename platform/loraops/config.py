@@ -248,11 +248,32 @@ def resolve_workspace(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def database_url(explicit: str | None = None, workspace: str | os.PathLike | None = None) -> str:
-    """The project database: explicit URL, else $LORAOPS_DATABASE_URL, else a SQLite file in the workspace."""
+    """The project database: explicit URL, else $LORAOPS_DATABASE_URL, else a SQLite file in the workspace.
+
+    PostgreSQL URLs come back with the driver loraops installs (see :func:`normalize_database_url`).
+    """
     url = explicit or os.environ.get(DATABASE_ENV)
     if url:
-        return url
+        return normalize_database_url(url)
     return f"sqlite:///{resolve_workspace(workspace) / 'loraops.db'}"
+
+
+#: The PostgreSQL driver loraops depends on (psycopg2-binary). A URL without a driver gets it.
+POSTGRES_DRIVER_SCHEME = "postgresql+psycopg2://"
+
+
+def normalize_database_url(url: str) -> str:
+    """``postgresql://...`` and ``postgres://...`` -> ``postgresql+psycopg2://...``; other URLs unchanged.
+
+    Without a driver in the URL SQLAlchemy picks its own default, which changed from psycopg2 to
+    psycopg (v3) in SQLAlchemy 2.1, and it does not know ``postgres://`` (libpq's and many hosting
+    providers' spelling) at all. Naming the installed driver makes both spellings work on every
+    SQLAlchemy version, for the registry and for Optuna alike.
+    """
+    scheme, separator, rest = url.partition("://")
+    if separator and scheme.lower() in ("postgresql", "postgres"):
+        return POSTGRES_DRIVER_SCHEME + rest
+    return url
 
 
 def artifact_uri(explicit: str | None = None, workspace: str | os.PathLike | None = None) -> str:

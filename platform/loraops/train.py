@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from loraops.config import Config, dump_config
 from loraops.data import batch_order, encode_all, load_split, pad_batch
+from loraops.errors import LoraopsError
 from loraops.layout import (
     ADAPTER_DIR,
     ADAPTER_WEIGHTS_FILE,
@@ -249,15 +251,15 @@ def save_adapter(model, folder: Path) -> None:
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, keep: int | None) -> Path:
+    """The adapter plus the trainer state (optimizer, scheduler, RNGs) needed to resume bit-exactly.
+
+    The trainer state holds only tensors and plain containers, so :func:`load_checkpoint` reads it
+    with ``torch.load(weights_only=True)``: a checkpoint from shared storage cannot run code.
+    """
     folder = out / checkpoint_dir_name(state.step)
     save_adapter(model, folder)
     torch.save(
-        {
-            "state": state.__dict__,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.random.get_rng_state(),
-        },
+        {"state": dict(state.__dict__), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_states()},
         folder / TRAINER_STATE_FILE,
     )
     if keep:
@@ -267,16 +269,52 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, k
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore what :func:`save_checkpoint` wrote; a trainer state that needs unpickling of code is refused."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(folder / ADAPTER_WEIGHTS_FILE))
-    set_peft_model_state_dict(model, weights)
-    saved = torch.load(folder / TRAINER_STATE_FILE, weights_only=False)
+    state_file = folder / TRAINER_STATE_FILE
+    if not state_file.is_file() or not (folder / ADAPTER_WEIGHTS_FILE).is_file():
+        raise LoraopsError(f"{folder} is not a training checkpoint: it needs {ADAPTER_WEIGHTS_FILE} and {TRAINER_STATE_FILE}")
+    try:
+        saved = torch.load(state_file, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoraopsError(f"{state_file} holds more than tensors and plain containers, refusing to load it ({first_line})") from None
+    set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS_FILE)))
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    torch.random.set_rng_state(saved["torch_rng"])
+    _restore_rng(saved.get("rng") or {"torch": saved["torch_rng"]})  # "torch_rng": checkpoints of loraops 0.1.0
     return TrainState(**saved["state"])
+
+
+def _rng_states() -> dict[str, Any]:
+    """Every random generator a training step may draw from, as tensors and tuples of ints."""
+    import numpy as np
+
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.random.get_rng_state(),
+        "python": random.getstate(),  # (version, tuple of ints, None): plain data
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gauss)),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng(states: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.random.set_rng_state(states["torch"])
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))  # torch.save may hand back lists for tuples
+    if "numpy" in states:
+        kind, keys, position, has_gauss, cached_gauss = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class MetricsLog:

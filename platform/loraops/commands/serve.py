@@ -42,11 +42,11 @@ def _add_serve(sub: SubParsers) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from loraops import cluster
-    from loraops.serve.app import check_deployable, check_port_free, deploy
+    from loraops.serve.app import check_port_free, deploy, target_version
     from loraops.serve.settings import load_serve_config
 
     config = load_serve_config(args.config, args.overrides)
-    check_deployable(config.settings)  # registry mistakes in one line, before Ray starts
+    target_version(config)  # an unknown or refused adapter, an unreachable registry: one line, before any Ray starts
     address = cluster.cluster_address(args.address)
     if args.detach and not address:
         raise LoraopsError("--detach needs a Ray cluster that outlives this command: start one (`ray start --head`) and pass --address or set RAY_ADDRESS")

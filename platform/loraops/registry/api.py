@@ -36,7 +36,7 @@ from loraops.registry.db import AdapterRow, AliasEventRow, AliasRow, VersionRow
 from loraops.registry.lineage import Lineage, read_best_trial, read_run_folder
 from loraops.registry.records import AdapterInfo, AliasChange, AliasEvent, ModelVersion, utc
 from loraops.registry.refs import DEFAULT_ALIAS, lower_is_better, parse_metrics, parse_ref, parse_version
-from loraops.registry.store import ArtifactStore, StagedUpload, verify_local
+from loraops.registry.store import ArtifactStore, IntegrityError, StagedUpload, verify_local
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Registry:
                 return self._allocate_and_publish(adapter_id, name, staged, fields)
             except DBAPIError as exc:
                 if not db.is_contention(exc) or attempt == db.WRITE_ATTEMPTS:
-                    raise
+                    raise db.failure(exc, self.engine) from None
                 log.debug("version allocation for %s collided (attempt %d): %s", name, attempt, exc)
         raise AssertionError("unreachable")
 
@@ -200,7 +200,7 @@ class Registry:
                         VersionRow.adapter_id == adapter_id, VersionRow.version == number, VersionRow.artifact_uri == self.store.uri_of(path)
                     )
                 ).one_or_none()
-        except DBAPIError:
+        except (DBAPIError, db.DatabaseError):
             return None
 
     # --- reading -------------------------------------------------------------------------------
@@ -270,6 +270,25 @@ class Registry:
         verify_local(cache, version.files, label)
         return cache
 
+    def verify(self, ref: str) -> ModelVersion:
+        """Re-hash every stored file of ``ref`` against the sha256 recorded at registration.
+
+        Reads the artifact store itself (never a local cache), so it tells whether a replica
+        that loads this version now would get intact files. Returns the version when all match;
+        raises :class:`~loraops.registry.store.IntegrityError` naming the first missing,
+        unreadable or altered file otherwise.
+        """
+        version = self.get(ref)
+        self.store.verify(self.store.version_path(version.name, version.version), version.files, f"{version.ref} ({version.artifact_uri})")
+        return version
+
+    def _verified_target(self, name: str, number: int, refusal: str) -> None:
+        """Refuse to point an alias at a version whose files would not load (serving would fail on it)."""
+        try:
+            self.verify(f"{name}:{number}")
+        except IntegrityError as exc:
+            raise IntegrityError(f"{refusal}: its artifacts fail verification: {exc}") from None
+
     def audit_log(self, name: str, alias: str | None = None) -> list[AliasEvent]:
         """Every alias change of ``name`` (optionally of one alias), oldest first."""
         validate_name(name)
@@ -308,6 +327,9 @@ class Registry:
         validate_name(alias, "alias")
         number = parse_version(version)
         actor = actor or default_actor()
+        # Hashing takes a while: done before the write transaction, so no lock is held meanwhile
+        # (versions are immutable, so the check stays true until the alias moves).
+        self._verified_target(name, number, f"refusing to promote {name}:{number} to {alias}")
 
         def work(session: Session) -> AliasChange:
             adapter = self._adapter_row(session, name, lock=True)
@@ -330,32 +352,49 @@ class Registry:
 
         The audit log is read as a stack: a promotion pushes its version, a rollback pops one.
         So repeated rollbacks walk back through earlier targets (3 -> 2 -> 1) instead of
-        toggling between the last two; with nothing earlier it is an error.
+        toggling between the last two; with nothing earlier it is an error. A target whose
+        files fail verification is refused (:class:`~loraops.registry.store.IntegrityError`).
         """
         validate_name(name)
         validate_name(alias, "alias")
         actor = actor or default_actor()
+        for _ in range(db.WRITE_ATTEMPTS):
+            # Plan, verify the target's files without holding a lock, then move the alias only if
+            # the plan still holds (another rollback or promotion may have moved it meanwhile).
+            with db.read_session(self.engine) as session:
+                planned, _ = self._rollback_target(session, name, alias, lock=False)
+            self._verified_target(name, planned, f"refusing to roll back {name}@{alias} to version {planned}")
 
-        def work(session: Session) -> AliasChange:
-            adapter = self._adapter_row(session, name, lock=True)
-            current = session.get(AliasRow, (adapter.id, alias))
-            if current is None:
-                raise LoraopsError(f"{name} has no alias {alias!r}{self._known_aliases(session, adapter)}")
-            query = select(AliasEventRow).where(AliasEventRow.adapter_id == adapter.id, AliasEventRow.alias == alias)
-            events = session.scalars(query.order_by(AliasEventRow.id))
-            stack: list[int] = []
-            for event_row in events:
-                if event_row.action == "rollback":
-                    stack = stack[:-1]
-                else:
-                    stack.append(event_row.to_version)
-            if len(stack) < 2:
-                raise LoraopsError(f"{name}@{alias} (version {current.version}) has no earlier target to roll back to")
-            target, previous = stack[-2], current.version  # read before _move_alias updates the row
-            self._move_alias(session, adapter.id, alias, target, previous, "rollback", actor, reason)
-            return AliasChange(name, alias, target, previous, True, f"{name}@{alias}: rolled back from version {previous} to {target}")
+            def work(session: Session, planned: int = planned) -> AliasChange | None:
+                target, adapter_id = self._rollback_target(session, name, alias, lock=True)
+                if target != planned:
+                    return None
+                previous = session.get(AliasRow, (adapter_id, alias)).version  # read before _move_alias updates the row
+                self._move_alias(session, adapter_id, alias, target, previous, "rollback", actor, reason)
+                return AliasChange(name, alias, target, previous, True, f"{name}@{alias}: rolled back from version {previous} to {target}")
 
-        return db.run_write(self.engine, work)
+            change = db.run_write(self.engine, work)
+            if change is not None:
+                return change
+        raise LoraopsError(f"{name}@{alias} kept changing during the rollback; try again")
+
+    def _rollback_target(self, session: Session, name: str, alias: str, lock: bool) -> tuple[int, int]:
+        """(the version a rollback of NAME@alias goes to, the adapter's id), or the error saying why there is none."""
+        adapter = self._adapter_row(session, name, lock=lock)
+        current = session.get(AliasRow, (adapter.id, alias))
+        if current is None:
+            raise LoraopsError(f"{name} has no alias {alias!r}{self._known_aliases(session, adapter)}")
+        query = select(AliasEventRow).where(AliasEventRow.adapter_id == adapter.id, AliasEventRow.alias == alias)
+        events = session.scalars(query.order_by(AliasEventRow.id))
+        stack: list[int] = []
+        for event_row in events:
+            if event_row.action == "rollback":
+                stack = stack[:-1]
+            else:
+                stack.append(event_row.to_version)
+        if len(stack) < 2:
+            raise LoraopsError(f"{name}@{alias} (version {current.version}) has no earlier target to roll back to")
+        return stack[-2], adapter.id
 
     def _move_alias(
         self, session: Session, adapter_id: int, alias: str, to: int, previous: int | None, action: str, actor: str | None, reason: str | None

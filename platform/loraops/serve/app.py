@@ -334,13 +334,17 @@ def build_app(args: dict[str, Any]):
     return build(validate_settings(args).with_absolute_paths())
 
 
-def check_deployable(settings: ServeSettings):
-    """What can be checked before any replica starts: the adapter reference exists and its version may be
-    served here (a training config with ``trust_remote_code`` needs ``allow_trust_remote_code``). Returns the version."""
+def target_version(config):
+    """The registered version a serve config's adapter reference names now, if it may be served here.
+
+    An unknown reference, an unreachable registry or a version trained with
+    ``model.trust_remote_code: true`` (unless ``args.allow_trust_remote_code``) is an error. Needs no
+    Ray: ``loraops serve`` calls it before starting a cluster, so such a mistake costs no cluster start.
+    """
     from loraops.registry import Registry
     from loraops.serve.replica import training_config
 
-    settings = settings.with_absolute_paths()
+    settings = config.settings.with_absolute_paths()
     version = Registry(db_url=settings.db_url, artifact_uri=settings.artifact_uri, workspace=settings.workspace).get(settings.adapter)
     training_config(version, str(settings.workspace), settings.allow_trust_remote_code)
     return version
@@ -350,12 +354,12 @@ def deploy(config) -> str:
     """Run a validated serve config (:class:`~loraops.serve.settings.ServeConfigFile`) on the connected Ray cluster.
 
     Starts Serve with the file's ``http_options`` (if Serve is not running yet), checks the adapter
-    reference (:func:`check_deployable`) before any replica starts, and returns the application's URL.
+    reference (:func:`target_version`) before any replica starts, and returns the application's URL.
     """
     from ray.exceptions import RayTaskError
 
     settings = config.settings.with_absolute_paths()
-    version = check_deployable(settings)
+    version = target_version(config)
     log.info("deploying %s: %s (%s mode)", config.app_name, version.ref, settings.mode)
     try:
         serve.start(http_options=config.http_options or None)

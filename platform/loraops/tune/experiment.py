@@ -318,7 +318,11 @@ def prepare_model(config: Config) -> None:
 def ensure_new_study(db_url: str, name: str) -> None:
     import optuna
 
-    if name in optuna.study.get_all_study_names(storage=db_url):
+    from loraops.registry.db import database_errors
+
+    with database_errors(db_url):  # an unreachable database: one line, before Ray starts
+        names = optuna.study.get_all_study_names(storage=db_url)
+    if name in names:
         raise LoraopsError(f"the database {_safe_url(db_url)} already has an Optuna study named {name!r}: pick another --name")
 
 
