@@ -384,7 +384,7 @@ def test_a_lone_failing_request_is_rejected_when_the_model_works_and_a_broken_mo
 
 def _stalled_request(port: int, token: bool) -> socket.socket:
     """A POST that declares a 100-byte body and sends 13 bytes of it, then nothing."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
     head = "POST /v1/summarize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
     head += f"Authorization: Bearer {TOKEN}\r\n" if token else ""
     sock.sendall(head.encode() + b"\r\n" + b'{"dialogue": ')
@@ -404,7 +404,7 @@ def test_stalled_clients_do_not_stall_the_api(url, http):
     started = time.monotonic()
     stalled = [_stalled_request(port, token=True) for _ in range(API_SLOTS + 4)]  # more than the ingress's slots
 
-    health = httpx.get(url + "/healthz", timeout=60)
+    health = httpx.get(url + "/healthz", timeout=30)
     healthy_after = time.monotonic() - started
     answer = http.post("/v1/summarize", json={"dialogue": DIALOGUE, "max_new_tokens": 4}, timeout=60)
     answered_after = time.monotonic() - started
@@ -719,5 +719,5 @@ def test_a_database_password_from_the_environment_is_not_copied_into_the_applica
 
     assert from_env.db_url is None  # the replicas read $LORAOPS_DATABASE_URL themselves
     assert "hunter2" not in str(from_env.model_dump())  # what the deployments get as arguments
-    assert explicit.db_url == "postgresql://reader@db.internal/loraops"
+    assert explicit.db_url.endswith("://reader@db.internal/loraops")  # an explicit URL is the operator's choice
     assert default.db_url == f"sqlite:///{tmp_path.resolve() / 'loraops.db'}"
