@@ -93,6 +93,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_deploy_on_a_cluster_whose_http_port_is_taken_is_one_line(ray_address, home):
+    """First in this file: Serve must not be running yet on the session's Ray (the module's application starts it later)."""
+    import ray
+    from ray import serve
+
+    from loraops.errors import LoraopsError
+    from loraops.serve.app import deploy
+    from loraops.serve.settings import load_serve_config
+
+    if any(actor["name"] == "SERVE_CONTROLLER_ACTOR" for actor in ray.util.list_named_actors(all_namespaces=True)):
+        pytest.skip("Serve already runs on this Ray instance (started by an earlier test module)")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = load_serve_config(REPO / "serve" / "tiny.yaml", [f"http_options.port={port}", f"args.workspace={home}", f"args.adapter={ADAPTER}"])
+        try:
+            with pytest.raises(LoraopsError) as caught:
+                deploy(config)
+        finally:
+            serve.shutdown()
+    assert str(caught.value) == f"http_options: port {port} is in use on the cluster's head node: stop what listens there or pick another port"
+
+
 @pytest.fixture(scope="module")
 def url(ray_address, home):
     """Deploy the application through the code path of `loraops serve`; yields its URL."""
