@@ -282,6 +282,7 @@ def seed_covering(choices: list[str], key: str, distributions: dict) -> int:
     raise AssertionError("no seed found")
 
 
+@pytest.mark.reliability
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_failing_trial_is_recorded_and_the_others_finish(ray_address, workspace, monkeypatch):
@@ -317,6 +318,7 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(ray_address, workspac
     assert best["params"]["lora.target_modules"] == ["q_proj", "v_proj"] and best["config"]["lora"]["target_modules"] == ["q_proj", "v_proj"]
 
 
+@pytest.mark.reliability
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_driver_resumes_with_every_trial_once(cli_env, ray_address, workspace, tmp_path):

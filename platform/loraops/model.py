@@ -30,7 +30,19 @@ def resolve_model_path(config: Config) -> str:
         from loraops.tiny_model import ensure_tiny_model
 
         return str(ensure_tiny_model(config.workspace_path))
-    return config.model.name
+    name = config.model.name
+    if _is_path(name):
+        local = Path(name).expanduser()
+        if not local.is_dir():
+            # Without this check the hub client answers "Repo id must be in the form ...".
+            raise LoraopsError(f"model.name {name!r}: no such local folder (a Hugging Face hub model is named like 'microsoft/phi-2')")
+        return str(local)
+    return name
+
+
+def _is_path(name: str) -> bool:
+    """True when ``name`` can only be a local path: hub ids are NAME or OWNER/NAME and never start with '.', '/' or '~'."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).expanduser().is_dir()
 
 
 def load_tokenizer(config: Config):

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from loraops.commands.common import SubParsers, add_serve_config_arguments, quiet_http_log
+from loraops.commands.common import SubParsers, add_serve_config_arguments, positive_float, quiet_http_log
 from loraops.errors import LoraopsError
 
 
@@ -81,7 +81,7 @@ def _add_summarize(sub: SubParsers) -> None:
     parser.add_argument("--token", help="bearer token (default: $LORAOPS_API_TOKEN)")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="summary length limit in tokens")
     parser.add_argument("--temperature", type=float, metavar="T", help="0 (default): greedy; above 0: sampling")
-    parser.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per attempt (default 120)")
+    parser.add_argument("--timeout", type=positive_float, default=120.0, metavar="S", help="seconds per attempt (default 120)")
     parser.add_argument("--json", action="store_true", help="print the whole JSON answer")
     parser.set_defaults(handler=_run_summarize)
 

@@ -44,6 +44,7 @@ T = TypeVar("T")
 SQLITE_BUSY_TIMEOUT_S = 30.0
 #: Seconds to wait for a PostgreSQL server to accept a connection (default of ``?connect_timeout=``).
 POSTGRES_CONNECT_TIMEOUT_S = 10
+SUPPORTED_URLS = "sqlite:///PATH and postgresql://USER@HOST/DB (driver psycopg2, installed with loraops)"
 #: A writer that has waited this long for the lock says so, so a long wait is never silent.
 LOCK_WAIT_NOTICE_S = 2.0
 #: Attempts of a write transaction that failed only because another writer got in the way.
@@ -185,8 +186,7 @@ def _create_engine(url: str) -> Engine:
         # The URL's own ?timeout= wins; connect_args would override it.
         engine = create_engine(parsed, connect_args={} if "timeout" in parsed.query else {"timeout": SQLITE_BUSY_TIMEOUT_S})
     except (ArgumentError, ImportError) as exc:  # an unknown dialect (NoSuchModuleError) or a driver that is not installed
-        supported = "sqlite:///PATH and postgresql://USER@HOST/DB (driver psycopg2, installed with loraops)"
-        raise LoraopsError(f"cannot use the database URL {display_url(parsed)}: {exc}; loraops supports {supported}") from None
+        raise LoraopsError(f"cannot use the database URL {display_url(parsed)}: {exc}; loraops supports {SUPPORTED_URLS}") from None
     _take_over_sqlite_transactions(engine)
     return engine
 
@@ -240,11 +240,13 @@ def database_errors(engine_or_url: Engine | str) -> Iterator[None]:
     Only failures of the database itself (unreachable, locked, read-only, gone) are converted;
     constraint violations and programming errors stay what they are.
     """
+    url = engine_or_url.url if isinstance(engine_or_url, Engine) else normalize_database_url(engine_or_url)
     try:
         yield
     except (OperationalError, InterfaceError) as exc:
-        url = engine_or_url.url if isinstance(engine_or_url, Engine) else make_url(normalize_database_url(engine_or_url))
-        raise database_error(exc, url) from None
+        raise database_error(exc, make_url(url)) from None
+    except (ArgumentError, ImportError) as exc:  # a URL of an unknown dialect, or of a driver that is not installed
+        raise LoraopsError(f"cannot use the database URL {display_url(url)}: {exc}; loraops supports {SUPPORTED_URLS}") from None
 
 
 def _take_over_sqlite_transactions(engine: Engine) -> None:

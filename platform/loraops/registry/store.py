@@ -108,9 +108,13 @@ class ArtifactStore:
             # from_uri needs an absolute local path; a relative one is relative to the cwd.
             uri = str(Path(uri).expanduser().resolve())
         try:
-            return pafs.FileSystem.from_uri(uri)
+            filesystem, root = pafs.FileSystem.from_uri(uri)
         except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-            raise LoraopsError(f"cannot open artifact store {uri!r}: {exc}") from None
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LoraopsError(f"cannot open artifact store {uri!r}: {first_line}") from None
+        if not root.strip("/"):  # e.g. "s3://": pyarrow accepts it, every write then fails
+            raise LoraopsError(f"artifact store {uri!r} names no bucket or folder: use e.g. s3://BUCKET/PREFIX")
+        return filesystem, root
 
     @property
     def is_local(self) -> bool:
