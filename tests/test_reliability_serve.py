@@ -27,6 +27,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.reliability
+
 
 TOKEN = "reliability-token"
 TOKEN_ENV = "LORAOPS_TEST_RELIABILITY_TOKEN"
