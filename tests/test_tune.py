@@ -173,67 +173,24 @@ def test_tiny_yaml_search_fits_its_budget():
     assert phi2.search.resources.gpu == 1 and SearchSpace.from_config(phi2).keys
 
 
-# --- the Optuna study across a killed driver ---------------------------------------------------
-
-
-def test_study_search_resumed_from_an_old_snapshot_keeps_one_entry_per_trial(tmp_path):
-    """What Tune does to the searcher when a killed driver is resumed, without Ray: the new
-    driver restores the searcher from the last experiment snapshot, which predates the end of
-    trial a (told to the study) and the proposal of trial c (which Tune never recorded)."""
-    import optuna
-    from optuna.trial import TrialState
-
-    from loraops.tune.searcher import StudySearch
-    from loraops.tune.space import SearchSpace
-
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    space = SearchSpace.from_config(load_config(TINY, [space_override({"training.learning_rate": {"loguniform": [1e-4, 1e-2]}, "lora.r": {"choice": [8, 16]}})]))
-
-    def new_driver() -> StudySearch:
-        searcher = StudySearch(database_url=url, study_name="s", seed=0, num_samples=4)
-        searcher.set_search_properties(None, None, space.ray_param_space())
-        return searcher
-
-    first = new_driver()
-    first.suggest("a"), first.suggest("b")
-    first.on_trial_result("a", {"eval_loss": 2.0, "best_eval_loss": 2.0, "step": 10, "max_steps": 20})
-    first.save(str(tmp_path / "snapshot.pkl"))
-    first.on_trial_complete("a", {"eval_loss": 1.5, "best_eval_loss": 1.5, "step": 20, "max_steps": 20})
-    proposed_c = first.suggest("c")
-    # killed here; the new driver restores the snapshot and Tune reruns a from its checkpoint
-    second = new_driver()
-    second.restore(str(tmp_path / "snapshot.pkl"))
-    second.on_trial_complete("a", {"eval_loss": 1.4, "best_eval_loss": 1.4, "step": 20, "max_steps": 20})
-    assert second.suggest("d") == proposed_c  # the point the killed driver asked for, not a new one
-    second.on_trial_complete("b", {"eval_loss": 3.0, "best_eval_loss": 3.0, "step": 10, "max_steps": 20})
-    second.on_trial_complete("d", error=True)
-
-    trials = optuna.load_study(study_name="s", storage=url).trials
-    by_tune = {trial.user_attrs["tune_trial_id"]: trial for trial in trials}
-    assert len(trials) == 3 and set(by_tune) == {"a", "b", "d"}
-    assert (by_tune["a"].state, by_tune["a"].value, by_tune["a"].intermediate_values) == (TrialState.COMPLETE, 1.5, {10: 2.0, 20: 1.5})
-    assert (by_tune["b"].state, by_tune["b"].value) == (TrialState.PRUNED, 3.0)  # stopped early by ASHA
-    assert by_tune["d"].state == TrialState.FAIL
-
-
 # --- experiments on Ray ------------------------------------------------------------------------
 
 
-def study_entries(workspace: Path, name: str) -> dict[str, list]:
+def study_entries(workspace: Path, name: str, url: str | None = None) -> dict[str, list]:
     """Optuna study trials by the Tune trial they record."""
     import optuna
 
-    study = optuna.load_study(study_name=name, storage=database_url(None, workspace))
+    study = optuna.load_study(study_name=name, storage=url or database_url(None, workspace))
     entries: dict[str, list] = {}
     for trial in study.trials:
         entries.setdefault(trial.user_attrs.get("tune_trial_id"), []).append(trial)
     return entries
 
 
-def assert_study_has_one_entry_per_trial(workspace: Path, name: str, rows) -> None:
+def assert_study_has_one_entry_per_trial(workspace: Path, name: str, rows, url: str | None = None) -> None:
     from optuna.trial import TrialState
 
-    entries = study_entries(workspace, name)
+    entries = study_entries(workspace, name, url)
     assert set(entries) == {row.trial_id for row in rows}, "study trials without a Tune trial, or the reverse"
     for row in rows:
         assert len(entries[row.trial_id]) == 1, f"{row.trial_id} is in the study {len(entries[row.trial_id])} times"
@@ -315,10 +272,15 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(ray_address, workspac
 
 
 def test_a_killed_driver_resumes_with_every_trial_once(ray_address, workspace, tmp_path):
+    """Also: the database URL (here a SQLite path with a marker, as a password would be in a
+    PostgreSQL URL) reaches the resumed driver from the environment, never from the experiment."""
     from loraops.cli import main
     from loraops.tune.results import load_trials
 
-    env = cli_env(workspace) | {"RAY_ADDRESS": ray_address}
+    secret = "SECRET-MARKER-7f3a"
+    (tmp_path / secret).mkdir()
+    db_url = f"sqlite:///{tmp_path / secret / 'loraops.db'}"
+    env = cli_env(workspace) | {"RAY_ADDRESS": ray_address, "LORAOPS_DATABASE_URL": db_url}
     name = "killed"
     experiment = workspace / "experiments" / name
     space = {"training.learning_rate": {"loguniform": [5e-4, 5e-3]}, "lora.r": {"choice": [8, 16]}}
@@ -352,11 +314,16 @@ def test_a_killed_driver_resumes_with_every_trial_once(ray_address, workspace, t
     for trial_id in halfway:  # went on from its checkpoint, not from step 0
         steps = [step for step, _ in by_id[trial_id].history]
         assert steps.count(10) == 1 and max(steps) > 10, steps
-    assert_study_has_one_entry_per_trial(workspace, name, rows)
+    assert_study_has_one_entry_per_trial(workspace, name, rows, db_url)
     best = assert_results_written(experiment, rows)
     assert f"registered tiny-best:1 from trial {best['trial_id']}" in resumed.stdout
 
     assert main(["tune", "--show", str(experiment)]) == 0
+    stored = [path for path in experiment.rglob("*") if path.is_file()]
+    assert {"tuner.pkl", "loraops.yaml", "best_config.yaml"} <= {path.name for path in stored}
+    assert any(path.name.startswith("searcher-state-") for path in stored)
+    leaks = [str(path) for path in stored if secret.encode() in path.read_bytes()]
+    assert not leaks, f"the database URL is stored in {leaks}"
 
 
 def wait_for(experiment: Path, driver: subprocess.Popen, condition, timeout: float):

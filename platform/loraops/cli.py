@@ -7,11 +7,10 @@ Problems the user can fix (bad config, missing file, unknown adapter) print one 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 
-from loraops import __version__
+from loraops import __version__, console
 from loraops.errors import LoraopsError
 from loraops.registry.cli import add_commands as add_registry_commands
 from loraops.serve.cli import add_commands as add_serve_commands
@@ -102,6 +101,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--serve-set", dest="serve_overrides", action="append", default=[], metavar="KEY=VALUE", help="override a serve config key (repeatable)")
     parser.add_argument("--samples", type=int, default=40, help="held-out dialogues sent to the endpoint (default: 40)")
     parser.add_argument("--keep-serving", action="store_true", help="leave the endpoint up at the end and print a curl line")
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Ray's and the libraries' logs here too (else in the log file)")
     parser.set_defaults(handler=_run_demo)
 
 
@@ -117,6 +117,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         serve_overrides=args.serve_overrides,
         samples=args.samples,
         keep_serving=args.keep_serving,
+        verbose=bool(getattr(args, "verbose", False)),
     )
     return 0
 
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tune, register and serve QLoRA adapters on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"loraops {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tune and demo also show Ray's and the libraries' logs on the terminal")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(sub)
@@ -140,11 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    console.setup(args.verbose)
     try:
         return int(args.handler(args) or 0)
     except LoraopsError as exc:
