@@ -341,3 +341,50 @@ def wait_for(experiment: Path, driver: subprocess.Popen, condition, timeout: flo
             return rows
         time.sleep(0.5)
     raise AssertionError(f"the experiment did not get there within {timeout} s")
+
+
+def test_selecting_by_rouge_l_scores_the_last_step_and_drives_best_trial_registry_and_promotion(ray_address, workspace, monkeypatch):
+    """search.metric rougeL: ROUGE-L of greedy summaries of a few validation dialogues, only at a
+    trial's last step; TPE maximizes it, the best trial, its registered metrics and --if-better
+    use it, and the table shows it beside the eval loss."""
+    import optuna
+    from optuna.study import StudyDirection
+
+    from loraops.registry import PromotionRefused, Registry
+    from loraops.tune.experiment import run_experiment
+    from loraops.tune.results import format_table
+
+    for name in ("RAY_AIR_NEW_OUTPUT", "TUNE_GLOBAL_CHECKPOINT_S"):  # set by the driver; undone after the test
+        monkeypatch.delenv(name, raising=False)
+    space = {"training.learning_rate": {"loguniform": [5e-4, 8e-3]}}
+    config = load_config(TINY, [*SMALL, space_override(space), "search.num_samples=3", "search.metric=rougeL", "search.rouge_samples=4",
+                                "evaluation.max_new_tokens=16"])
+    outcome = run_experiment(config, name="by-rouge")
+
+    rows, best = outcome.rows, outcome.best
+    completed = [row for row in rows if row.stop_reason == "completed"]
+    assert completed and all(row.rougeL is not None for row in completed)
+    assert all(row.rougeL is None for row in rows if row.stop_reason != "completed")  # early rungs stay cheap
+    for row in rows:  # scored once, at the last step
+        results = [json.loads(line) for line in (outcome.folder / f"trial_{row.trial_id}" / "result.json").read_text().splitlines()]
+        assert [result["step"] for result in results if "rougeL" in result] == ([20] if row in completed else [])
+    winner = max(completed, key=lambda row: row.rougeL)
+    assert (best["trial_id"], best["selected_by"], best["metrics"]["rougeL"]) == (winner.trial_id, "rougeL", winner.rougeL)
+    assert best["metrics"]["eval_loss"] == pytest.approx(winner.last_eval_loss) and best["metrics"]["step"] == 20
+    assert rows[0] is winner  # the table is sorted by the selection metric
+    header = format_table(rows).splitlines()[0]
+    assert "best_eval_loss" in header and "rougeL" in header
+    assert "rougeL" in (outcome.folder / "results.csv").read_text().splitlines()[0].split(",")
+
+    study = optuna.load_study(study_name="by-rouge", storage=database_url(None, workspace))
+    assert study.direction == StudyDirection.MAXIMIZE
+    values = {trial.user_attrs["tune_trial_id"]: trial.value for trial in study.trials if trial.state.name == "COMPLETE"}
+    assert values == {row.trial_id: pytest.approx(row.rougeL) for row in completed}
+
+    registry = Registry(workspace=workspace)
+    version = registry.register_from_experiment(outcome.folder, "tiny-rouge")
+    assert version.metrics["rougeL"] == pytest.approx(winner.rougeL) and "eval_loss" in version.metrics
+    registry.promote("tiny-rouge", version.version, alias="production", if_better="rougeL")
+    worse = registry.register(best["adapter_path"], "tiny-rouge", metrics={"rougeL": winner.rougeL - 1.0})
+    with pytest.raises(PromotionRefused):  # ROUGE-L: higher is better
+        registry.promote("tiny-rouge", worse.version, alias="production", if_better="rougeL")

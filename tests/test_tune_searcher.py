@@ -29,7 +29,7 @@ def new_searcher(url: str, workspace: Path, name: str = "s", seed: int = 0, num_
     if create:
         create_study(url, name, metric)
     searcher = StudySearch(database_url=url, workspace=str(workspace), study_name=name, space=space.optuna_distributions(),
-                           seed=seed, num_samples=num_samples, metric=metric)
+                           seed=seed, num_samples=num_samples, objective=metric)
     assert searcher.set_search_properties(None, None, space.ray_param_space())
     return searcher
 

@@ -12,8 +12,11 @@ the terminal shows all of it as well.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 #: The names of the handlers this module installs on the root logger.
@@ -53,14 +56,53 @@ def log_to_file(path: Path, verbose: bool) -> Path:
     file_handler.setFormatter(logging.Formatter(FORMAT))
     root = logging.getLogger()
     root.addHandler(file_handler)
+    route_library_logs()
     if not verbose:
+        import transformers
+
         root.setLevel(logging.INFO)
         for handler in root.handlers:
             if handler.get_name() == CONSOLE_HANDLER:
                 handler.addFilter(_own_warnings)
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of every model load
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the file
-    route_library_logs()
     return path
+
+
+@contextlib.contextmanager
+def printed_to_log(enabled: bool, name: str = "loraops.printed") -> Iterator[None]:
+    """Inside the block, what anything prints to stdout or stderr (Ray prints its shutdown errors
+    there, from a thread of its own) becomes records of the logger ``name``. A no-op unless
+    ``enabled``."""
+    if not enabled:
+        yield
+        return
+    stream = _LogStream(logging.getLogger(name))
+    with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+        try:
+            yield
+        finally:
+            stream.flush()
+
+
+class _LogStream(io.TextIOBase):
+    """A text stream that logs each complete line."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger, self.pending = logger, ""
+
+    def write(self, text: str) -> int:
+        lines = (self.pending + text).split("\n")
+        self.pending = lines.pop()
+        for line in lines:
+            if line.strip():
+                self.logger.info(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending.strip():
+            self.logger.info(self.pending)
+        self.pending = ""
 
 
 def route_library_logs() -> None:

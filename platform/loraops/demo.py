@@ -70,7 +70,8 @@ def run_demo(
             _wait_forever(url)
         return result
     finally:
-        _shutdown(own_ray)
+        with console.printed_to_log(not verbose):  # Ray prints Serve's shutdown errors to stdout
+            _shutdown(own_ray)
 
 
 def _existing(path: str | None, default: Path) -> Path:
@@ -151,8 +152,8 @@ def _compare(config: Config, outcome, version: int, promoted: bool, url: str, sa
     base_model, tokenizer = load_for_inference(served_config)
     base = generate_summaries(base_model, tokenizer, dialogues, served_config, progress=False)
     base_scores, tuned_scores = rouge(base, references), rouge(tuned, references)
-    for example, before, after in list(zip(examples, base, tuned))[:3]:
-        print(f"\n{example.dialogue}\n  reference: {example.references[0]}\n  base:      {before}\n  tuned:     {after}")
+    for example, before, after in list(zip(examples, base, tuned, strict=True))[:3]:
+        print(f"\n{example.dialogue}\n  reference: {_one_line(example.references[0])}\n  base:      {_one_line(before)}\n  tuned:     {_one_line(after)}")
     print(f"\nROUGE on {len(examples)} held-out dialogues (F1 x 100); tuned = {ADAPTER_NAME}:{sorted(versions)} over HTTP")
     print(f"{'metric':<10}{'base':>10}{'tuned':>10}{'gain':>10}")
     for kind in base_scores:
@@ -202,6 +203,11 @@ def _shutdown(own_ray: bool) -> None:
         log.debug("serve shutdown: %s", exc)
     if own_ray:
         ray.shutdown()
+
+
+def _one_line(text: str) -> str:
+    """A summary on one line (an untuned model may continue the dialogue instead)."""
+    return " / ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _banner(text: str) -> None:

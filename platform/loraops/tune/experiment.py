@@ -137,7 +137,7 @@ def run_experiment(config: Config, name: str | None = None, callbacks: list[Any]
             space=space.optuna_distributions(),
             seed=config.search.seed,
             num_samples=config.search.num_samples,
-            metric=config.search.metric,
+            objective=config.search.metric,
         )
         tuner = tune.Tuner(
             build_trainable(base, space, resources),

@@ -53,15 +53,18 @@ class StudySearch(Searcher):
     """Seeded TPE over the Optuna study ``study_name`` in the database at ``database_url``.
 
     ``space``: searched key -> Optuna distribution (:meth:`SearchSpace.optuna_distributions`),
-    the same keys as the Tuner's ``param_space``. ``metric`` selects the trials (``eval_loss`` or
-    ``rougeL``). ``workspace`` locates the default SQLite database when the driver that restores
-    this searcher has no ``$LORAOPS_DATABASE_URL``.
+    the same keys as the Tuner's ``param_space``. ``objective``: the metric the study optimizes
+    (``eval_loss`` or ``rougeL``, see :data:`MODES`); to Tune this searcher's ``metric`` is always
+    ``eval_loss``, the one every result carries (Tune checks that), while ``rougeL`` only comes with
+    a trial's last result. ``workspace`` locates the default SQLite database when the driver that
+    restores this searcher has no ``$LORAOPS_DATABASE_URL``.
     """
 
-    def __init__(self, *, database_url: str, workspace: str, study_name: str, space: dict[str, Any], seed: int, num_samples: int, metric: str = METRIC):
+    def __init__(self, *, database_url: str, workspace: str, study_name: str, space: dict[str, Any], seed: int, num_samples: int, objective: str = METRIC):
         import optuna
 
-        super().__init__(metric=metric, mode=MODES[metric])
+        super().__init__(metric=METRIC, mode=MODES[METRIC])
+        self._objective = objective
         self._study_name = study_name
         self._workspace = workspace
         self._space = dict(space)
@@ -105,7 +108,7 @@ class StudySearch(Searcher):
         _, storage, study_id = self._connect()
         # The study records eval losses in its own direction: a rougeL study (maximize) stores
         # them negated, so that TPE ranks trials stopped early by how far they got, then by loss.
-        value = float(value) if self._mode == "min" else -float(value)
+        value = float(value) if MODES[self._objective] == "min" else -float(value)
         try:
             storage.set_trial_intermediate_value(storage.get_trial_id_from_study_id_trial_number(study_id, number), int(result.get(STEP, 0)), value)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -119,7 +122,7 @@ class StudySearch(Searcher):
             # Tune hands a trial's last result (the one that ended it) only to this hook.
             self.on_trial_result(trial_id, result)
         study, _, _ = self._connect()
-        state, value = trial_outcome(result, error, self._metric)
+        state, value = trial_outcome(result, error, self._objective)
         study.tell(number, value, state=state, skip_if_finished=True)
         self._told.add(trial_id)
 
