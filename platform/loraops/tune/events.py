@@ -30,10 +30,9 @@ class TrialEvents(Callback):
     """One line per trial event. ``rungs``: the steps where ASHA decides (empty for FIFO);
     ``labels``: searched key -> short column name for the start line."""
 
-    def __init__(self, rungs: list[int], labels: dict[str, str], print_line: Any = print):
+    def __init__(self, rungs: list[int], labels: dict[str, str]):
         self.rungs = set(rungs)
         self.labels = labels
-        self.print_line = print_line
         self.started = time.monotonic()
 
     def setup(self, **info: Any) -> None:
@@ -71,7 +70,7 @@ class TrialEvents(Callback):
 
     def _say(self, trial: Any, event: str, detail: str = "") -> None:
         elapsed = time.monotonic() - self.started
-        self.print_line(f"[{elapsed:5.0f}s] trial {trial.trial_id} {event}" + (f": {detail}" if detail else ""), flush=True)
+        print(f"[{elapsed:5.0f}s] trial {trial.trial_id} {event}" + (f": {detail}" if detail else ""), flush=True)
 
 
 def error_line(trial: Any) -> str:
