@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, cli_env
 from loraops.config import ConfigError, database_url, load_config
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tune" / "tiny.yaml"
 #: A few seconds per trial on one core: 20 steps of 4 rows, an eval every 10 steps.
 SMALL = [
@@ -137,12 +137,13 @@ def test_a_bad_search_space_is_a_config_error_naming_the_key(space, message):
         SearchSpace.from_config(load_config(TINY, [space_override(space)]))
 
 
-def test_cli_reports_a_bad_space_before_starting_ray(tmp_path):
+def test_cli_reports_a_bad_space_before_starting_ray(cli_env, tmp_path):
     command = [sys.executable, "-m", "loraops", "tune", "-c", str(TINY), "--set", space_override({"lora.r": {"uniform": [8, 64]}})]
     run = subprocess.run(command, env=cli_env(tmp_path / "ws"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.startswith("loraops: error: search.space.lora.r: "), run.stderr
     assert not (tmp_path / "ws").exists()  # nothing built, no Ray started
-    show = subprocess.run([sys.executable, "-m", "loraops", "tune", "--show", str(tmp_path)], env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "loraops", "tune", "--show", str(tmp_path)]
+    show = subprocess.run(command, env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert show.returncode == 2 and "is not a loraops experiment" in show.stderr
 
 
@@ -161,9 +162,8 @@ def test_experiment_location_is_a_folder_or_a_uri(tmp_path):
 
 def test_tiny_yaml_search_fits_its_budget():
     """tune/tiny.yaml is the demo's search: about 8 trials, 2 at a time, ASHA, a space that validates."""
-    from loraops.tune.space import SearchSpace
-
     from loraops.tune.experiment import trial_steps
+    from loraops.tune.space import SearchSpace
 
     config = load_config(TINY)
     assert 6 <= config.search.num_samples <= 10 and config.search.max_concurrent_trials == 2
@@ -238,6 +238,8 @@ def seed_covering(choices: list[str], key: str, distributions: dict) -> int:
     raise AssertionError("no seed found")
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_failing_trial_is_recorded_and_the_others_finish(ray_address, workspace, monkeypatch):
     import optuna
 
@@ -271,7 +273,9 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(ray_address, workspac
     assert best["params"]["lora.target_modules"] == ["q_proj", "v_proj"] and best["config"]["lora"]["target_modules"] == ["q_proj", "v_proj"]
 
 
-def test_a_killed_driver_resumes_with_every_trial_once(ray_address, workspace, tmp_path):
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_driver_resumes_with_every_trial_once(cli_env, ray_address, workspace, tmp_path):
     """Also: the database URL (here a SQLite path with a marker, as a password would be in a
     PostgreSQL URL) reaches the resumed driver from the environment, never from the experiment."""
     from loraops.cli import main
@@ -343,6 +347,8 @@ def wait_for(experiment: Path, driver: subprocess.Popen, condition, timeout: flo
     raise AssertionError(f"the experiment did not get there within {timeout} s")
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_selecting_by_rouge_l_scores_the_last_step_and_drives_best_trial_registry_and_promotion(ray_address, workspace, monkeypatch):
     """search.metric rougeL: ROUGE-L of greedy summaries of a few validation dialogues, only at a
     trial's last step; TPE maximizes it, the best trial, its registered metrics and --if-better

@@ -106,5 +106,22 @@ def status_reporter(labels: dict[str, str], num_samples: int) -> LoggedReporter:
     )
 
 
+def column_labels(keys: list[str]) -> dict[str, str]:
+    """Searched key -> the short name the console and the status table show."""
+    return {key: key.split(".")[-1] for key in keys}
+
+
+def asha_rungs(scheduler: Any, max_steps: int) -> list[int]:
+    """The steps where ASHA decides whether a trial goes on (none for FIFO); ``scheduler`` is
+    ``search.scheduler``."""
+    if scheduler.type != "asha":
+        return []
+    steps, milestone = [], float(scheduler.grace_period)
+    while milestone < max_steps:
+        steps.append(round(milestone))
+        milestone *= scheduler.reduction_factor
+    return steps
+
+
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)

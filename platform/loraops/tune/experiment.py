@@ -14,27 +14,23 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from loraops import cluster
 from loraops.config import Config, ConfigError, database_url, dump_config, validate
 from loraops.errors import LoraopsError
+from loraops.layout import BEST_CONFIG_FILE, BEST_TRIAL_FILE, EXPERIMENT_CONFIG_FILE, NAME_RULE, RESULTS_FILE, SEARCH_PLOT_FILE, is_valid_name
 from loraops.tune import results
 from loraops.tune.space import SearchSpace
 from loraops.tune.trainable import METRIC, MODE, STEP, build_trainable
 
 log = logging.getLogger(__name__)
 
-#: The experiment's resolved config, written into its folder at the start.
-CONFIG_FILE = "loraops.yaml"
-NAME_RULE = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
 @dataclass(frozen=True)
@@ -121,14 +117,17 @@ def run_experiment(config: Config, name: str | None = None, callbacks: list[Any]
 
     from ray import tune
 
-    from loraops.tune.events import TrialEvents, status_reporter
+    from loraops.tune.events import TrialEvents, asha_rungs, column_labels, status_reporter
     from loraops.tune.searcher import StudySearch, create_study
 
-    with ray_session(config.search.ray_address, worker_logs):
+    with cluster.session(config.search.ray_address, num_cpus=os.cpu_count(), **ray_logging(worker_logs)):
         resources = trial_resources(config)
         concurrency = config.search.max_concurrent_trials or default_concurrency(resources)
-        log.info("experiment %s: %d trials, %d at a time, %s per trial; Optuna study %r in %s", location.uri, config.search.num_samples, concurrency, resources, location.name, _safe_url(db_url))
-        location.write_text(CONFIG_FILE, yaml.safe_dump(base, sort_keys=False))
+        log.info(
+            "experiment %s: %d trials, %d at a time, %s per trial; Optuna study %r in %s",
+            *(location.uri, config.search.num_samples, concurrency, resources, location.name, _safe_url(db_url)),
+        )
+        location.write_text(EXPERIMENT_CONFIG_FILE, yaml.safe_dump(base, sort_keys=False))
         create_study(db_url, location.name, config.search.metric)
         searcher = StudySearch(
             database_url=db_url,
@@ -153,10 +152,12 @@ def run_experiment(config: Config, name: str | None = None, callbacks: list[Any]
             run_config=tune.RunConfig(
                 name=location.name,
                 storage_path=location.root,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=config.search.keep_checkpoints, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=config.search.keep_checkpoints, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+                ),
                 failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
-                callbacks=[TrialEvents(rungs(config), column_labels(space)), *(callbacks or [])],
-                progress_reporter=status_reporter(column_labels(space), config.search.num_samples),
+                callbacks=[TrialEvents(asha_rungs(config.search.scheduler, trial_steps(config)), column_labels(space.keys)), *(callbacks or [])],
+                progress_reporter=status_reporter(column_labels(space.keys), config.search.num_samples),
                 verbose=1,  # the status table (to the log); Tune's per-result lines would repeat every parameter
             ),
         )
@@ -178,7 +179,7 @@ def resume_experiment(path: str, worker_logs: bool = False) -> Outcome:
 
     from ray import tune
 
-    with ray_session(config.search.ray_address, worker_logs):
+    with cluster.session(config.search.ray_address, num_cpus=os.cpu_count(), **ray_logging(worker_logs)):
         if not tune.Tuner.can_restore(location.uri):
             raise LoraopsError(f"{location.uri} has no Tune experiment state to resume")
         tuner = tune.Tuner.restore(
@@ -207,10 +208,10 @@ def latest_experiment(root: str) -> str:
     """The most recently started loraops experiment under a local storage root."""
     if "://" in root:
         raise LoraopsError(f"cannot find the latest experiment in {root}: pass its path to --resume")
-    candidates = [folder for folder in Path(root).glob("*") if (folder / CONFIG_FILE).is_file()]
+    candidates = [folder for folder in Path(root).glob("*") if (folder / EXPERIMENT_CONFIG_FILE).is_file()]
     if not candidates:
         raise LoraopsError(f"no loraops experiment in {root}")
-    return str(max(candidates, key=lambda folder: (folder / CONFIG_FILE).stat().st_mtime))
+    return str(max(candidates, key=lambda folder: (folder / EXPERIMENT_CONFIG_FILE).stat().st_mtime))
 
 
 # --- pieces ------------------------------------------------------------------------------------
@@ -225,8 +226,8 @@ def storage_root(config: Config) -> str:
 
 def check_name(name: str) -> str:
     """An experiment name is a folder and an Optuna study name: the rule of config names."""
-    if not re.fullmatch(NAME_RULE, name):
-        raise LoraopsError(f"--name {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
+    if not is_valid_name(name):
+        raise LoraopsError(f"--name {name!r}: use {NAME_RULE}")
     return name
 
 
@@ -256,8 +257,8 @@ def trial_steps(config: Config) -> int:
 
 
 def read_experiment_config(location: Location) -> Config:
-    data = yaml.safe_load(location.read_text(CONFIG_FILE))
-    return validate(Config, data, origin=f"{location.uri}/{CONFIG_FILE}")
+    data = yaml.safe_load(location.read_text(EXPERIMENT_CONFIG_FILE))
+    return validate(Config, data, origin=f"{location.uri}/{EXPERIMENT_CONFIG_FILE}")
 
 
 def check_search(config: Config) -> SearchSpace:
@@ -291,23 +292,6 @@ def build_scheduler(config: Config) -> Any:
 def trial_dirname(trial: Any) -> str:
     """Short trial folders (Tune's default repeats every parameter in the name)."""
     return f"trial_{trial.trial_id}"
-
-
-def column_labels(space: SearchSpace) -> dict[str, str]:
-    """Searched key -> the short name the console and the status table show."""
-    return {key: key.split(".")[-1] for key in space.keys}
-
-
-def rungs(config: Config) -> list[int]:
-    """The steps where ASHA decides whether a trial goes on (none for FIFO)."""
-    scheduler = config.search.scheduler
-    if scheduler.type != "asha":
-        return []
-    steps, milestone = [], float(scheduler.grace_period)
-    while milestone < trial_steps(config):
-        steps.append(round(milestone))
-        milestone *= scheduler.reduction_factor
-    return steps
 
 
 def trial_resources(config: Config) -> dict[str, float]:
@@ -351,29 +335,17 @@ def check_study_exists(db_url: str, name: str) -> None:
     import optuna
 
     if name not in optuna.study.get_all_study_names(storage=db_url):
-        raise LoraopsError(f"the database {_safe_url(db_url)} has no Optuna study named {name!r}: resume with the database the experiment "
-                           f"started with (set LORAOPS_DATABASE_URL; the experiment folder does not store its URL)")
+        raise LoraopsError(
+            f"the database {_safe_url(db_url)} has no Optuna study named {name!r}: resume with the database the experiment "
+            "started with (set LORAOPS_DATABASE_URL; the experiment folder does not store its URL)"
+        )
 
 
-@contextmanager
-def ray_session(address: str | None, worker_logs: bool = False) -> Iterator[None]:
-    """Connect to ``address`` (else $RAY_ADDRESS), else start a local Ray sized to this machine;
-    the workers' output streams to this terminal only with ``worker_logs`` (it is in Ray's session
-    logs either way). Leaving disconnects; only a local instance started here is stopped."""
-    import ray
-
-    if ray.is_initialized():  # e.g. a notebook or test that set Ray up itself
-        yield
-        return
-    options = {"log_to_driver": worker_logs, "configure_logging": False}  # our handlers decide where Ray's driver logs go
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or None, **options)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **options)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+def ray_logging(worker_logs: bool) -> dict[str, bool]:
+    """How a search joins Ray: the workers' (trials') output streams to this terminal only with
+    ``worker_logs`` (it is in Ray's session logs either way), and the CLI's handlers, not Ray's,
+    decide where the driver's logs go."""
+    return {"log_to_driver": worker_logs, "configure_logging": False}
 
 
 def configure_driver(location: Location) -> None:
@@ -395,9 +367,9 @@ def finish(location: Location, config: Config, space: SearchSpace, db_url: str) 
     analysis, rows = results.load_trials(location.uri, config.search.metric)
     folder = location.local_dir(config.workspace_path)
     folder.mkdir(parents=True, exist_ok=True)
-    written = [results.write_table(rows, folder / results.RESULTS_FILE)]
+    written = [results.write_table(rows, folder / RESULTS_FILE)]
     x_key, x_log, color_key = plot_axes(space)
-    plot = results.plot_search(rows, x_key, x_log, color_key, folder / results.PLOT_FILE, title=location.name, metric=config.search.metric)
+    plot = results.plot_search(rows, x_key, x_log, color_key, folder / SEARCH_PLOT_FILE, title=location.name, metric=config.search.metric)
     written += [plot] if plot else []
     finished = _all_finished(rows, config)
     if finished:
@@ -410,7 +382,7 @@ def finish(location: Location, config: Config, space: SearchSpace, db_url: str) 
     if finished and row is not None:
         best = best_record(analysis, row, location, folder, config, space)
         results.write_best(folder, best)
-        written += [folder / results.BEST_TRIAL_FILE, folder / results.BEST_CONFIG_FILE]
+        written += [folder / BEST_TRIAL_FILE, folder / BEST_CONFIG_FILE]
     if not location.is_local:
         for path in written:
             _upload(path, location)
@@ -429,10 +401,7 @@ def best_record(analysis: Any, row: results.TrialRow, location: Location, folder
         checkpoint = analysis.get_best_checkpoint(trial, metric=STEP, mode="max")
     if checkpoint is None:
         raise LoraopsError(f"trial {row.trial_id} has no checkpoint in {location.uri}")
-    if location.is_local:
-        adapter = Path(checkpoint.path)
-    else:
-        adapter = Path(checkpoint.to_directory(str(folder / "best_adapter")))
+    adapter = Path(checkpoint.path) if location.is_local else Path(checkpoint.to_directory(str(folder / "best_adapter")))
     params = space.decode(row.params)
     full = trial_config(base_config(config), params, name=trial_name(location.name, row.trial_id))
     return results.best_trial_record(row, location.name, location.uri, adapter.resolve(), dump_config(full), params, config.search.metric)

@@ -26,6 +26,7 @@ the storage methods of :class:`optuna.storages.BaseStorage` for the rest.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pickle
@@ -109,10 +110,9 @@ class StudySearch(Searcher):
         # The study records eval losses in its own direction: a rougeL study (maximize) stores
         # them negated, so that TPE ranks trials stopped early by how far they got, then by loss.
         value = float(value) if MODES[self._objective] == "min" else -float(value)
-        try:
+        # UpdateFinishedTrialError: the study recorded this trial's end before the driver was killed.
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             storage.set_trial_intermediate_value(storage.get_trial_id_from_study_id_trial_number(study_id, number), int(result.get(STEP, 0)), value)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # the study recorded this trial's end before the driver was killed
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         number = self._numbers.get(trial_id)

@@ -1,0 +1,5 @@
+"""Benchmarks behind ``loraops bench ...``: each prints a table, writes JSON figures, and compares
+against a baseline measured in the same run (never a hard-coded number).
+
+- :mod:`loraops.bench.serve`: latency and throughput of the summarization endpoint, nf4 vs merged.
+"""
