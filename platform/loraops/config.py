@@ -200,9 +200,15 @@ class TrialResources(Section):
 
 
 class SearchConfig(Section):
-    """A Ray Tune hyperparameter search (``loraops tune``): Optuna TPE proposes, ASHA stops, eval loss decides."""
+    """A Ray Tune hyperparameter search (``loraops tune``): Optuna TPE proposes, ASHA stops on eval loss, ``metric`` picks the best."""
 
     num_samples: int = Field(8, ge=1, description="Trials in the experiment.")
+    metric: Literal["eval_loss", "rougeL"] = Field(
+        "eval_loss",
+        description="What selects the best trial and what TPE optimizes: eval_loss (lowest), or rougeL (highest; greedy "
+        "summaries of rouge_samples validation dialogues, computed once at a trial's last step).",
+    )
+    rouge_samples: int = Field(32, ge=1, description="Validation dialogues (the first N) scored at a trial's last step when metric is rougeL.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps per trial (ASHA's max_t); default training.max_steps.")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Default: the trials the cluster's GPUs (else CPUs) hold at once.")
     seed: int = Field(0, description="Seed of the TPE sampler.")

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Called after each evaluation with the metrics and the checkpoint folder written at that step.
 Reporter = Callable[[dict[str, Any], Path | None], None]
+#: Extra metrics of the final model, computed once at the last evaluation: (model, tokenizer) -> metrics.
+FinalEvaluation = Callable[[Any, Any], dict[str, float]]
 
 
 @dataclass
@@ -70,8 +72,12 @@ def train(
     report: Reporter | None = None,
     resume_from: str | os.PathLike | None = None,
     progress: bool = True,
+    final_evaluation: FinalEvaluation | None = None,
 ) -> TrainResult:
-    """Fine-tune one LoRA adapter on the 4-bit base model described by ``config``."""
+    """Fine-tune one LoRA adapter on the 4-bit base model described by ``config``.
+
+    ``final_evaluation`` adds metrics of the final model to the last evaluation's event (a search
+    that selects by ROUGE scores only there, so that early stopping decisions stay cheap)."""
     out = run_dir(config, output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_CONFIG_FILE).write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
@@ -128,12 +134,13 @@ def train(
             checkpoint = save_checkpoint(out, model, optimizer, scheduler, state, settings.save_total_limit)
         if state.step % settings.eval_steps == 0 or last:
             eval_loss = evaluate_loss(model, eval_rows, settings.per_device_eval_batch_size, tokenizer.pad_token_id, autocast)
+            extra = final_evaluation(model, tokenizer) if last and final_evaluation is not None else {}
             model.train()
             improved = eval_loss < state.best_eval_loss
             if improved:
                 state.best_eval_loss, state.best_step = eval_loss, state.step
                 save_adapter(model, out / ADAPTER_DIR)
-            event = metrics.write(step=state.step, eval_loss=eval_loss, best_eval_loss=state.best_eval_loss)
+            event = metrics.write(step=state.step, eval_loss=eval_loss, best_eval_loss=state.best_eval_loss, **extra)
             bar.set_postfix(loss=f"{loss:.3f}", eval=f"{eval_loss:.3f}")
             if report is not None:
                 report(event, checkpoint)
