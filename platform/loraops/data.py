@@ -266,6 +266,48 @@ def pad_batch(rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, to
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
+def pack_rows(rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Concatenate rows into one padding-free sequence of shape (1, total tokens).
+
+    ``position_ids`` restart at 0 for each row, and there is no ``attention_mask``: from that,
+    transformers builds attention that stays inside each row (a block-diagonal causal mask for SDPA
+    and flex attention, varlen kernels for flash attention). Passing any mask, even all ones, turns
+    that detection off and lets rows attend to each other. The first token of every row gets no
+    label, so the last token of a row never learns to predict the next row.
+    """
+    input_ids = torch.tensor([token for row in rows for token in row["input_ids"]], dtype=torch.long)
+    labels = torch.tensor([label for row in rows for label in [IGNORE_INDEX, *row["labels"][1:]]], dtype=torch.long)
+    position_ids = torch.cat([torch.arange(len(row["input_ids"]), dtype=torch.long) for row in rows])
+    return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None]}
+
+
+def make_batch(rows: Sequence[dict[str, list[int]]], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
+    """One micro-batch: packed (padding-free) or right-padded."""
+    return pack_rows(rows) if packing else pad_batch(rows, pad_id)
+
+
+def batch_cost(lengths: Sequence[int], packing: bool) -> int:
+    """Tokens a micro-batch computes: the sum of its rows packed, rows x longest row padded."""
+    return sum(lengths) if packing else len(lengths) * max(lengths, default=0)
+
+
+def split_by_tokens(indices: Sequence[int], lengths: Sequence[int], max_tokens: int, packing: bool) -> list[list[int]]:
+    """Cut ``indices`` (in order) into micro-batches of at most ``max_tokens`` computed tokens each.
+
+    A row longer than the budget on its own still gets a micro-batch of its own.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in indices:
+        if current and batch_cost([lengths[i] for i in current] + [lengths[index]], packing) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def left_pad(sequences: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-pad prompts for batched generation, so every row continues at the same position."""
     width = max(len(seq) for seq in sequences)

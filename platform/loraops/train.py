@@ -15,6 +15,7 @@ Run folder layout::
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -31,14 +32,31 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from loraops.config import Config, dump_config
-from loraops.data import batch_order, encode_all, load_split, pad_batch
+from loraops.config import Config, TrainingConfig, dump_config
+from loraops.data import IGNORE_INDEX, batch_order, encode_all, load_split, make_batch, split_by_tokens
+from loraops.errors import LoraopsError
 from loraops.model import DTYPES, device, load_base_model, load_tokenizer, prepare_for_training
 
 log = logging.getLogger(__name__)
 
 #: Called after each evaluation with the metrics and the checkpoint folder written at that step.
 Reporter = Callable[[dict[str, Any], Path | None], None]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimizer step did, for throughput measurements (``loraops bench train``)."""
+
+    step: int
+    rows: int
+    tokens: int  # real tokens of the step's rows (no padding)
+    computed_tokens: int  # tokens the model ran over, padding included
+    micro_batches: int
+    loss: float
+
+
+#: Called after every optimizer step, before any evaluation or checkpoint of that step.
+StepCallback = Callable[[StepStats], None]
 
 
 @dataclass
@@ -62,12 +80,16 @@ def train(
     report: Reporter | None = None,
     resume_from: str | os.PathLike | None = None,
     progress: bool = True,
+    on_step: StepCallback | None = None,
 ) -> TrainResult:
     """Fine-tune one LoRA adapter on the 4-bit base model described by ``config``."""
     out = run_dir(config, output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
     settings = config.training
+    if settings.attn_implementation == "flex_attention" and device().type != "cuda":
+        # torch 2.13: "FlexAttention does not support backward on CPU"; fail before minutes of loading.
+        raise LoraopsError("training.attn_implementation flex_attention trains only on a GPU (torch has no flex attention backward on CPU): use sdpa")
     seed_everything(settings.seed)
 
     # Data first: a bad source should fail before minutes of model loading.
@@ -77,7 +99,7 @@ def train(
     train_rows = encode_all(tokenizer, train_examples, config.data)
     eval_rows = encode_all(tokenizer, eval_examples, config.data)
 
-    model = prepare_for_training(load_base_model(config), config)
+    model = prepare_for_training(load_base_model(config, attn_implementation=settings.attn_implementation), config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info("trainable parameters: %s of %s", f"{sum(p.numel() for p in trainable):,}", f"{sum(p.numel() for p in model.parameters()):,}")
     optimizer = build_optimizer(trainable, config)
@@ -88,20 +110,25 @@ def train(
         log.info("resumed from %s at step %d", resume_from, state.step)
 
     metrics = MetricsLog(out / "metrics.jsonl", config, fresh=not resume_from)
-    batches = BatchStream(train_rows, settings.per_device_train_batch_size, settings.group_by_length, settings.seed, tokenizer.pad_token_id, skip=state.micro_batches)
+    batches = BatchStream(train_rows, settings, tokenizer.pad_token_id, skip=state.step)
     autocast = autocast_context(config)
     model.train()
     bar = tqdm(total=settings.max_steps, initial=state.step, desc=f"train {config.name}", unit="step", disable=not progress, dynamic_ncols=True)
     window: list[float] = []
     started = time.perf_counter()
     while state.step < settings.max_steps:
-        loss = accumulate_gradients(model, batches, settings.gradient_accumulation_steps, autocast)
-        state.micro_batches += settings.gradient_accumulation_steps
+        micro_batches = next(batches)
+        loss = train_step(model, micro_batches, autocast)
         torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        rows = batch_rows(micro_batches)
+        state.samples += rows
+        if on_step is not None:
+            computed = sum(batch["input_ids"].numel() for batch in micro_batches)
+            on_step(StepStats(state.step, rows, real_tokens(micro_batches), computed, len(micro_batches), loss))
         window.append(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
@@ -116,7 +143,7 @@ def train(
         if state.step % settings.save_steps == 0 or last:
             checkpoint = save_checkpoint(out, model, optimizer, scheduler, state, settings.save_total_limit)
         if state.step % settings.eval_steps == 0 or last:
-            eval_loss = evaluate_loss(model, eval_rows, settings.per_device_eval_batch_size, tokenizer.pad_token_id, autocast)
+            eval_loss = evaluate_loss(model, eval_rows, settings, tokenizer.pad_token_id, autocast)
             model.train()
             improved = eval_loss < state.best_eval_loss
             if improved:
@@ -139,29 +166,55 @@ def train(
 @dataclass
 class TrainState:
     step: int = 0
-    micro_batches: int = 0
+    samples: int = 0
     best_eval_loss: float = math.inf
     best_step: int = 0
 
 
 class BatchStream:
-    """Endless micro-batches, epoch after epoch, reproducible from (seed, position)."""
+    """Endless optimizer steps (each a list of micro-batches), epoch after epoch, reproducible from (seed, steps taken).
 
-    def __init__(self, rows, batch_size: int, group_by_length: bool, seed: int, pad_id: int, skip: int = 0):
-        self.rows, self.batch_size, self.group_by_length, self.pad_id = rows, batch_size, group_by_length, pad_id
+    A step draws ``per_device_train_batch_size x gradient_accumulation_steps`` rows at once
+    (length-grouped when ``group_by_length``; the last step of an epoch may have fewer). Without a
+    token budget they are cut into micro-batches of ``per_device_train_batch_size`` rows; with
+    ``max_tokens_per_batch`` they are sorted by length and cut into micro-batches of at most that
+    many tokens, so memory follows tokens, not the longest row times the row count. Either way a
+    step trains on the same rows, so the token budget and packing change the speed, not what is learned.
+    """
+
+    def __init__(self, rows, settings: TrainingConfig, pad_id: int, skip: int = 0):
+        self.rows, self.settings, self.pad_id = rows, settings, pad_id
         self.lengths = [len(row["input_ids"]) for row in rows]
-        self.rng = random.Random(seed)
+        self.rng = random.Random(settings.seed)
         self.pending: list[list[int]] = []
+        self.rows_per_step = settings.per_device_train_batch_size * settings.gradient_accumulation_steps
         for _ in range(skip):
-            self._next_indices()
+            self.next_step_indices()
 
-    def _next_indices(self) -> list[int]:
+    def next_step_indices(self) -> list[list[int]]:
+        """Row indices of the next step's micro-batches."""
         if not self.pending:
-            self.pending = batch_order(self.lengths, self.batch_size, self.group_by_length, self.rng)
-        return self.pending.pop(0)
+            self.pending = batch_order(self.lengths, self.rows_per_step, self.settings.group_by_length, self.rng)
+        group = self.pending.pop(0)
+        budget = self.settings.max_tokens_per_batch
+        if budget is None:
+            size = self.settings.per_device_train_batch_size
+            return [group[start:start + size] for start in range(0, len(group), size)]
+        group = sorted(group, key=lambda i: -self.lengths[i])
+        return split_by_tokens(group, self.lengths, budget, self.settings.packing)
 
-    def __next__(self) -> dict[str, torch.Tensor]:
-        return pad_batch([self.rows[i] for i in self._next_indices()], self.pad_id)
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        return [make_batch([self.rows[i] for i in indices], self.pad_id, self.settings.packing) for indices in self.next_step_indices()]
+
+
+def batch_rows(micro_batches: list[dict[str, torch.Tensor]]) -> int:
+    """Rows in a list of micro-batches, packed or padded."""
+    return sum(int((b["position_ids"] == 0).sum()) if "position_ids" in b else b["input_ids"].shape[0] for b in micro_batches)
+
+
+def real_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> int:
+    """Tokens of the rows themselves: padding not counted."""
+    return sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro_batches)
 
 
 def autocast_context(config: Config):
@@ -171,33 +224,76 @@ def autocast_context(config: Config):
     return lambda: torch.autocast(device_type=device().type, dtype=dtype, enabled=enabled)
 
 
-def accumulate_gradients(model, batches: BatchStream, accumulation: int, autocast) -> float:
-    """Forward/backward over ``accumulation`` micro-batches; returns their mean loss."""
-    total = 0.0
+def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry a loss: those whose next token is labelled (summary and EOS)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def summed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of the next-token losses of a micro-batch (packed or padded) and how many tokens it covers.
+
+    Only positions that predict a labelled token reach the LM head (``logits_to_keep``), which
+    spares the vocabulary-sized logits of every prompt token. ``use_cache=False`` matters for
+    packing: transformers only derives the per-row attention from ``position_ids`` without a cache.
+    """
+    labels = batch["labels"]
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    targets = labels[:, 1:][predicts[:, :-1]]
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    if _keeps_logits_by_mask(model):
+        logits = model(**inputs, use_cache=False, logits_to_keep=predicts).logits
+    else:
+        logits = model(**inputs, use_cache=False).logits[predicts]
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
+
+
+def _keeps_logits_by_mask(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def train_step(model, micro_batches: list[dict[str, torch.Tensor]], autocast) -> float:
+    """Forward/backward over one step's micro-batches; returns the step's loss.
+
+    The loss is the mean over every summary token of the step, whatever the micro-batches: each
+    micro-batch's summed loss is divided by the step's token count before its backward pass.
+    """
     target = device()
-    for _ in range(accumulation):
-        batch = {key: value.to(target) for key, value in next(batches).items()}
+    count = max(sum(supervised_tokens(batch) for batch in micro_batches), 1)
+    total = torch.zeros((), device=target)
+    for batch in micro_batches:
+        batch = {key: value.to(target) for key, value in batch.items()}
         with autocast():
-            loss = model(**batch).loss / accumulation
-        loss.backward()
-        total += loss.item()
-    return total
+            loss_sum, _ = summed_loss(model, batch)
+        (loss_sum / count).backward()
+        total += loss_sum.detach()
+    return total.item() / count
+
+
+def eval_batches(rows, settings: TrainingConfig, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """The eval rows longest first, cut by the token budget (or ``per_device_eval_batch_size`` rows)."""
+    lengths = [len(row["input_ids"]) for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: -lengths[i])
+    if settings.max_tokens_per_batch is not None:
+        groups = split_by_tokens(order, lengths, settings.max_tokens_per_batch, settings.packing)
+    else:
+        size = settings.per_device_eval_batch_size
+        groups = [order[start:start + size] for start in range(0, len(order), size)]
+    return [make_batch([rows[i] for i in group], pad_id, settings.packing) for group in groups]
 
 
 @torch.no_grad()
-def evaluate_loss(model, rows, batch_size: int, pad_id: int, autocast) -> float:
-    """Mean loss per summary token over the eval rows (token-weighted, so batch size doesn't matter)."""
+def evaluate_loss(model, rows, settings: TrainingConfig, pad_id: int, autocast) -> float:
+    """Mean loss per summary token over the eval rows (token-weighted, so the batching doesn't matter)."""
     model.eval()
     target = device()
     loss_sum, tokens = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = {key: value.to(target) for key, value in pad_batch(rows[start:start + batch_size], pad_id).items()}
+    for batch in eval_batches(rows, settings, pad_id):
         with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-        loss_sum += losses.item()
-        tokens += int((labels != -100).sum())
+            summed, count = summed_loss(model, {key: value.to(target) for key, value in batch.items()})
+        loss_sum += summed.item()
+        tokens += count
     return loss_sum / max(tokens, 1)
 
 
@@ -267,7 +363,8 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> TrainState:
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.random.set_rng_state(saved["torch_rng"])
-    return TrainState(**saved["state"])
+    known = TrainState.__dataclass_fields__
+    return TrainState(**{key: value for key, value in saved["state"].items() if key in known})
 
 
 class MetricsLog:
