@@ -43,11 +43,21 @@ def lora_model(tiny_model_home):
 
 def test_pack_rows_restarts_positions_and_never_labels_across_rows():
     rows = [{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
-    packed = pack_rows(rows)
+    packed = pack_rows(rows, pad_id=0)
     assert set(packed) == {"input_ids", "labels", "position_ids"}  # no attention_mask: it would switch the per-row attention off
     assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert packed["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]  # row 1's last token predicts nothing of row 2
+
+
+def test_pack_rows_fills_bounded_sequences_longest_first():
+    rows = [{"input_ids": [1] * n, "labels": [2] * n} for n in (2, 5, 3, 4)]
+    packed = pack_rows(rows, pad_id=0, sequence_length=7)
+    # 5 and 2 share the first sequence, 4 and 3 the second; each 7 tokens, so no filler is needed
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1], [0, 1, 2, 3, 0, 1, 2]]
+    packed = pack_rows(rows[:3], pad_id=0, sequence_length=7)
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1], [0, 1, 2, 0, 1, 2, 3]]  # 3, then a filler row of 4
+    assert packed["input_ids"][1, 3:].tolist() == [0, 0, 0, 0] and (packed["labels"][1, 3:] == IGNORE_INDEX).all()
 
 
 def test_split_by_tokens_keeps_every_micro_batch_within_the_budget():
@@ -71,10 +81,10 @@ def test_budgeted_steps_hold_the_same_rows_and_resume_at_the_same_place(rows):
     from loraops.train import BatchStream
 
     rows, pad_id = rows
-    settings = tiny_config(
+    config = tiny_config(
         "training.per_device_train_batch_size=6", "training.gradient_accumulation_steps=2", "training.max_tokens_per_batch=900", "training.packing=true"
-    ).training
-    stream = BatchStream(rows, settings, pad_id)
+    )
+    stream = BatchStream(rows, config, pad_id)
     steps = [stream.next_step_indices() for _ in range(3)]
     lengths = [len(row["input_ids"]) for row in rows]
     for step in steps:
@@ -82,14 +92,15 @@ def test_budgeted_steps_hold_the_same_rows_and_resume_at_the_same_place(rows):
         assert all(sum(lengths[i] for i in batch) <= 900 for batch in step)
         assert len(step) > 1
     assert sorted(i for batch in steps[0] for i in batch) == list(range(12))  # 12 rows: one epoch per step
-    assert BatchStream(rows, settings, pad_id, skip=2).next_step_indices() == steps[2]
+    assert BatchStream(rows, config, pad_id, skip=2).next_step_indices() == steps[2]
 
 
 # --- the model ---------------------------------------------------------------------------------
 
 
 def packed_logits(model, rows):
-    batch = pack_rows(rows)
+    """Logits of each row, the rows packed into one sequence."""
+    batch = pack_rows(rows, pad_id=0)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
     return list(torch.split(logits, [len(row["input_ids"]) for row in rows]))
@@ -114,7 +125,7 @@ def test_packed_rows_do_not_see_each_other(lora_model, rows):
 def test_an_all_ones_attention_mask_would_let_packed_rows_attend_across(lora_model, rows):
     """Why packed batches never carry an attention_mask: transformers then stops deriving rows from position_ids."""
     rows, _ = rows
-    batch = pack_rows(rows[:2])
+    batch = pack_rows(rows[:2], pad_id=0)
     with torch.no_grad():
         masked = lora_model(**{k: v for k, v in batch.items() if k != "labels"}, attention_mask=torch.ones_like(batch["input_ids"]), use_cache=False).logits[0]
     second = packed_logits(lora_model, rows[:2])[1]
@@ -128,16 +139,32 @@ def test_packed_loss_equals_padded_loss(lora_model, rows):
     padded = pad_batch(rows[:6], pad_id)
     with torch.no_grad():
         reference = lora_model(**padded, use_cache=False).loss  # transformers' own mean over labelled tokens
-        total, count = summed_loss(lora_model, pack_rows(rows[:6]))
+        total, count = summed_loss(lora_model, pack_rows(rows[:6], pad_id))
+        bounded_total, bounded_count = summed_loss(lora_model, pack_rows(rows[:6], pad_id, sequence_length=384))
         padded_total, padded_count = summed_loss(lora_model, padded)
-    assert count == padded_count == sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows[:6])
+    assert count == padded_count == bounded_count == sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows[:6])
     assert abs(total.item() / count - reference.item()) / reference.item() < 1e-5
     assert abs(padded_total.item() / padded_count - reference.item()) / reference.item() < 1e-5
+    assert abs(bounded_total.item() / count - reference.item()) / reference.item() < 1e-5
+
+
+def test_bounded_packed_sequences_keep_rows_apart(lora_model, rows):
+    """Two rows share each sequence of at most 384 tokens, the last one ends in a filler row: every row's logits are its own."""
+    rows, pad_id = rows
+    batch = pack_rows(rows[:5], pad_id, sequence_length=384)
+    assert batch["input_ids"].shape[0] < 5
+    with torch.no_grad():
+        logits = lora_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    starts = (batch["position_ids"] == 0).nonzero().tolist()
+    for row in rows[:5]:
+        n = len(row["input_ids"])
+        i, j = next((i, j) for i, j in starts if batch["input_ids"][i, j : j + n].tolist() == row["input_ids"])
+        assert (logits[i, j : j + n] - packed_logits(lora_model, [row])[0]).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_packed_and_budgeted_steps_give_the_padded_gradients(tiny_model_home, rows, checkpointing):
-    """One optimizer step's gradients: 12 rows padded in 2 micro-batches of 6 vs packed under a token budget."""
+    """One optimizer step's gradients: 12 rows padded in 2 micro-batches of 6 vs packed under a token budget (sequences of <= 384 tokens)."""
     from loraops.train import BatchStream, autocast_context, train_step
 
     rows, pad_id = rows
@@ -153,10 +180,10 @@ def test_packed_and_budgeted_steps_give_the_padded_gradients(tiny_model_home, ro
     model.train()
     results = []
     for config in (padded_config, packed_config):
-        step = next(BatchStream(rows, config.training, pad_id))
+        step = next(BatchStream(rows, config, pad_id))
         model.zero_grad(set_to_none=True)
-        loss = train_step(model, step, autocast_context(config))
-        results.append((len(step), loss, {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
+        loss = train_step(model, step.micro_batches, autocast_context(config))
+        results.append((len(step.micro_batches), loss, {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
     (padded_batches, padded_loss, padded), (packed_batches, packed_loss, packed) = results
     assert padded_batches == 2 and packed_batches > 1  # the same 12 rows, batched differently
     assert abs(packed_loss - padded_loss) / padded_loss < 1e-5
@@ -169,10 +196,8 @@ def test_packed_eval_loss_equals_padded_eval_loss(lora_model, rows):
 
     rows, pad_id = rows
     config = tiny_config("training.per_device_eval_batch_size=5")
-    padded = evaluate_loss(lora_model, rows, config.training, pad_id, autocast_context(config))
-    packed = evaluate_loss(
-        lora_model, rows, tiny_config("training.packing=true", "training.max_tokens_per_batch=1000").training, pad_id, autocast_context(config)
-    )
+    padded = evaluate_loss(lora_model, rows, config, pad_id, autocast_context(config))
+    packed = evaluate_loss(lora_model, rows, tiny_config("training.packing=true", "training.max_tokens_per_batch=1000"), pad_id, autocast_context(config))
     assert abs(packed - padded) / padded < 1e-5
 
 

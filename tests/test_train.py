@@ -76,9 +76,9 @@ def test_saved_adapter_on_a_fresh_4bit_base_reproduces_logits(workspace, tmp_pat
     rows = encode_all(tokenizer, load_split(config.data, "train")[0][:32], config.data)
     model = prepare_for_training(load_base_model(config), config)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
-    batches = BatchStream(rows, config.training, tokenizer.pad_token_id)
+    batches = BatchStream(rows, config, tokenizer.pad_token_id)
     for _ in range(5):
-        train_step(model, next(batches), autocast_context(config))
+        train_step(model, next(batches).micro_batches, autocast_context(config))
         optimizer.step()
         optimizer.zero_grad()
     model.eval()

@@ -99,8 +99,9 @@ class TrainingConfig(Section):
     )
     packing: bool = Field(
         False,
-        description="Padding-free micro-batches: rows concatenated into one sequence, position_ids restarting per row, "
-        "no attention across rows and no loss across row boundaries. Training and eval loss.",
+        description="Padding-free micro-batches: rows concatenated, position_ids restarting per row, no attention and no loss "
+        "across rows; one sequence per micro-batch with flex/flash attention, sequences of <= data.max_length tokens with "
+        "sdpa/eager (dense masks). Training and eval loss.",
     )
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] | None = Field(
         None,

@@ -266,24 +266,53 @@ def pad_batch(rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, to
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
-def pack_rows(rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    """Concatenate rows into one padding-free sequence of shape (1, total tokens).
+def pack_rows(rows: Sequence[dict[str, list[int]]], pad_id: int, sequence_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Concatenate rows padding-free: one sequence, or sequences of at most ``sequence_length`` tokens.
 
     ``position_ids`` restart at 0 for each row, and there is no ``attention_mask``: from that,
-    transformers builds attention that stays inside each row (a block-diagonal causal mask for SDPA
-    and flex attention, varlen kernels for flash attention). Passing any mask, even all ones, turns
-    that detection off and lets rows attend to each other. The first token of every row gets no
-    label, so the last token of a row never learns to predict the next row.
+    transformers keeps attention inside each row (a block-diagonal causal mask for SDPA and flex
+    attention, varlen kernels for flash attention). Any mask, even all ones, turns that detection
+    off and lets rows attend to each other. The first token of every row gets no label, so the last
+    token of a row never learns to predict the next row.
+
+    With ``sequence_length`` rows are placed first-fit, longest first, into sequences of at most
+    that many tokens, and shorter sequences end in a filler row (``pad_id``, no labels, positions of
+    its own) so that they stack. Attention that builds a dense mask costs the square of a sequence's
+    length, so bounded sequences keep it near the cost of the longest row.
     """
-    input_ids = torch.tensor([token for row in rows for token in row["input_ids"]], dtype=torch.long)
-    labels = torch.tensor([label for row in rows for label in [IGNORE_INDEX, *row["labels"][1:]]], dtype=torch.long)
-    position_ids = torch.cat([torch.arange(len(row["input_ids"]), dtype=torch.long) for row in rows])
-    return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None]}
+    sequences: list[list[dict[str, list[int]]]] = []
+    if sequence_length is None:
+        sequences = [list(rows)]
+    else:
+        room: list[int] = []
+        for row in sorted(rows, key=lambda r: -len(r["input_ids"])):
+            n = len(row["input_ids"])
+            slot = next((i for i, free in enumerate(room) if free >= n), None)
+            if slot is None:
+                sequences.append([])
+                room.append(max(sequence_length, n))
+                slot = len(sequences) - 1
+            sequences[slot].append(row)
+            room[slot] -= n
+    width = max(sum(len(row["input_ids"]) for row in sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        start = 0
+        for row in sequence:
+            n = len(row["input_ids"])
+            input_ids[i, start : start + n] = torch.tensor(row["input_ids"])
+            labels[i, start + 1 : start + n] = torch.tensor(row["labels"][1:])
+            position_ids[i, start : start + n] = torch.arange(n)
+            start += n
+        position_ids[i, start:] = torch.arange(width - start)  # the filler is a row of its own
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
-def make_batch(rows: Sequence[dict[str, list[int]]], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
-    """One micro-batch: packed (padding-free) or right-padded."""
-    return pack_rows(rows) if packing else pad_batch(rows, pad_id)
+def make_batch(rows: Sequence[dict[str, list[int]]], pad_id: int, packing: bool, sequence_length: int | None = None) -> dict[str, torch.Tensor]:
+    """One micro-batch: packed (padding-free, see :func:`pack_rows`) or right-padded."""
+    return pack_rows(rows, pad_id, sequence_length) if packing else pad_batch(rows, pad_id)
 
 
 def batch_cost(lengths: Sequence[int], packing: bool) -> int:

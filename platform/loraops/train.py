@@ -32,7 +32,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from loraops.config import Config, TrainingConfig, dump_config
+from loraops.config import Config, dump_config
 from loraops.data import IGNORE_INDEX, batch_order, encode_all, load_split, make_batch, split_by_tokens
 from loraops.errors import LoraopsError
 from loraops.model import DTYPES, device, load_base_model, load_tokenizer, prepare_for_training
@@ -110,25 +110,24 @@ def train(
         log.info("resumed from %s at step %d", resume_from, state.step)
 
     metrics = MetricsLog(out / "metrics.jsonl", config, fresh=not resume_from)
-    batches = BatchStream(train_rows, settings, tokenizer.pad_token_id, skip=state.step)
+    batches = BatchStream(train_rows, config, tokenizer.pad_token_id, skip=state.step)
     autocast = autocast_context(config)
     model.train()
     bar = tqdm(total=settings.max_steps, initial=state.step, desc=f"train {config.name}", unit="step", disable=not progress, dynamic_ncols=True)
     window: list[float] = []
     started = time.perf_counter()
     while state.step < settings.max_steps:
-        micro_batches = next(batches)
-        loss = train_step(model, micro_batches, autocast)
+        step = next(batches)
+        loss = train_step(model, step.micro_batches, autocast)
         torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        rows = batch_rows(micro_batches)
-        state.samples += rows
+        state.samples += step.rows
         if on_step is not None:
-            computed = sum(batch["input_ids"].numel() for batch in micro_batches)
-            on_step(StepStats(state.step, rows, real_tokens(micro_batches), computed, len(micro_batches), loss))
+            computed = sum(batch["input_ids"].numel() for batch in step.micro_batches)
+            on_step(StepStats(state.step, step.rows, step.tokens, computed, len(step.micro_batches), loss))
         window.append(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
@@ -143,7 +142,7 @@ def train(
         if state.step % settings.save_steps == 0 or last:
             checkpoint = save_checkpoint(out, model, optimizer, scheduler, state, settings.save_total_limit)
         if state.step % settings.eval_steps == 0 or last:
-            eval_loss = evaluate_loss(model, eval_rows, settings, tokenizer.pad_token_id, autocast)
+            eval_loss = evaluate_loss(model, eval_rows, config, tokenizer.pad_token_id, autocast)
             model.train()
             improved = eval_loss < state.best_eval_loss
             if improved:
@@ -171,8 +170,31 @@ class TrainState:
     best_step: int = 0
 
 
+#: Attention that skips the work across packed rows (a block-sparse mask, varlen kernels): one sequence per micro-batch.
+SPARSE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def packed_sequence_length(config: Config) -> int | None:
+    """How long a packed sequence may be: unbounded where attention skips across-row work, else ``data.max_length``.
+
+    SDPA and eager attention get a dense mask as long as the sequence squared; sequences no longer
+    than the longest row keep that cost near the padded batch's. Flash attention's varlen path
+    needs a single sequence (transformers only reads a batch of one as packed).
+    """
+    return None if config.training.attn_implementation in SPARSE_ATTENTION else config.data.max_length
+
+
+@dataclass
+class Step:
+    """One optimizer step's data."""
+
+    micro_batches: list[dict[str, torch.Tensor]]
+    rows: int
+    tokens: int  # tokens of the rows themselves, no padding or filler
+
+
 class BatchStream:
-    """Endless optimizer steps (each a list of micro-batches), epoch after epoch, reproducible from (seed, steps taken).
+    """Endless optimizer steps, epoch after epoch, reproducible from (seed, steps taken).
 
     A step draws ``per_device_train_batch_size x gradient_accumulation_steps`` rows at once
     (length-grouped when ``group_by_length``; the last step of an epoch may have fewer). Without a
@@ -182,12 +204,13 @@ class BatchStream:
     step trains on the same rows, so the token budget and packing change the speed, not what is learned.
     """
 
-    def __init__(self, rows, settings: TrainingConfig, pad_id: int, skip: int = 0):
-        self.rows, self.settings, self.pad_id = rows, settings, pad_id
+    def __init__(self, rows, config: Config, pad_id: int, skip: int = 0):
+        self.rows, self.settings, self.pad_id = rows, config.training, pad_id
+        self.sequence_length = packed_sequence_length(config)
         self.lengths = [len(row["input_ids"]) for row in rows]
-        self.rng = random.Random(settings.seed)
+        self.rng = random.Random(self.settings.seed)
         self.pending: list[list[int]] = []
-        self.rows_per_step = settings.per_device_train_batch_size * settings.gradient_accumulation_steps
+        self.rows_per_step = self.settings.per_device_train_batch_size * self.settings.gradient_accumulation_steps
         for _ in range(skip):
             self.next_step_indices()
 
@@ -199,22 +222,14 @@ class BatchStream:
         budget = self.settings.max_tokens_per_batch
         if budget is None:
             size = self.settings.per_device_train_batch_size
-            return [group[start:start + size] for start in range(0, len(group), size)]
+            return [group[start : start + size] for start in range(0, len(group), size)]
         group = sorted(group, key=lambda i: -self.lengths[i])
         return split_by_tokens(group, self.lengths, budget, self.settings.packing)
 
-    def __next__(self) -> list[dict[str, torch.Tensor]]:
-        return [make_batch([self.rows[i] for i in indices], self.pad_id, self.settings.packing) for indices in self.next_step_indices()]
-
-
-def batch_rows(micro_batches: list[dict[str, torch.Tensor]]) -> int:
-    """Rows in a list of micro-batches, packed or padded."""
-    return sum(int((b["position_ids"] == 0).sum()) if "position_ids" in b else b["input_ids"].shape[0] for b in micro_batches)
-
-
-def real_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> int:
-    """Tokens of the rows themselves: padding not counted."""
-    return sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro_batches)
+    def __next__(self) -> Step:
+        indices = self.next_step_indices()
+        batches = [make_batch([self.rows[i] for i in batch], self.pad_id, self.settings.packing, self.sequence_length) for batch in indices]
+        return Step(batches, sum(len(batch) for batch in indices), sum(self.lengths[i] for batch in indices for i in batch))
 
 
 def autocast_context(config: Config):
@@ -271,25 +286,27 @@ def train_step(model, micro_batches: list[dict[str, torch.Tensor]], autocast) ->
     return total.item() / count
 
 
-def eval_batches(rows, settings: TrainingConfig, pad_id: int) -> list[dict[str, torch.Tensor]]:
+def eval_batches(rows, config: Config, pad_id: int) -> list[dict[str, torch.Tensor]]:
     """The eval rows longest first, cut by the token budget (or ``per_device_eval_batch_size`` rows)."""
+    settings = config.training
     lengths = [len(row["input_ids"]) for row in rows]
     order = sorted(range(len(rows)), key=lambda i: -lengths[i])
     if settings.max_tokens_per_batch is not None:
         groups = split_by_tokens(order, lengths, settings.max_tokens_per_batch, settings.packing)
     else:
         size = settings.per_device_eval_batch_size
-        groups = [order[start:start + size] for start in range(0, len(order), size)]
-    return [make_batch([rows[i] for i in group], pad_id, settings.packing) for group in groups]
+        groups = [order[start : start + size] for start in range(0, len(order), size)]
+    sequence_length = packed_sequence_length(config)
+    return [make_batch([rows[i] for i in group], pad_id, settings.packing, sequence_length) for group in groups]
 
 
 @torch.no_grad()
-def evaluate_loss(model, rows, settings: TrainingConfig, pad_id: int, autocast) -> float:
+def evaluate_loss(model, rows, config: Config, pad_id: int, autocast) -> float:
     """Mean loss per summary token over the eval rows (token-weighted, so the batching doesn't matter)."""
     model.eval()
     target = device()
     loss_sum, tokens = 0.0, 0
-    for batch in eval_batches(rows, settings, pad_id):
+    for batch in eval_batches(rows, config, pad_id):
         with autocast():
             summed, count = summed_loss(model, {key: value.to(target) for key, value in batch.items()})
         loss_sum += summed.item()

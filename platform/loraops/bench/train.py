@@ -155,6 +155,7 @@ def benchmark(
             "kind": "cuda" if on_gpu else "cpu",
             "name": device_name(),
             "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             # Other work on the machine skews the figures: the load average says how busy it was.
             "load_average_1m_at_start": load_at_start,
             "platform": platform.platform(),
@@ -165,7 +166,7 @@ def benchmark(
             "train_rows": len(lengths),
             "row_tokens_mean": round(sum(lengths) / len(lengths), 1),
             "row_tokens_max": max(lengths),
-            "eval_rows": eval_samples,
+            "eval_max_samples": eval_samples,
         },
         "recipes": results,
         "speedup_vs_seed": speedup,
