@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,7 +24,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/loraops demo
 
-test: install
+# ruff's rules and line length are in pyproject.toml.
+lint: install
+	$(VENV)/bin/ruff check platform tests
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

@@ -3,14 +3,23 @@ is built once per session into a shared workspace and copied, because building i
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum" / "dialogsum.dev.jsonl"
+#: A DialogSum-format .jsonl file (e.g. the official dialogsum.dev.jsonl); the tests that read real
+#: DialogSum data are skipped without it.
+DIALOGSUM_ENV = "LORAOPS_TEST_DIALOGSUM"
+#: A PostgreSQL server URL; the registry tests also run against PostgreSQL when it is set.
+POSTGRES_ENV = "LORAOPS_TEST_POSTGRES_URL"
+#: The adapter name the ``serving_home`` fixture registers.
+SERVED_ADAPTER = "tiny"
 
 
 def _tiny_model_key() -> str:
@@ -49,11 +58,30 @@ def workspace(tmp_path, tiny_model_home, monkeypatch) -> Path:
     return home
 
 
-def cli_env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["LORAOPS_HOME"] = str(home)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+@pytest.fixture(scope="session")
+def cli_env():
+    """A function: the environment for a ``loraops`` subprocess working in workspace ``home``."""
+
+    def make(home: Path) -> dict[str, str]:
+        # The workspace decides where the registry is: a developer's own settings must not leak in.
+        env = {key: value for key, value in os.environ.items() if key not in ("LORAOPS_DATABASE_URL", "LORAOPS_ARTIFACT_URI")}
+        env["LORAOPS_HOME"] = str(home)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def dialogsum_sample() -> Path:
+    """A real DialogSum-format file named by $LORAOPS_TEST_DIALOGSUM; the test is skipped without one."""
+    raw = os.environ.get(DIALOGSUM_ENV)
+    if not raw:
+        pytest.skip(f"{DIALOGSUM_ENV} is not set (the path of a DialogSum-format .jsonl file)")
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        pytest.skip(f"{DIALOGSUM_ENV}={raw}: no such file")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +103,137 @@ def ray_address():
         yield context.address_info["gcs_address"]
     finally:
         ray.shutdown()
+
+
+# --- trained adapters -----------------------------------------------------------------------
+
+
+#: A 30-step training run of the tiny model (three evaluations, three checkpoints).
+QUICK = [
+    "data.builtin_size=200",
+    "training.max_steps=30",
+    "training.eval_steps=10",
+    "training.save_steps=10",
+    "training.logging_steps=5",
+    "training.eval_max_samples=16",
+    "training.per_device_train_batch_size=8",
+    "evaluation.max_samples=8",
+    "evaluation.max_new_tokens=12",
+]
+
+
+@pytest.fixture(scope="session")
+def quick_config():
+    """A function: the tiny tune config cut to a 30-step run, plus ``extra`` overrides."""
+    from loraops.config import load_config
+
+    return lambda *extra: load_config(REPO / "tune" / "tiny.yaml", QUICK + list(extra))
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model_home, tmp_path_factory, quick_config):
+    """One short real training run (config, result) shared by the training and evaluation tests."""
+    from loraops.train import train
+
+    config = quick_config(f"workspace={tiny_model_home}")
+    return config, train(config, output_dir=tmp_path_factory.mktemp("run"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def serving_home(tmp_path_factory, tiny_model_home) -> Path:
+    """A workspace with the tiny model, one short training run (``runs/serve-test``) and its two
+    checkpoints registered as ``tiny`` v1 (promoted to production) and v2."""
+    from loraops.config import load_config
+    from loraops.registry import Registry
+    from loraops.train import train
+
+    workspace = tmp_path_factory.mktemp("serve-home")
+    shutil.copytree(tiny_model_home / "models", workspace / "models")
+    config = load_config(
+        REPO / "tune" / "tiny.yaml",
+        [
+            f"workspace={workspace}",
+            "name=serve-test",
+            "data.builtin_size=200",
+            "training.max_steps=12",
+            "training.per_device_train_batch_size=8",
+            "training.save_steps=6",
+            "training.eval_steps=6",
+            "training.logging_steps=6",
+            "training.eval_max_samples=16",
+            "training.save_total_limit=null",
+        ],
+    )
+    run = train(config, progress=False)
+    registry = Registry(workspace=workspace)
+    registry.register(run.output_dir / "checkpoint-6", SERVED_ADAPTER)  # v1
+    registry.register(run.output_dir / "checkpoint-12", SERVED_ADAPTER)  # v2: six more steps, different weights
+    registry.promote(SERVED_ADAPTER, 1)
+    return workspace
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh, empty database per test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry.db'}"
+        return
+    server = os.environ.get(POSTGRES_ENV)
+    if not server:
+        pytest.skip(f"{POSTGRES_ENV} is not set (.ci/run starts a PostgreSQL server and sets it)")
+    from sqlalchemy import create_engine, make_url, text
+
+    name = f"loraops_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(server).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        from loraops.registry import db as registry_db
+
+        registry_db.dispose_engine(url)
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def make_run():
+    """A function that writes a training run folder like ``loraops train`` does, with a small but valid
+    PEFT adapter, and returns the adapter folder."""
+    return _make_run
+
+
+def _make_run(root: Path, seed: int = 0, eval_losses=(2.5, 2.0, 2.2), rouge_l: float | None = None, data: dict | None = None) -> Path:
+    adapter = root / "adapter"
+    adapter.mkdir(parents=True)
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": rng.standard_normal((4, 32)).astype(np.float32),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": rng.standard_normal((32, 4)).astype(np.float32),
+    }
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    config = {
+        "name": root.name,
+        "model": {"name": "builtin:tiny-phi"},
+        "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+        "training": {"learning_rate": 1e-3, "max_steps": 30},
+        "data": data or {"source": "builtin", "builtin_size": 300},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    events = [{"step": 10 * (i + 1), "eval_loss": loss} for i, loss in enumerate(eval_losses)]
+    (root / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [{"step": 5, "train_loss": 3.0}] + events))
+    if rouge_l is not None:
+        report = {"adapter": str(adapter), "tuned": {"rouge1": rouge_l + 5, "rouge2": rouge_l - 10, "rougeL": rouge_l, "rougeLsum": rouge_l, "seconds": 1.5}}
+        (root / "evaluation.json").write_text(json.dumps(report))
+    return adapter

@@ -3,13 +3,18 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
-from conftest import REPO, cli_env
+
 from loraops.config import load_config
 
+REPO = Path(__file__).resolve().parents[1]
 
-def test_bench_train_compares_the_recipe_with_the_seed_recipe(workspace, tmp_path):
+
+@pytest.mark.slow
+def test_bench_train_compares_the_recipe_with_the_seed_recipe(workspace, tmp_path, cli_env):
     output = tmp_path / "train.json"
     run = subprocess.run(
         [sys.executable, "-m", "loraops", "bench", "train", "--config", str(REPO / "tune" / "tiny.yaml"), "--steps", "20", "--output", str(output),
@@ -43,10 +48,11 @@ def test_bench_train_compares_the_recipe_with_the_seed_recipe(workspace, tmp_pat
     assert report["model"]["random_init"] is None and "6 x N" in report["flops_convention"]
 
 
+@pytest.mark.slow
 def test_random_init_phi2_has_phi2s_architecture_and_trains_through_the_4bit_path(workspace):
     """The real architecture at one layer of 32 (a whole Phi-2 is no CPU job): built, loaded 4-bit with LoRA, packed forward and backward."""
+    from loraops.batching import pack_rows
     from loraops.bench.train import PHI2_ARCHITECTURE, count_parameters, ensure_random_init_model
-    from loraops.data import pack_rows
     from loraops.model import load_base_model, load_tokenizer, prepare_for_training
     from loraops.train import summed_loss
 

@@ -94,7 +94,7 @@ def test_rows_are_in_dialogsum_format(rows: list[dict[str, str]]) -> None:
         order = [match.group(1) for match in speakers]
         assert order[0] == "1" and {"1", "2"} <= set(order)
         # Speakers take turns, as in DialogSum.
-        assert all(a != b for a, b in zip(order, order[1:])), row["dialogue"]
+        assert all(a != b for a, b in zip(order, order[1:], strict=False)), row["dialogue"]
 
 
 def test_summaries_refer_to_speakers_like_dialogsum(rows: list[dict[str, str]]) -> None:

@@ -1,39 +1,37 @@
-"""ray_cluster.yaml is checked with Ray's own cluster-launcher schema (what `ray up` validates)."""
+"""The one Ray helper (:mod:`loraops.cluster`): join what is there, leave a caller's Ray running, stop on Ctrl-C."""
 
-import copy
+from __future__ import annotations
 
-import jsonschema
 import pytest
-import yaml
 
-from conftest import REPO
-
-
-def load():
-    return yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+from loraops import cluster
 
 
-def validate(config):
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    validate_config(prepare_config(copy.deepcopy(config)))
-
-
-def test_cluster_config_passes_rays_schema():
-    validate(load())
+def test_the_address_is_the_argument_else_ray_address(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cluster.cluster_address("10.0.0.2:6379") == "10.0.0.2:6379"
+    assert cluster.cluster_address(None) == "10.0.0.1:6379"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert cluster.cluster_address(None) is None
 
 
-def test_cluster_config_has_a_cpu_head_and_autoscaling_gpu_workers():
-    config = load()
-    head = config["available_node_types"][config["head_node_type"]]
-    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
-    assert not head["node_config"]["InstanceType"].startswith(("g", "p"))
-    assert workers and all(t["node_config"]["InstanceType"].startswith("g5") and t["min_workers"] == 0 and t["max_workers"] > 1 for t in workers)
-    assert any("pip install" in command and "loraops" in command for command in config["setup_commands"])
+@pytest.mark.ray
+def test_a_connected_process_is_left_as_it_is(ray_address):
+    import ray
+
+    owned = cluster.connect(num_cpus=64)  # already connected: no new instance, the option is unused
+    with cluster.session() as owned_in_block:
+        assert ray.is_initialized()
+    cluster.shutdown(owned)
+    assert (owned, owned_in_block) == (False, False)
+    assert ray.is_initialized(), "the session's Ray must survive a helper that did not start it"
+    assert ray.cluster_resources()["CPU"] == 2
 
 
-def test_schema_check_catches_a_typo():
-    config = load()
-    config["available_node_types"]["gpu_a10g"]["min_wrkers"] = 1
-    with pytest.raises(jsonschema.ValidationError, match="min_wrkers"):
-        validate(config)
+def test_wait_until_interrupted_returns_on_ctrl_c(monkeypatch, capsys):
+    def interrupted(_seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cluster.time, "sleep", interrupted)
+    cluster.wait_until_interrupted("serving; press Ctrl-C to stop")
+    assert capsys.readouterr().out.splitlines() == ["serving; press Ctrl-C to stop", "shutting down"]

@@ -1,11 +1,13 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from loraops.config import DataConfig
-from loraops.data import IGNORE_INDEX, Example, batch_order, encode_example, left_pad, load_split, pad_batch
+from loraops.data import IGNORE_INDEX, Example, batch_order, encode_example, load_split, pad_batch
 from loraops.errors import LoraopsError
-from conftest import SHARED_DIALOGSUM
+
+REPO = Path(__file__).resolve().parents[1]
 
 ROWS = [
     {"fname": "train_0", "dialogue": "#Person1#: Hi.\n#Person2#: Hello.", "summary": "They greet.", "topic": "greeting"},
@@ -33,7 +35,11 @@ def test_official_release_folder_and_dev_alias(tmp_path):
 
 
 def test_official_test_layout_keeps_three_references(tmp_path):
-    row = {"fname": "test_0", "dialogue": "#Person1#: Hi.", "summary1": "A greets.", "topic1": "t", "summary2": "Person1 says hi.", "topic2": "t", "summary3": "A greeting.", "topic3": "t"}
+    row = {
+        "fname": "test_0",
+        "dialogue": "#Person1#: Hi.",
+        **{"summary1": "A greets.", "topic1": "t", "summary2": "Person1 says hi.", "topic2": "t", "summary3": "A greeting.", "topic3": "t"},
+    }
     write_jsonl(tmp_path / "dialogsum.test.jsonl", [row])
     (example,), _ = load_split(DataConfig(source=str(tmp_path)), "test")
     assert example.references == ("A greets.", "Person1 says hi.", "A greeting.")
@@ -55,7 +61,8 @@ def test_split_placeholder_csv_and_parquet(tmp_path):
 
 def test_bad_rows_are_counted_not_silently_dropped(tmp_path, caplog):
     path = tmp_path / "data.jsonl"
-    path.write_text(json.dumps(ROWS[0]) + "\n{not json\n" + json.dumps({"dialogue": "  ", "summary": "x"}) + "\n" + json.dumps({"dialogue": "d", "summary": ""}) + "\n")
+    blank_dialogue, blank_summary = json.dumps({"dialogue": "  ", "summary": "x"}), json.dumps({"dialogue": "d", "summary": ""})
+    path.write_text(json.dumps(ROWS[0]) + "\n{not json\n" + blank_dialogue + "\n" + blank_summary + "\n")
     examples, report = load_split(DataConfig(source=str(path)), "train")
     assert len(examples) == 1 and report.rows == 4 and report.usable == 1
     assert report.skipped == {"malformed rows": 1, "rows without 'dialogue'": 1, "rows without 'summary'": 1}
@@ -73,9 +80,8 @@ def test_missing_local_source_is_an_error(tmp_path):
         load_split(DataConfig(source=str(tmp_path / "missing.jsonl")), "train")
 
 
-@pytest.mark.skipif(not SHARED_DIALOGSUM.is_file(), reason="the shared DialogSum sample is not beside the project")
-def test_real_dialogsum_sample():
-    examples, report = load_split(DataConfig(source=str(SHARED_DIALOGSUM)), "validation")
+def test_real_dialogsum_sample(dialogsum_sample):
+    examples, report = load_split(DataConfig(source=str(dialogsum_sample)), "validation")
     assert report.usable == report.rows == 500
     assert examples[0].dialogue.startswith("#Person1#:") and examples[0].id == "dev_0"
 
@@ -83,7 +89,6 @@ def test_real_dialogsum_sample():
 def test_loss_only_on_summary_and_truncation_keeps_summary(workspace):
     from loraops.config import load_config
     from loraops.model import load_tokenizer
-    from conftest import REPO
 
     config = load_config(REPO / "tune" / "tiny.yaml", ["data.max_length=64", "data.max_summary_length=20"])
     tokenizer = load_tokenizer(config)
@@ -99,15 +104,6 @@ def test_loss_only_on_summary_and_truncation_keeps_summary(workspace):
     assert prompt_text.startswith("Instruct: Summarize the following conversation.\n") and prompt_text.endswith("\nOutput:\n")
 
 
-def test_padding_helpers():
-    batch = pad_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    left = left_pad([[1, 2, 3], [4]], pad_id=0)
-    assert left["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]] and left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-
-
 def test_length_grouped_batches_cover_every_row_once():
     import random
 
@@ -118,3 +114,29 @@ def test_length_grouped_batches_cover_every_row_once():
     plain = batch_order(lengths, 16, group_by_length=False, rng=random.Random(0))
     plain_spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain) / len(plain)
     assert spread < plain_spread / 3
+
+
+def test_pad_batch_masks_the_padding():
+    batch = pad_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_data_fingerprint(tmp_path):
+    from loraops.data import data_fingerprint
+
+    builtin = data_fingerprint({"source": "builtin", "builtin_size": 300})
+    assert builtin == data_fingerprint({"source": "builtin", "builtin_size": 300, "train_split": "train"})  # defaults filled in
+    assert builtin != data_fingerprint({"source": "builtin", "builtin_size": 400})
+    assert builtin != data_fingerprint({"source": "builtin", "builtin_size": 300, "summary_column": "gist"})
+
+    first, second = tmp_path / "a" / "data.jsonl", tmp_path / "b" / "data.jsonl"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_text('{"id": "1", "dialogue": "#Person1#: hi", "summary": "greeting"}\n')
+    assert data_fingerprint({"source": str(first)}) == data_fingerprint({"source": str(second)})  # content, not location
+    assert data_fingerprint({"source": str(first.parent)}) == data_fingerprint({"source": str(second.parent)})
+    second.write_text(second.read_text().replace("greeting", "a greeting"))
+    assert data_fingerprint({"source": str(first)}) != data_fingerprint({"source": str(second)})
+    assert data_fingerprint({"source": "knkarthick/dialogsum"}) != builtin

@@ -1,8 +1,11 @@
 """The whole loop end to end at a minimal budget: search -> register -> promote -> serve -> HTTP."""
 
 import socket
+from pathlib import Path
 
-from conftest import REPO
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -24,10 +27,12 @@ MINIMAL = [
 ]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_demo_runs_the_whole_loop(ray_address, workspace, capsys):
     from loraops.demo import run_demo
+    from loraops.layout import RESULTS_FILE
     from loraops.registry import Registry
-    from loraops.tune.results import RESULTS_FILE
 
     result = run_demo(
         config_path=str(REPO / "tune" / "tiny.yaml"),

@@ -5,85 +5,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from safetensors.numpy import save_file
 
 from loraops.errors import LoraopsError
-from loraops.registry import IntegrityError, PromotionRefused, Registry, data_fingerprint, lower_is_better
+from loraops.registry import IntegrityError, Lineage, PromotionRefused, Registry, data_fingerprint, lower_is_better
 from loraops.registry import db as registry_db
 from loraops.registry.store import ArtifactStore
-
-POSTGRES_ENV = "LORAOPS_TEST_POSTGRES_URL"
-
-
-# --- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    """A fresh, empty database per test."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'registry.db'}"
-        return
-    server = os.environ.get(POSTGRES_ENV)
-    if not server:
-        pytest.skip(f"{POSTGRES_ENV} is not set (.ci/run starts a PostgreSQL server and sets it)")
-    from sqlalchemy import create_engine, make_url, text
-
-    name = f"loraops_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(server).set(database=name).render_as_string(hide_password=False)
-    try:
-        yield url
-    finally:
-        registry_db.dispose_engine(url)
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture
 def registry(db_url, tmp_path) -> Registry:
     return Registry(db_url=db_url, artifact_uri=str(tmp_path / "store"), workspace=tmp_path / "ws")
-
-
-def make_run(root: Path, seed: int = 0, eval_losses=(2.5, 2.0, 2.2), rouge_l: float | None = None, data: dict | None = None) -> Path:
-    """A training run folder like ``loraops train`` writes, with a small but valid PEFT adapter."""
-    adapter = root / "adapter"
-    adapter.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    tensors = {
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": rng.standard_normal((4, 32)).astype(np.float32),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": rng.standard_normal((32, 4)).astype(np.float32),
-    }
-    save_file(tensors, str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
-    config = {
-        "name": root.name,
-        "model": {"name": "builtin:tiny-phi"},
-        "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
-        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
-        "training": {"learning_rate": 1e-3, "max_steps": 30},
-        "data": data or {"source": "builtin", "builtin_size": 300},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    events = [{"step": 10 * (i + 1), "eval_loss": loss} for i, loss in enumerate(eval_losses)]
-    (root / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [{"step": 5, "train_loss": 3.0}] + events))
-    if rouge_l is not None:
-        report = {"adapter": str(adapter), "tuned": {"rouge1": rouge_l + 5, "rouge2": rouge_l - 10, "rougeL": rouge_l, "rougeLsum": rouge_l, "seconds": 1.5}}
-        (root / "evaluation.json").write_text(json.dumps(report))
-    return adapter
 
 
 def sha256(path: Path) -> str:
@@ -93,7 +32,7 @@ def sha256(path: Path) -> str:
 # --- registering and reading -------------------------------------------------------------------
 
 
-def test_register_numbers_versions_and_records_the_run(registry, tmp_path):
+def test_register_numbers_versions_and_records_the_run(make_run, registry, tmp_path):
     adapter = make_run(tmp_path / "run1", seed=1, rouge_l=35.0)
     first = registry.register(adapter, "summarizer", metrics={"custom": {"score": 0.5}}, description="first try")
     second = registry.register(make_run(tmp_path / "run2", seed=2), "summarizer")
@@ -115,7 +54,7 @@ def test_register_numbers_versions_and_records_the_run(registry, tmp_path):
     assert not list((tmp_path / "store" / "summarizer").glob(".staging-*"))
 
 
-def test_checkpoint_folder_gets_its_own_eval_loss_and_no_optimizer_state(registry, tmp_path):
+def test_checkpoint_folder_gets_its_own_eval_loss_and_no_optimizer_state(make_run, registry, tmp_path):
     import shutil
 
     adapter = make_run(tmp_path / "run", eval_losses=(2.5, 2.0, 2.2))
@@ -127,7 +66,7 @@ def test_checkpoint_folder_gets_its_own_eval_loss_and_no_optimizer_state(registr
     assert set(version.files) == {"adapter_config.json", "adapter_model.safetensors"}
 
 
-def test_list_get_and_versions(registry, tmp_path):
+def test_list_get_and_versions(make_run, registry, tmp_path):
     registry.register(make_run(tmp_path / "a1", seed=1), "alpha")
     registry.register(make_run(tmp_path / "a2", seed=2), "alpha")
     registry.register(make_run(tmp_path / "b1", seed=3), "beta")
@@ -144,7 +83,7 @@ def test_list_get_and_versions(registry, tmp_path):
     assert registry.adapter("beta").latest_version == 1
 
 
-def test_unknown_names_versions_and_aliases_are_clear_errors(registry, tmp_path):
+def test_unknown_names_versions_and_aliases_are_clear_errors(make_run, registry, tmp_path):
     registry.register(make_run(tmp_path / "run", seed=1), "known")
     with pytest.raises(LoraopsError, match=r"unknown adapter 'missing'; registered: known"):
         registry.get("missing")
@@ -161,7 +100,7 @@ def test_unknown_names_versions_and_aliases_are_clear_errors(registry, tmp_path)
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "", "a..b", ".hidden", "-dash", "a\\b", "x" * 129, "sp ace"])
-def test_bad_names_are_rejected(bad, tmp_path):
+def test_bad_names_are_rejected(make_run, bad, tmp_path):
     registry = Registry(db_url=f"sqlite:///{tmp_path / 'r.db'}", artifact_uri=str(tmp_path / "store"), workspace=tmp_path)
     adapter = make_run(tmp_path / "run")
     with pytest.raises(LoraopsError, match="invalid adapter name"):
@@ -182,7 +121,7 @@ def test_not_an_adapter_folder(registry, tmp_path):
 # --- aliases -----------------------------------------------------------------------------------
 
 
-def test_promote_if_better_rollback_and_audit(registry, tmp_path):
+def test_promote_if_better_rollback_and_audit(make_run, registry, tmp_path):
     for version, (loss, rouge_l) in enumerate([(2.0, 30.0), (1.5, 35.0), (1.8, 40.0)], start=1):
         registry.register(make_run(tmp_path / f"run{version}", seed=version, eval_losses=(loss,), rouge_l=rouge_l), "sum")
 
@@ -218,7 +157,7 @@ def test_promote_if_better_rollback_and_audit(registry, tmp_path):
     assert [e.at for e in log] == sorted(e.at for e in log)
 
 
-def test_aliases_are_independent(registry, tmp_path):
+def test_aliases_are_independent(make_run, registry, tmp_path):
     registry.register(make_run(tmp_path / "r1", seed=1), "m")
     registry.register(make_run(tmp_path / "r2", seed=2), "m")
     registry.promote("m", 1, alias="staging")
@@ -239,7 +178,7 @@ def test_metric_direction_by_name():
 # --- artifacts and integrity -------------------------------------------------------------------
 
 
-def test_artifacts_are_copied_and_verified(registry, tmp_path):
+def test_artifacts_are_copied_and_verified(make_run, registry, tmp_path):
     adapter = make_run(tmp_path / "run", seed=1)
     expected = (adapter / "adapter_model.safetensors").read_bytes()
     version = registry.register(adapter, "copied")
@@ -252,11 +191,11 @@ def test_artifacts_are_copied_and_verified(registry, tmp_path):
     assert version.artifact_uri == str(folder)
 
 
-def test_failed_registration_leaves_no_version_and_no_files(registry, tmp_path, monkeypatch):
+def test_failed_registration_leaves_no_version_and_no_files(make_run, registry, tmp_path, monkeypatch):
     adapter = make_run(tmp_path / "run", seed=1)
-    real_fields = Registry._version_fields
+    real_fields = Lineage.version_fields
     # A value the database cannot store makes the insert fail after the files reached v1/.
-    monkeypatch.setattr(Registry, "_version_fields", staticmethod(lambda *a: real_fields(*a) | {"metrics": {"bad": object()}}))
+    monkeypatch.setattr(Lineage, "version_fields", lambda *a: real_fields(*a) | {"metrics": {"bad": object()}})
     with pytest.raises(Exception, match="JSON serializable"):
         registry.register(adapter, "fragile")
     assert list((tmp_path / "store" / "fragile").iterdir()) == []
@@ -266,7 +205,7 @@ def test_failed_registration_leaves_no_version_and_no_files(registry, tmp_path, 
     assert registry.register(adapter, "fragile").version == 1  # the number was given back
 
 
-def test_tampered_or_missing_file_is_detected_on_resolve(registry, tmp_path):
+def test_tampered_or_missing_file_is_detected_on_resolve(make_run, registry, tmp_path):
     registry.register(make_run(tmp_path / "run", seed=1), "guarded")
     registry.promote("guarded", 1)
     stored = registry.resolve("guarded@production")
@@ -281,7 +220,7 @@ def test_tampered_or_missing_file_is_detected_on_resolve(registry, tmp_path):
         registry.resolve("guarded:1")
 
 
-def test_remote_store_downloads_into_a_verified_cache(db_url, tmp_path):
+def test_remote_store_downloads_into_a_verified_cache(make_run, db_url, tmp_path):
     """A non-local pyarrow filesystem takes the download path (SubTreeFileSystem stands in for S3)."""
     import pyarrow.fs as pafs
 
@@ -305,7 +244,7 @@ def test_remote_store_downloads_into_a_verified_cache(db_url, tmp_path):
         registry.resolve("remote:1")
 
 
-def test_object_store_without_folder_rename(tmp_path):
+def test_object_store_without_folder_rename(make_run, tmp_path):
     """Object stores (S3, GCS) cannot rename a folder: publishing moves file by file instead."""
     import fsspec
     import pyarrow.fs as pafs
@@ -330,7 +269,7 @@ def test_object_store_without_folder_rename(tmp_path):
 # --- experiments and data ----------------------------------------------------------------------
 
 
-def test_register_from_experiment(registry, tmp_path):
+def test_register_from_experiment(make_run, registry, tmp_path):
     experiment = tmp_path / "exp"
     adapter = make_run(experiment / "trial_0003", seed=3, eval_losses=(1.9,))
     config = yaml.safe_load((adapter.parent / "config.yaml").read_text())
@@ -356,24 +295,7 @@ def test_register_from_experiment(registry, tmp_path):
         registry.register_from_experiment(tmp_path / "unfinished", "x")
 
 
-def test_data_fingerprint(tmp_path):
-    builtin = data_fingerprint({"source": "builtin", "builtin_size": 300})
-    assert builtin == data_fingerprint({"source": "builtin", "builtin_size": 300, "train_split": "train"})  # defaults filled in
-    assert builtin != data_fingerprint({"source": "builtin", "builtin_size": 400})
-    assert builtin != data_fingerprint({"source": "builtin", "builtin_size": 300, "summary_column": "gist"})
-
-    first, second = tmp_path / "a" / "data.jsonl", tmp_path / "b" / "data.jsonl"
-    for path in (first, second):
-        path.parent.mkdir()
-        path.write_text('{"id": "1", "dialogue": "#Person1#: hi", "summary": "greeting"}\n')
-    assert data_fingerprint({"source": str(first)}) == data_fingerprint({"source": str(second)})  # content, not location
-    assert data_fingerprint({"source": str(first.parent)}) == data_fingerprint({"source": str(second.parent)})
-    second.write_text(second.read_text().replace("greeting", "a greeting"))
-    assert data_fingerprint({"source": str(first)}) != data_fingerprint({"source": str(second)})
-    assert data_fingerprint({"source": "knkarthick/dialogsum"}) != builtin
-
-
-def test_user_metrics_must_be_numbers(registry, tmp_path):
+def test_user_metrics_must_be_numbers(make_run, registry, tmp_path):
     with pytest.raises(LoraopsError, match="metric 'note' must be a finite number"):
         registry.register(make_run(tmp_path / "run"), "x", metrics={"note": "good"})
     with pytest.raises(LoraopsError, match="neither a JSON object nor an existing file"):
@@ -396,14 +318,20 @@ print(json.dumps({"version": registry.register(adapter, "racer").version}))
 """
 
 
-def test_concurrent_registrations_get_consecutive_versions(db_url, tmp_path):
+def test_concurrent_registrations_get_consecutive_versions(cli_env, make_run, db_url, tmp_path):
     count = 8
     flags = tmp_path / "flags"
     flags.mkdir()
     adapters = [make_run(tmp_path / f"run{i}", seed=i) for i in range(count)]
-    env = _clean_env(tmp_path)
+    env = cli_env(tmp_path / "ws")
     workers = [
-        subprocess.Popen([sys.executable, "-c", _WORKER, db_url, str(tmp_path / "store"), str(tmp_path / "ws"), str(a), str(flags)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, db_url, str(tmp_path / "store"), str(tmp_path / "ws"), str(a), str(flags)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for a in adapters
     ]
     deadline = time.monotonic() + 60
@@ -427,55 +355,24 @@ def test_concurrent_registrations_get_consecutive_versions(db_url, tmp_path):
 # --- command line ------------------------------------------------------------------------------
 
 
-def _clean_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LORAOPS_DATABASE_URL", "LORAOPS_ARTIFACT_URI")}
-    env["LORAOPS_HOME"] = str(tmp_path / "ws")
-    return env
+@pytest.mark.slow
+def test_registry_keeps_the_training_config_and_upgrades_old_databases(serving_home, tmp_path):
+    from sqlalchemy import create_engine, text
 
+    from loraops.registry import Registry
 
-def loraops(tmp_path: Path, db_url: str, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "loraops", *args]
-    if args[0] == "registry":
-        command[3:5] = [args[0], args[1], "--db", db_url]
-    else:
-        command[4:4] = ["--db", db_url]
-    return subprocess.run(command, capture_output=True, text=True, env=_clean_env(tmp_path), cwd=tmp_path, timeout=120)
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    Registry(db_url=url, artifact_uri=str(tmp_path / "store"), workspace=serving_home).list_adapters()  # creates the tables
+    registry_db.dispose_engine(url)
+    old = create_engine(url)
+    with old.begin() as connection:  # the schema before the config column existed
+        connection.execute(text("ALTER TABLE registry_versions DROP COLUMN config"))
+    old.dispose()
 
+    registry = Registry(db_url=url, artifact_uri=str(tmp_path / "store"), workspace=serving_home)
+    version = registry.register(serving_home / "runs" / "serve-test" / "checkpoint-6", "upgraded")
 
-def test_cli_register_promote_rollback(db_url, tmp_path):
-    first = make_run(tmp_path / "r1", seed=1, eval_losses=(1.5,))
-    second = make_run(tmp_path / "r2", seed=2, eval_losses=(1.9,))
-    ok = loraops(tmp_path, db_url, "register", "--adapter", str(first), "--name", "cli", "--metrics", '{"rougeL": 33.5}')
-    assert ok.returncode == 0, ok.stderr
-    assert "registered cli:1" in ok.stdout
-    assert loraops(tmp_path, db_url, "register", "--adapter", str(second), "--name", "cli").returncode == 0
-    assert loraops(tmp_path, db_url, "promote", "cli", "1", "--reason", "baseline").returncode == 0
-
-    refused = loraops(tmp_path, db_url, "promote", "cli", "2", "--if-better", "eval_loss")
-    assert refused.returncode == 2
-    assert "1.9" in refused.stderr and "1.5" in refused.stderr and "Traceback" not in refused.stderr
-
-    assert loraops(tmp_path, db_url, "promote", "cli", "v2").returncode == 0
-    rolled = loraops(tmp_path, db_url, "rollback", "cli", "--reason", "regression")
-    assert rolled.returncode == 0 and "from version 2 to 1" in rolled.stdout
-
-    shown = json.loads(loraops(tmp_path, db_url, "registry", "show", "cli@production", "--json").stdout)
-    assert (shown["version"], shown["metrics"]["rougeL"], shown["aliases"]) == (1, 33.5, ["production"])
-    audit = json.loads(loraops(tmp_path, db_url, "registry", "audit", "cli", "--json").stdout)
-    assert [(e["action"], e["to_version"], e["reason"]) for e in audit] == [("promote", 1, "baseline"), ("promote", 2, None), ("rollback", 1, "regression")]
-    table = loraops(tmp_path, db_url, "registry", "list")
-    assert table.returncode == 0 and "production->v1" in table.stdout
-
-
-def test_cli_errors_exit_2_without_traceback(db_url, tmp_path):
-    for args, message in [
-        (("registry", "show", "ghost"), "unknown adapter 'ghost'"),
-        (("promote", "ghost", "1"), "unknown adapter 'ghost'"),
-        (("rollback", "ghost"), "unknown adapter 'ghost'"),
-        (("register", "--adapter", str(tmp_path), "--name", "a/b"), "invalid adapter name 'a/b'"),
-        (("register", "--from-experiment", str(tmp_path), "--name", "x"), "best_trial.json not found"),
-    ]:
-        result = loraops(tmp_path, db_url, *args)
-        assert result.returncode == 2, (args, result.stderr)
-        assert f"loraops: error: {message}" in result.stderr or message in result.stderr
-        assert "Traceback" not in result.stderr
+    assert registry.get("upgraded:1").config == version.config
+    assert version.config["model"]["name"] == "builtin:tiny-phi"
+    assert version.config["data"]["prompt_template"].startswith("Instruct:")
+    registry_db.dispose_engine(url)

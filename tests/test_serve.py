@@ -3,13 +3,12 @@ model with adapters trained here and registered in a temporary registry, real HT
 
 Two applications share one Serve instance: ``loraops`` (merged mode, bearer auth on, autoscaling
 1..3 replicas, watching ``tiny@production``) and ``open`` (nf4 mode, one replica, auth off by
-default). The merged-vs-nf4 numerics and the adapter swap are checked in-process, without Ray.
+default). The merged-vs-nf4 numerics and the adapter swap are in test_generate.py.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,12 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO, cli_env
+REPO = Path(__file__).resolve().parents[1]
+
 
 TOKEN = "s3cret-test-token"
 TOKEN_ENV = "LORAOPS_TEST_API_TOKEN"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-ADAPTER = "tiny"
+ADAPTER = "tiny"  # what the serving_home fixture registers: v1 (production) and v2
 DIALOGUE = "#Person1#: Hi, I'd like to book a table for two tonight.\n#Person2#: Sure, what time?\n#Person1#: Eight, please."
 #: The issue's promise: after a promotion every replica serves the new version within 30 s.
 SWITCH_DEADLINE_S = 30.0
@@ -34,39 +34,7 @@ SWITCH_DEADLINE_S = 30.0
 SETTLE_S = 8.0
 
 
-# --- set-up: a trained adapter, two versions, two Serve applications ---------------------------
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory, tiny_model_home) -> Path:
-    """A workspace with the tiny model, one short training run and its two checkpoints registered as v1 and v2."""
-    from loraops.config import load_config
-    from loraops.registry import Registry
-    from loraops.train import train
-
-    workspace = tmp_path_factory.mktemp("serve-home")
-    shutil.copytree(tiny_model_home / "models", workspace / "models")
-    config = load_config(
-        REPO / "tune" / "tiny.yaml",
-        [
-            f"workspace={workspace}",
-            "name=serve-test",
-            "data.builtin_size=200",
-            "training.max_steps=12",
-            "training.per_device_train_batch_size=8",
-            "training.save_steps=6",
-            "training.eval_steps=6",
-            "training.logging_steps=6",
-            "training.eval_max_samples=16",
-            "training.save_total_limit=null",
-        ],
-    )
-    run = train(config, progress=False)
-    registry = Registry(workspace=workspace)
-    registry.register(run.output_dir / "checkpoint-6", ADAPTER)  # v1
-    registry.register(run.output_dir / "checkpoint-12", ADAPTER)  # v2: six more steps, different weights
-    registry.promote(ADAPTER, 1)
-    return workspace
+# --- set-up: two Serve applications on the serving_home registry (conftest) ---------------------------
 
 
 def _free_port() -> int:
@@ -76,7 +44,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def serve_urls(ray_address, home):
+def serve_urls(ray_address, serving_home):
     """Deploy both applications from serve/tiny.yaml through the code path of `loraops serve`; yields their URLs."""
     from ray import serve
 
@@ -87,7 +55,7 @@ def serve_urls(ray_address, home):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = [
         f"http_options.port={port}",
-        f"args.workspace={home}",
+        f"args.workspace={serving_home}",
         f"args.adapter={ADAPTER}",
         "args.registry_poll_s=1",
         "args.max_new_tokens_limit=128",
@@ -157,6 +125,8 @@ def _settled_on_one_replica() -> bool:
 # --- answers -----------------------------------------------------------------------------------
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_summary_comes_back_with_the_version_that_made_it(http):
     response = http.post("/v1/summarize", json={"dialogue": DIALOGUE, "max_new_tokens": 16})
 
@@ -168,6 +138,8 @@ def test_summary_comes_back_with_the_version_that_made_it(http):
     assert 1 <= answer["usage"]["completion_tokens"] <= 16
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_default_summary_length_and_sampling(http):
     greedy = [http.post("/v1/summarize", json={"dialogue": DIALOGUE}).json() for _ in range(2)]
     sampled = http.post("/v1/summarize", json={"dialogue": DIALOGUE, "temperature": 1.5, "max_new_tokens": 8})
@@ -177,6 +149,8 @@ def test_default_summary_length_and_sampling(http):
     assert sampled.status_code == 200 and sampled.json()["usage"]["completion_tokens"] <= 8
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_batch_endpoint_answers_each_dialogue_in_order(http):
     dialogues = [DIALOGUE, DIALOGUE + "\n#Person2#: See you then.", "#Person1#: Is the shop open?\n#Person2#: Yes, until six."]
     singles = [http.post("/v1/summarize", json={"dialogue": d, "max_new_tokens": 8}).json() for d in dialogues]
@@ -190,6 +164,8 @@ def test_batch_endpoint_answers_each_dialogue_in_order(http):
     assert all(a["model"] == {"name": ADAPTER, "version": 1} for a in answers)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_models_healthz_and_docs(http, serve_urls):
     main = http.get("/v1/models").json()["models"][0]
     open_model = httpx.get(serve_urls["open"] + "/v1/models").json()["models"][0]
@@ -205,6 +181,8 @@ def test_models_healthz_and_docs(http, serve_urls):
     assert {"/v1/summarize", "/v1/summarize/batch", "/v1/models", "/healthz"} <= set(spec["paths"])
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_nf4_mode_serves_the_pinned_version_and_auth_is_off_by_default(serve_urls):
     response = httpx.post(serve_urls["open"] + "/v1/summarize", json={"dialogue": DIALOGUE, "max_new_tokens": 8}, timeout=120)
 
@@ -212,6 +190,8 @@ def test_nf4_mode_serves_the_pinned_version_and_auth_is_off_by_default(serve_url
     assert response.json()["model"] == {"name": ADAPTER, "version": 2}
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_auth_when_enabled(serve_urls):
     url = serve_urls["main"] + "/v1/summarize"
     body = {"dialogue": DIALOGUE, "max_new_tokens": 4}
@@ -260,12 +240,11 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize(("path", "body", "status", "field"), [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
 def test_bad_input_gets_a_4xx_naming_the_field(http, path, body, status, field):
-    if isinstance(body, bytes):
-        response = http.post(path, content=body, headers={"content-type": "application/json"})
-    else:
-        response = http.post(path, json=body)
+    response = http.post(path, content=body, headers={"content-type": "application/json"}) if isinstance(body, bytes) else http.post(path, json=body)
 
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -273,6 +252,8 @@ def test_bad_input_gets_a_4xx_naming_the_field(http, path, body, status, field):
     assert error["message"]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_context_error_gives_the_token_counts(http):
     error = http.post("/v1/summarize", json={"dialogue": LONG_DIALOGUE}).json()["error"]
 
@@ -281,6 +262,8 @@ def test_context_error_gives_the_token_counts(http):
     assert "traceback" not in error["message"].lower() and "ray::" not in error["message"]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_unknown_route_and_method_are_json(http):
     missing = http.get("/v2/whatever")
     wrong_method = http.get("/v1/summarize")
@@ -292,10 +275,12 @@ def test_unknown_route_and_method_are_json(http):
 # --- clients -----------------------------------------------------------------------------------
 
 
-def test_cli_summarize_against_the_endpoint(serve_urls, home, tmp_path):
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cli_summarize_against_the_endpoint(cli_env, serve_urls, serving_home, tmp_path):
     dialogue_file = tmp_path / "dialogue.txt"
     dialogue_file.write_text(DIALOGUE)
-    env = cli_env(home) | {"LORAOPS_API_TOKEN": TOKEN}
+    env = cli_env(serving_home) | {"LORAOPS_API_TOKEN": TOKEN}
 
     done = subprocess.run(
         [sys.executable, "-m", "loraops", "summarize", "--url", serve_urls["main"], "--file", str(dialogue_file), "--max-new-tokens", "6", "--json"],
@@ -312,19 +297,21 @@ def test_cli_summarize_against_the_endpoint(serve_urls, home, tmp_path):
     assert "HTTP 401" in refused.stderr and "bearer token" in refused.stderr
 
 
-def test_cli_serve_detached_deploys_a_config_on_a_running_cluster(serve_urls, home, ray_address):
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cli_serve_detached_deploys_a_config_on_a_running_cluster(cli_env, serve_urls, serving_home, ray_address):
     from ray import serve
 
     port = httpx.URL(serve_urls["main"]).port
     command = [
         sys.executable, "-m", "loraops", "serve", "--config", str(REPO / "serve" / "tiny.yaml"), "--address", ray_address, "--detach",
         "--set", "name=cli", "--set", "route_prefix=/cli", "--set", f"http_options.port={port}",
-        "--set", f"args.workspace={home}", "--set", f"args.adapter={ADAPTER}:1", "--set", "args.mode=nf4",
+        "--set", f"args.workspace={serving_home}", "--set", f"args.adapter={ADAPTER}:1", "--set", "args.mode=nf4",
         "--set", "deployments.SummarizerModel.autoscaling_config=null", "--set", "deployments.SummarizerModel.num_replicas=1",
         "--set", "deployments.SummarizerModel.ray_actor_options.num_cpus=0.25", "--set", "deployments.SummarizerAPI.ray_actor_options.num_cpus=0.05",
     ]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, env=cli_env(home), timeout=300)
+        done = subprocess.run(command, capture_output=True, text=True, env=cli_env(serving_home), timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert f"at http://127.0.0.1:{port}/cli" in done.stdout
         answer = httpx.post(f"http://127.0.0.1:{port}/cli/v1/summarize", json={"dialogue": DIALOGUE, "max_new_tokens": 4}, timeout=120)
@@ -333,42 +320,16 @@ def test_cli_serve_detached_deploys_a_config_on_a_running_cluster(serve_urls, ho
         serve.delete("cli")
 
 
-def test_client_retries_503_and_reports_errors_with_the_field():
-    from loraops.serve.client import ServeError, SummarizerClient
-
-    answers = iter([
-        httpx.Response(503, json={"error": {"type": "overloaded", "message": "busy"}}, headers={"Retry-After": "0"}),
-        httpx.Response(503, json={"error": {"type": "overloaded", "message": "busy"}}),
-        httpx.Response(200, json={"summary": "ok", "model": {"name": "x", "version": 2}, "usage": {"prompt_tokens": 3, "completion_tokens": 1}}),
-    ])
-    calls = []
-
-    def respond(request: httpx.Request) -> httpx.Response:
-        calls.append(json.loads(request.content))
-        return next(answers)
-
-    with SummarizerClient("http://test", token="t", backoff_s=0.01, transport=httpx.MockTransport(respond)) as client:
-        assert client.summarize("hello", max_new_tokens=5)["model"]["version"] == 2
-    assert calls == [{"dialogue": "hello", "max_new_tokens": 5}] * 3
-
-    invalid = httpx.MockTransport(lambda _r: httpx.Response(422, json={"error": {"type": "validation_error", "message": "dialogue: empty", "field": "dialogue"}}))
-    with SummarizerClient("http://test", transport=invalid) as client, pytest.raises(ServeError) as caught:
-        client.summarize(" ")
-    assert (caught.value.status, caught.value.field) == (422, "dialogue")
-
-    always_busy = httpx.MockTransport(lambda _r: httpx.Response(503, json={"error": {"type": "unavailable", "message": "no replica"}}))
-    with SummarizerClient("http://test", retries=2, backoff_s=0.001, transport=always_busy) as client, pytest.raises(ServeError, match="HTTP 503: no replica"):
-        client.health()
-
-
 # --- promotion under load and autoscaling ------------------------------------------------------
 
 
-def test_promotion_under_load_drops_nothing_and_switches_every_replica(serve_urls, home):
+@pytest.mark.ray
+@pytest.mark.slow
+def test_promotion_under_load_drops_nothing_and_switches_every_replica(serve_urls, serving_home):
+    from loraops.bench.serve import builtin_test_dialogues, run_load
     from loraops.registry import Registry
-    from loraops.serve.bench import builtin_test_dialogues, run_load
 
-    registry = Registry(workspace=home)
+    registry = Registry(workspace=serving_home)
     promoted_at: list[float] = []
 
     def promote_in_the_middle() -> None:
@@ -405,8 +366,10 @@ def test_promotion_under_load_drops_nothing_and_switches_every_replica(serve_url
     assert httpx.get(serve_urls["main"] + "/healthz").json()["model"]["version"] == 2
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_urls):
-    from loraops.serve.bench import builtin_test_dialogues, run_load
+    from loraops.bench.serve import builtin_test_dialogues, run_load
 
     def wait_for(condition, timeout_s: float) -> float:
         started = time.monotonic()
@@ -436,140 +399,15 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_urls):
 # --- numerics and swaps, in-process ------------------------------------------------------------
 
 
-def _served(home: Path, ref: str, mode: str):
-    from loraops.model import load_for_serving
-    from loraops.registry import Registry
-    from loraops.serve.replica import adapter_slot, training_config
-
-    registry = Registry(workspace=home)
-    version = registry.get(ref)
-    config = training_config(version, str(home))
-    return load_for_serving(config, registry.resolve(version.ref), mode, adapter_name=adapter_slot(version.name, version.version)), registry
-
-
-def _greedy_tokens(served, dialogues: list[str], max_new_tokens: int) -> list[list[int]]:
-    from loraops.data import prompt_ids
-    from loraops.evaluate import generate_completions
-
-    prompts = [prompt_ids(served.tokenizer, d, served.config.data, budget=10**9) for d in dialogues]
-    tokens = []
-    for start in range(0, len(prompts), 32):
-        tokens += [c.token_ids for c in generate_completions(served.model, served.tokenizer, prompts[start:start + 32], max_new_tokens)]
-    return tokens
-
-
-def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    """Share of generated positions where both sequences have the same token (a position only one has counts as a miss)."""
-    same = sum(x == y for seq_a, seq_b in zip(a, b, strict=True) for x, y in zip(seq_a, seq_b))
-    total = sum(max(len(seq_a), len(seq_b)) for seq_a, seq_b in zip(a, b, strict=True))
-    return same / total
-
-
-def test_merged_mode_agrees_with_nf4_on_the_builtin_test_dialogues(home):
-    from loraops.serve.bench import builtin_test_dialogues
-
-    dialogues = builtin_test_dialogues(64)
-    nf4, _ = _served(home, f"{ADAPTER}:2", "nf4")
-    merged, _ = _served(home, f"{ADAPTER}:2", "merged")
-
-    agreement = token_agreement(_greedy_tokens(nf4, dialogues, 32), _greedy_tokens(merged, dialogues, 32))
-
-    print(f"\nmerged vs nf4 greedy token agreement on {len(dialogues)} built-in test dialogues: {100 * agreement:.2f}%")
-    assert agreement >= 0.99
-
-
-@pytest.mark.parametrize("mode", ["nf4", "merged"])
-def test_adapter_swap_equals_a_fresh_load(home, mode):
-    import torch
-
-    from loraops.data import left_pad, prompt_ids
-    from loraops.serve.replica import adapter_slot
-
-    swapped, registry = _served(home, f"{ADAPTER}:1", mode)
-    fresh, _ = _served(home, f"{ADAPTER}:2", mode)
-    before = _logits(swapped, prompt_ids, left_pad)
-
-    swapped.swap(registry.resolve(f"{ADAPTER}:2"), adapter_slot(ADAPTER, 2))
-
-    after, expected = _logits(swapped, prompt_ids, left_pad), _logits(fresh, prompt_ids, left_pad)
-    assert not torch.equal(before, after)  # v1 and v2 really differ
-    assert torch.equal(after, expected)  # bit for bit: the restored base plus v2, as if freshly loaded
-    assert list(swapped.model.peft_config) == [adapter_slot(ADAPTER, 2)]
-
-
-def _logits(served, prompt_ids, left_pad):
-    import torch
-
-    prompts = [prompt_ids(served.tokenizer, d, served.config.data, budget=10**9) for d in (DIALOGUE, DIALOGUE + " Thanks.")]
-    with torch.no_grad():
-        return served.model(**left_pad(prompts, served.tokenizer.pad_token_id)).logits
-
-
 # --- configuration and registry ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("args.mode=fp8", "args: mode: Input should be 'nf4' or 'merged'"),
-        ("args.adapter=a@@b", "args: adapter"),
-        ("args.colour=blue", "args: colour: unknown key"),
-        ("args.max_new_tokens_limit=8", "default_max_new_tokens (64) is above max_new_tokens_limit (8)"),
-        ("deployments.Bogus.num_replicas=2", "unknown deployment 'Bogus'"),
-        ("deployments.SummarizerModel.num_cpus=2", "(SummarizerModel).num_cpus: unknown deployment option"),
-        ("deployments.SummarizerModel.autoscaling_config.max_replica=2", "autoscaling_config.max_replica: unknown key"),
-        ("deployments.SummarizerModel.autoscaling_config.max_replicas=0", "autoscaling_config: max_replicas"),
-        ("deployments.SummarizerModel.ray_actor_options.num_gpu=1", "ray_actor_options.num_gpu: unknown key"),
-    ],
-)
-def test_serve_config_errors_name_the_key(override, message):
-    from loraops.config import ConfigError
-    from loraops.serve.settings import load_serve_config
-
-    with pytest.raises(ConfigError) as caught:
-        load_serve_config(REPO / "serve" / "tiny.yaml", [override])
-    assert message in str(caught.value)
-
-
-def test_shipped_serve_configs_are_valid_for_loraops_and_ray():
-    from ray.serve.schema import ServeDeploySchema
-
-    from loraops.serve.settings import load_serve_config
-
-    for name in ("tiny.yaml", "phi2.yaml"):
-        config = load_serve_config(REPO / "serve" / name)
-        ServeDeploySchema.model_validate(config.raw)
-        assert config.deployment_options["SummarizerModel"]["autoscaling_config"]["max_replicas"] >= 3
-    assert load_serve_config(REPO / "serve" / "phi2.yaml").deployment_options["SummarizerModel"]["ray_actor_options"]["num_gpus"] > 0
-
-
-def test_cli_serve_rejects_a_bad_config_with_one_line(home):
+def test_cli_serve_rejects_a_bad_config_with_one_line(cli_env, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "loraops", "serve", "--config", str(REPO / "serve" / "tiny.yaml"), "--set", "args.mode=fast"],
-        capture_output=True, text=True, env=cli_env(home), timeout=120,
+        capture_output=True, text=True, env=cli_env(tmp_path), timeout=120,
     )
     assert done.returncode == 2
     assert done.stderr.startswith("loraops: error:") and "mode" in done.stderr
 
 
-def test_registry_keeps_the_training_config_and_upgrades_old_databases(home, tmp_path):
-    from sqlalchemy import create_engine, text
-
-    from loraops.registry import Registry
-    from loraops.registry import db as registry_db
-
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    Registry(db_url=url, artifact_uri=str(tmp_path / "store"), workspace=home).list_adapters()  # creates the tables
-    registry_db.dispose_engine(url)
-    old = create_engine(url)
-    with old.begin() as connection:  # the schema before the config column existed
-        connection.execute(text("ALTER TABLE registry_versions DROP COLUMN config"))
-    old.dispose()
-
-    registry = Registry(db_url=url, artifact_uri=str(tmp_path / "store"), workspace=home)
-    version = registry.register(home / "runs" / "serve-test" / "checkpoint-6", "upgraded")
-
-    assert registry.get("upgraded:1").config == version.config
-    assert version.config["model"]["name"] == "builtin:tiny-phi"
-    assert version.config["data"]["prompt_template"].startswith("Instruct:")
-    registry_db.dispose_engine(url)

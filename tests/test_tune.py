@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, cli_env
 from loraops.config import ConfigError, database_url, load_config
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tune" / "tiny.yaml"
 #: A few seconds per trial on one core: 20 steps of 4 rows, an eval every 10 steps.
 SMALL = [
@@ -137,12 +137,13 @@ def test_a_bad_search_space_is_a_config_error_naming_the_key(space, message):
         SearchSpace.from_config(load_config(TINY, [space_override(space)]))
 
 
-def test_cli_reports_a_bad_space_before_starting_ray(tmp_path):
+def test_cli_reports_a_bad_space_before_starting_ray(cli_env, tmp_path):
     command = [sys.executable, "-m", "loraops", "tune", "-c", str(TINY), "--set", space_override({"lora.r": {"uniform": [8, 64]}})]
     run = subprocess.run(command, env=cli_env(tmp_path / "ws"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.startswith("loraops: error: search.space.lora.r: "), run.stderr
     assert not (tmp_path / "ws").exists()  # nothing built, no Ray started
-    show = subprocess.run([sys.executable, "-m", "loraops", "tune", "--show", str(tmp_path)], env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "loraops", "tune", "--show", str(tmp_path)]
+    show = subprocess.run(command, env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert show.returncode == 2 and "is not a loraops experiment" in show.stderr
 
 
@@ -161,9 +162,8 @@ def test_experiment_location_is_a_folder_or_a_uri(tmp_path):
 
 def test_tiny_yaml_search_fits_its_budget():
     """tune/tiny.yaml is the demo's search: about 8 trials, 2 at a time, ASHA, a space that validates."""
-    from loraops.tune.space import SearchSpace
-
     from loraops.tune.experiment import trial_steps
+    from loraops.tune.space import SearchSpace
 
     config = load_config(TINY)
     assert 6 <= config.search.num_samples <= 10 and config.search.max_concurrent_trials == 2
@@ -187,7 +187,8 @@ def test_study_search_resumed_from_an_old_snapshot_keeps_one_entry_per_trial(tmp
     from loraops.tune.space import SearchSpace
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    space = SearchSpace.from_config(load_config(TINY, [space_override({"training.learning_rate": {"loguniform": [1e-4, 1e-2]}, "lora.r": {"choice": [8, 16]}})]))
+    override = space_override({"training.learning_rate": {"loguniform": [1e-4, 1e-2]}, "lora.r": {"choice": [8, 16]}})
+    space = SearchSpace.from_config(load_config(TINY, [override]))
 
     def new_driver() -> StudySearch:
         searcher = StudySearch(database_url=url, study_name="s", seed=0, num_samples=4)
@@ -281,6 +282,8 @@ def seed_covering(choices: list[str], key: str, distributions: dict) -> int:
     raise AssertionError("no seed found")
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_failing_trial_is_recorded_and_the_others_finish(ray_address, workspace, monkeypatch):
     import optuna
 
@@ -314,7 +317,9 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(ray_address, workspac
     assert best["params"]["lora.target_modules"] == ["q_proj", "v_proj"] and best["config"]["lora"]["target_modules"] == ["q_proj", "v_proj"]
 
 
-def test_a_killed_driver_resumes_with_every_trial_once(ray_address, workspace, tmp_path):
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_driver_resumes_with_every_trial_once(cli_env, ray_address, workspace, tmp_path):
     from loraops.cli import main
     from loraops.tune.results import load_trials
 

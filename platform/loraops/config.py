@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraops.errors import LoraopsError
+from loraops.layout import NAME_RULE, is_valid_name
 
 #: Environment variable that moves the workspace (everything loraops generates).
 WORKSPACE_ENV = "LORAOPS_HOME"
@@ -236,7 +237,7 @@ class SearchConfig(Section):
 class Config(Section):
     """The whole configuration of a loraops job."""
 
-    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field("run", description="Run, experiment and (by default) adapter name; a folder name.")
     workspace: str | None = Field(None, description=f"Folder for everything generated; default ${WORKSPACE_ENV} or ./{DEFAULT_WORKSPACE}.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
@@ -246,11 +247,20 @@ class Config(Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not is_valid_name(value):
+            raise ValueError(f"use {NAME_RULE}")
+        return value
+
     @model_validator(mode="after")
     def _rows_fit_the_token_budget(self) -> Config:
         budget = self.training.max_tokens_per_batch
         if budget is not None and budget < self.data.max_length:
-            raise ValueError(f"training.max_tokens_per_batch ({budget}) must be at least data.max_length ({self.data.max_length}), so that every row fits a micro-batch")
+            raise ValueError(
+                f"training.max_tokens_per_batch ({budget}) must be at least data.max_length ({self.data.max_length}), so that every row fits a micro-batch"
+            )
         return self
 
     @property

@@ -4,13 +4,8 @@
 gets the metrics after every evaluation together with the checkpoint saved at that step (if any);
 a Ray Tune trial calls exactly this function with a callback that forwards to ``tune.report``.
 
-Run folder layout::
-
-    adapter/              best adapter so far by eval loss (PEFT format)
-    checkpoint-<step>/    adapter + trainer_state.pt (optimizer, scheduler, RNG) for resuming
-    metrics.jsonl         one JSON object per logging/eval event
-    loss.png              train and eval loss per step
-    config.yaml           the resolved config of this run
+It writes a run folder (see :mod:`loraops.layout`): the best adapter, step checkpoints with the
+trainer state for resuming, ``metrics.jsonl``, ``loss.png`` and the resolved ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -32,9 +27,21 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from loraops.batching import BatchStream, eval_batches
 from loraops.config import Config, dump_config
-from loraops.data import IGNORE_INDEX, batch_order, encode_all, load_split, make_batch, split_by_tokens
+from loraops.data import IGNORE_INDEX, encode_all, load_split
 from loraops.errors import LoraopsError
+from loraops.layout import (
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS_FILE,
+    CHECKPOINT_PREFIX,
+    LOSS_PLOT_FILE,
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    TRAINER_STATE_FILE,
+    checkpoint_dir_name,
+    checkpoint_step,
+)
 from loraops.model import DTYPES, device, load_base_model, load_tokenizer, prepare_for_training
 
 log = logging.getLogger(__name__)
@@ -85,7 +92,7 @@ def train(
     """Fine-tune one LoRA adapter on the 4-bit base model described by ``config``."""
     out = run_dir(config, output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
+    (out / RUN_CONFIG_FILE).write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
     settings = config.training
     if settings.attn_implementation == "flex_attention" and device().type != "cuda":
         # torch 2.13: "FlexAttention does not support backward on CPU"; fail before minutes of loading.
@@ -109,7 +116,7 @@ def train(
         state = load_checkpoint(Path(resume_from), model, optimizer, scheduler)
         log.info("resumed from %s at step %d", resume_from, state.step)
 
-    metrics = MetricsLog(out / "metrics.jsonl", config, fresh=not resume_from)
+    metrics = MetricsLog(out / METRICS_FILE, config, fresh=not resume_from)
     batches = BatchStream(train_rows, config, tokenizer.pad_token_id, skip=state.step)
     autocast = autocast_context(config)
     model.train()
@@ -136,7 +143,8 @@ def train(
 
         last = state.step == settings.max_steps
         if state.step % settings.logging_steps == 0 or last:
-            metrics.write(step=state.step, train_loss=sum(window) / len(window), learning_rate=scheduler.get_last_lr()[0], elapsed_s=round(time.perf_counter() - started, 2))
+            elapsed = round(time.perf_counter() - started, 2)
+            metrics.write(step=state.step, train_loss=sum(window) / len(window), learning_rate=scheduler.get_last_lr()[0], elapsed_s=elapsed)
             window.clear()
         checkpoint = None
         if state.step % settings.save_steps == 0 or last:
@@ -147,16 +155,16 @@ def train(
             improved = eval_loss < state.best_eval_loss
             if improved:
                 state.best_eval_loss, state.best_step = eval_loss, state.step
-                save_adapter(model, out / "adapter")
+                save_adapter(model, out / ADAPTER_DIR)
             event = metrics.write(step=state.step, eval_loss=eval_loss, best_eval_loss=state.best_eval_loss)
             bar.set_postfix(loss=f"{loss:.3f}", eval=f"{eval_loss:.3f}")
             if report is not None:
                 report(event, checkpoint)
     bar.close()
     metrics.close()
-    plot = plot_losses(out / "metrics.jsonl", out / "loss.png", title=config.name)
-    log.info("best eval loss %.4f at step %d; adapter in %s", state.best_eval_loss, state.best_step, out / "adapter")
-    return TrainResult(out, out / "adapter", state.best_eval_loss, state.best_step, state.step, out / "metrics.jsonl", plot)
+    plot = plot_losses(out / METRICS_FILE, out / LOSS_PLOT_FILE, title=config.name)
+    log.info("best eval loss %.4f at step %d; adapter in %s", state.best_eval_loss, state.best_step, out / ADAPTER_DIR)
+    return TrainResult(out, out / ADAPTER_DIR, state.best_eval_loss, state.best_step, state.step, out / METRICS_FILE, plot)
 
 
 # --- the pieces of a step ----------------------------------------------------------------------
@@ -168,68 +176,6 @@ class TrainState:
     samples: int = 0
     best_eval_loss: float = math.inf
     best_step: int = 0
-
-
-#: Attention that skips the work across packed rows (a block-sparse mask, varlen kernels): one sequence per micro-batch.
-SPARSE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
-
-
-def packed_sequence_length(config: Config) -> int | None:
-    """How long a packed sequence may be: unbounded where attention skips across-row work, else ``data.max_length``.
-
-    SDPA and eager attention get a dense mask as long as the sequence squared; sequences no longer
-    than the longest row keep that cost near the padded batch's. Flash attention's varlen path
-    needs a single sequence (transformers only reads a batch of one as packed).
-    """
-    return None if config.training.attn_implementation in SPARSE_ATTENTION else config.data.max_length
-
-
-@dataclass
-class Step:
-    """One optimizer step's data."""
-
-    micro_batches: list[dict[str, torch.Tensor]]
-    rows: int
-    tokens: int  # tokens of the rows themselves, no padding or filler
-
-
-class BatchStream:
-    """Endless optimizer steps, epoch after epoch, reproducible from (seed, steps taken).
-
-    A step draws ``per_device_train_batch_size x gradient_accumulation_steps`` rows at once
-    (length-grouped when ``group_by_length``; the last step of an epoch may have fewer). Without a
-    token budget they are cut into micro-batches of ``per_device_train_batch_size`` rows; with
-    ``max_tokens_per_batch`` they are sorted by length and cut into micro-batches of at most that
-    many tokens, so memory follows tokens, not the longest row times the row count. Either way a
-    step trains on the same rows, so the token budget and packing change the speed, not what is learned.
-    """
-
-    def __init__(self, rows, config: Config, pad_id: int, skip: int = 0):
-        self.rows, self.settings, self.pad_id = rows, config.training, pad_id
-        self.sequence_length = packed_sequence_length(config)
-        self.lengths = [len(row["input_ids"]) for row in rows]
-        self.rng = random.Random(self.settings.seed)
-        self.pending: list[list[int]] = []
-        self.rows_per_step = self.settings.per_device_train_batch_size * self.settings.gradient_accumulation_steps
-        for _ in range(skip):
-            self.next_step_indices()
-
-    def next_step_indices(self) -> list[list[int]]:
-        """Row indices of the next step's micro-batches."""
-        if not self.pending:
-            self.pending = batch_order(self.lengths, self.rows_per_step, self.settings.group_by_length, self.rng)
-        group = self.pending.pop(0)
-        budget = self.settings.max_tokens_per_batch
-        if budget is None:
-            size = self.settings.per_device_train_batch_size
-            return [group[start : start + size] for start in range(0, len(group), size)]
-        group = sorted(group, key=lambda i: -self.lengths[i])
-        return split_by_tokens(group, self.lengths, budget, self.settings.packing)
-
-    def __next__(self) -> Step:
-        indices = self.next_step_indices()
-        batches = [make_batch([self.rows[i] for i in batch], self.pad_id, self.settings.packing, self.sequence_length) for batch in indices]
-        return Step(batches, sum(len(batch) for batch in indices), sum(self.lengths[i] for batch in indices for i in batch))
 
 
 def autocast_context(config: Config):
@@ -286,20 +232,6 @@ def train_step(model, micro_batches: list[dict[str, torch.Tensor]], autocast) ->
     return total.item() / count
 
 
-def eval_batches(rows, config: Config, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """The eval rows longest first, cut by the token budget (or ``per_device_eval_batch_size`` rows)."""
-    settings = config.training
-    lengths = [len(row["input_ids"]) for row in rows]
-    order = sorted(range(len(rows)), key=lambda i: -lengths[i])
-    if settings.max_tokens_per_batch is not None:
-        groups = split_by_tokens(order, lengths, settings.max_tokens_per_batch, settings.packing)
-    else:
-        size = settings.per_device_eval_batch_size
-        groups = [order[start : start + size] for start in range(0, len(order), size)]
-    sequence_length = packed_sequence_length(config)
-    return [make_batch([rows[i] for i in group], pad_id, settings.packing, sequence_length) for group in groups]
-
-
 @torch.no_grad()
 def evaluate_loss(model, rows, config: Config, pad_id: int, autocast) -> float:
     """Mean loss per summary token over the eval rows (token-weighted, so the batching doesn't matter)."""
@@ -353,7 +285,7 @@ def save_adapter(model, folder: Path) -> None:
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, keep: int | None) -> Path:
-    folder = out / f"checkpoint-{state.step}"
+    folder = out / checkpoint_dir_name(state.step)
     save_adapter(model, folder)
     torch.save(
         {
@@ -362,10 +294,10 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, k
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.random.get_rng_state(),
         },
-        folder / "trainer_state.pt",
+        folder / TRAINER_STATE_FILE,
     )
     if keep:
-        for stale in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        for stale in sorted(out.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: checkpoint_step(p.name) or 0)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
     return folder
 
@@ -374,9 +306,9 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> TrainState:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(folder / "adapter_model.safetensors"))
+    weights = load_file(str(folder / ADAPTER_WEIGHTS_FILE))
     set_peft_model_state_dict(model, weights)
-    saved = torch.load(folder / "trainer_state.pt", weights_only=False)
+    saved = torch.load(folder / TRAINER_STATE_FILE, weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.random.set_rng_state(saved["torch_rng"])
@@ -437,9 +369,9 @@ def plot_losses(metrics_file: Path, png: Path, title: str) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     if train_points:
-        ax.plot(*zip(*train_points), label="train loss")
+        ax.plot(*zip(*train_points, strict=False), label="train loss")
     if eval_points:
-        ax.plot(*zip(*eval_points), marker="o", label="eval loss")
+        ax.plot(*zip(*eval_points, strict=False), marker="o", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)

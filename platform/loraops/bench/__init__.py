@@ -1,1 +1,6 @@
-"""Benchmarks behind ``loraops bench``: each prints a table, writes JSON and compares against a baseline measured in the same run."""
+"""Benchmarks behind ``loraops bench ...``: each prints a table, writes JSON figures, and compares
+against a baseline measured in the same run (never a hard-coded number).
+
+- :mod:`loraops.bench.serve`: latency and throughput of the summarization endpoint, nf4 vs merged.
+- :mod:`loraops.bench.train`: training throughput, memory and eval loss of a recipe against the seed recipe.
+"""

@@ -20,6 +20,7 @@ about Phi-2's quality.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -310,18 +311,14 @@ def release_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     elif platform.system() == "Linux":
-        try:
+        with contextlib.suppress(OSError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
 
 
 def reset_peak_rss() -> None:
     """Reset the process's peak resident memory (Linux: VmHWM), so the next recipe's peak is measured alone."""
-    try:
+    with contextlib.suppress(OSError):  # elsewhere the peak is the process's, since it started
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # elsewhere the peak is the process's, since it started
 
 
 def peak_rss_bytes() -> int:
@@ -379,10 +376,8 @@ def ensure_random_init_model(kind: str, workspace: Path, num_hidden_layers: int 
     staging = Path(tempfile.mkdtemp(prefix=f".random-init-{kind}-", dir=target.parent))
     try:
         build_random_init_model(kind, staging, num_hidden_layers)
-        try:
+        with contextlib.suppress(OSError):  # another process finished first
             os.rename(staging, target)
-        except OSError:
-            pass  # another process finished first
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

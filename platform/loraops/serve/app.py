@@ -147,7 +147,8 @@ async def _invalid_request(_request: Request, exc: RequestValidationError) -> JS
     first = problems[0] if problems else {"loc": ("body",), "msg": "invalid request"}
     if first.get("type") == "json_invalid":  # its location is a character offset, not a field
         position = first.get("loc", ("body", "?"))[-1]
-        return error_response(422, "validation_error", f"body: invalid JSON ({first.get('ctx', {}).get('error', 'decode error')} at character {position})", field="body")
+        reason = first.get("ctx", {}).get("error", "decode error")
+        return error_response(422, "validation_error", f"body: invalid JSON ({reason} at character {position})", field="body")
     field = _field_of(first.get("loc", ("body",)))
     message = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid value")
     response = error_response(422, "validation_error", f"{field}: {message}", field=field)
@@ -265,7 +266,8 @@ class SummarizerAPI:
     async def summarize_batch(self, body: BatchRequest) -> list[dict[str, Any]]:
         """Summarize several dialogues; the answers come in the same order."""
         if len(body.dialogues) > self.settings.max_batch_dialogues:
-            raise ApiError(422, "validation_error", f"dialogues: at most {self.settings.max_batch_dialogues} per request, got {len(body.dialogues)}", field="dialogues")
+            limit = self.settings.max_batch_dialogues
+            raise ApiError(422, "validation_error", f"dialogues: at most {limit} per request, got {len(body.dialogues)}", field="dialogues")
         payloads = [self._payload(text, body.max_new_tokens, body.temperature) for text in body.dialogues]
         results = await asyncio.gather(*(self._summarize(p, field=f"dialogues.{i}") for i, p in enumerate(payloads)), return_exceptions=True)
         for result in results:

@@ -3,7 +3,7 @@
 Read from the experiment folder alone (Tune's experiment state and each trial's result.json), so
 ``loraops tune --show`` works on a running, an interrupted or a finished experiment, without Ray.
 
-Files written into the experiment folder:
+Files written into the experiment folder (names in :mod:`loraops.layout`):
 
     results.csv        trial, status, searched values, best eval loss (step), steps done, stop reason
     search.png         eval loss over steps per trial | best eval loss against the main parameter
@@ -25,12 +25,9 @@ from typing import Any
 import yaml
 
 from loraops.errors import LoraopsError
+from loraops.layout import BEST_CONFIG_FILE, BEST_TRIAL_FILE
 from loraops.tune.trainable import MAX_STEPS, METRIC, STEP
 
-RESULTS_FILE = "results.csv"
-PLOT_FILE = "search.png"
-BEST_TRIAL_FILE = "best_trial.json"
-BEST_CONFIG_FILE = "best_config.yaml"
 FINISHED = ("TERMINATED", "ERROR")
 
 
@@ -182,7 +179,9 @@ def best_row(rows: list[TrialRow]) -> TrialRow | None:
     return min(scored, key=lambda row: row.best_eval_loss) if scored else None
 
 
-def best_trial_record(row: TrialRow, experiment: str, experiment_path: str, adapter_path: Path, config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+def best_trial_record(
+    row: TrialRow, experiment: str, experiment_path: str, adapter_path: Path, config: dict[str, Any], params: dict[str, Any]
+) -> dict[str, Any]:
     """The ``best_trial.json`` contract that ``loraops registry`` reads."""
     return {
         "trial_id": row.trial_id,
@@ -222,7 +221,7 @@ def plot_search(rows: list[TrialRow], x_key: str | None, x_log: bool, color_key:
     best = best_row(rows)
     fig, (curves, params) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in scored:
-        steps, losses = zip(*row.history)
+        steps, losses = zip(*row.history, strict=False)
         is_best = row is best
         curves.plot(steps, losses, marker=".", linewidth=2.5 if is_best else 1.0, alpha=1.0 if is_best else 0.6,
                     label=f"{row.trial_id} (best)" if is_best else None, linestyle="-" if row.stop_reason == "completed" else "--")
@@ -239,7 +238,7 @@ def plot_search(rows: list[TrialRow], x_key: str | None, x_log: bool, color_key:
             for early in (False, True):
                 points = [(row.params[x_key], row.best_eval_loss) for row in members if (row.stop_reason != "completed") == early and x_key in row.params]
                 if points:
-                    params.scatter(*zip(*points), color=colors(index % 10), marker="x" if early else "o", s=45, label=label)
+                    params.scatter(*zip(*points, strict=False), color=colors(index % 10), marker="x" if early else "o", s=45, label=label)
                     label = None  # one legend entry per group
         if x_log:
             params.set_xscale("log")

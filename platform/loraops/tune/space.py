@@ -135,7 +135,10 @@ def _check_key(key: str, config: Config) -> None:
     if section not in SEARCHABLE_SECTIONS:
         raise ConfigError(f"search.space.{key}: only keys of {', '.join(SEARCHABLE_SECTIONS)} can be searched")
     if key == "training.max_steps" and (config.search.scheduler.type == "asha" or config.search.max_steps):
-        raise ConfigError("search.space.training.max_steps: it is the budget of every trial (ASHA's max_t, search.max_steps); search it with search.scheduler.type: fifo and no search.max_steps")
+        raise ConfigError(
+            "search.space.training.max_steps: it is the budget of every trial (ASHA's max_t, search.max_steps); "
+            "search it with search.scheduler.type: fifo and no search.max_steps"
+        )
 
 
 def _probe_values(dimension: Dimension) -> list[Any]:

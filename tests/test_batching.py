@@ -3,13 +3,17 @@
 CPU, fp32, the embedded tiny model (4-bit nf4 base + LoRA), as in training.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import REPO
+
+from loraops.batching import batch_cost, pack_rows, split_by_tokens
 from loraops.config import ConfigError, load_config
-from loraops.data import IGNORE_INDEX, batch_cost, encode_all, load_split, pack_rows, pad_batch, split_by_tokens
+from loraops.data import IGNORE_INDEX, encode_all, load_split, pad_batch
 from loraops.model import load_base_model, load_tokenizer, prepare_for_training
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.builtin_size=200", "lora.dropout=0.0", "training.eval_max_samples=24"]
 
 
@@ -78,7 +82,7 @@ def test_a_token_budget_below_the_row_length_is_a_config_error():
 
 
 def test_budgeted_steps_hold_the_same_rows_and_resume_at_the_same_place(rows):
-    from loraops.train import BatchStream
+    from loraops.batching import BatchStream
 
     rows, pad_id = rows
     config = tiny_config(
@@ -165,7 +169,8 @@ def test_bounded_packed_sequences_keep_rows_apart(lora_model, rows):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_packed_and_budgeted_steps_give_the_padded_gradients(tiny_model_home, rows, checkpointing):
     """One optimizer step's gradients: 12 rows padded in 2 micro-batches of 6 vs packed under a token budget (sequences of <= 384 tokens)."""
-    from loraops.train import BatchStream, autocast_context, train_step
+    from loraops.batching import BatchStream
+    from loraops.train import autocast_context, train_step
 
     rows, pad_id = rows
     base = [
@@ -204,8 +209,9 @@ def test_packed_eval_loss_equals_padded_eval_loss(lora_model, rows):
 @pytest.mark.slow
 def test_a_packed_run_learns_like_the_padded_run_and_resumes_exactly(tiny_model_home, tmp_path):
     """Same samples, same eval loss (within 2%); a packed, budgeted run resumes from a checkpoint exactly."""
-    from loraops.train import train
     from safetensors.torch import load_file
+
+    from loraops.train import train
 
     short = [
         f"workspace={tiny_model_home}",

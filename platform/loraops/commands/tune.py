@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from loraops.commands.common import SubParsers, add_config_arguments
 from loraops.errors import LoraopsError
 
 #: ``--resume`` without a path: the newest experiment under the storage root.
@@ -23,10 +24,8 @@ NAME is kept in the project database (search.database_url).
 """
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add the ``tune`` subcommand."""
-    from loraops.cli import add_config_arguments  # here, not at the top: loraops.cli imports this module
-
+def add_commands(sub: SubParsers) -> None:
+    """Add ``tune``."""
     parser = sub.add_parser(
         "tune",
         help="hyperparameter search on Ray Tune (Optuna TPE + ASHA), one QLoRA run per trial",
@@ -34,11 +33,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(parser, required=False)
-    parser.add_argument("--name", metavar="NAME", help="experiment (and Optuna study) name; default CONFIG_NAME-YYYYmmdd-HHMMSS. With --resume: the experiment NAME in the storage")
+    parser.add_argument(
+        "--name",
+        metavar="NAME",
+        help="experiment (and Optuna study) name; default CONFIG_NAME-YYYYmmdd-HHMMSS. With --resume: the experiment NAME in the storage",
+    )
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--resume", nargs="?", const=NEWEST, metavar="PATH", help="continue an interrupted experiment (folder or URI); default: the newest one in the storage of --config, else WORKSPACE/experiments")
+    action.add_argument(
+        "--resume",
+        nargs="?",
+        const=NEWEST,
+        metavar="PATH",
+        help="continue an interrupted experiment (folder or URI); default: the newest one in the storage of --config, else WORKSPACE/experiments",
+    )
     action.add_argument("--show", metavar="PATH", help="print the results table of an experiment, finished or running, and exit")
-    parser.add_argument("--register", nargs="?", const="", metavar="NAME", help="at the end, register the best trial's adapter as the next version of NAME (default: the config's name)")
+    parser.add_argument(
+        "--register",
+        nargs="?",
+        const="",
+        metavar="NAME",
+        help="at the end, register the best trial's adapter as the next version of NAME (default: the config's name)",
+    )
     parser.set_defaults(handler=run_command)
 
 
@@ -85,7 +100,8 @@ def resume_path(args: argparse.Namespace) -> str:
 
 
 def print_outcome(outcome) -> None:
-    from loraops.tune.results import RESULTS_FILE, format_table, summary_line
+    from loraops.layout import RESULTS_FILE
+    from loraops.tune.results import format_table, summary_line
 
     print()
     print(format_table(outcome.rows))

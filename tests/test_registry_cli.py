@@ -1,0 +1,65 @@
+"""The registry commands (:mod:`loraops.commands.registry`) as a user runs them: ``register``, ``promote``,
+``rollback``, ``registry list|show|audit`` in subprocesses, against SQLite and (when set) PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def loraops(cli_env):
+    """A function: run ``loraops ARGS --db DB_URL`` in a subprocess with workspace TMP_PATH/ws."""
+
+    def run(tmp_path: Path, db_url: str, *args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "loraops", *args]
+        if args[0] == "registry":
+            command[3:5] = [args[0], args[1], "--db", db_url]
+        else:
+            command[4:4] = ["--db", db_url]
+        return subprocess.run(command, capture_output=True, text=True, env=cli_env(tmp_path / "ws"), cwd=tmp_path, timeout=120)
+
+    return run
+
+
+def test_cli_register_promote_rollback(loraops, make_run, db_url, tmp_path):
+    first = make_run(tmp_path / "r1", seed=1, eval_losses=(1.5,))
+    second = make_run(tmp_path / "r2", seed=2, eval_losses=(1.9,))
+    ok = loraops(tmp_path, db_url, "register", "--adapter", str(first), "--name", "cli", "--metrics", '{"rougeL": 33.5}')
+    assert ok.returncode == 0, ok.stderr
+    assert "registered cli:1" in ok.stdout
+    assert loraops(tmp_path, db_url, "register", "--adapter", str(second), "--name", "cli").returncode == 0
+    assert loraops(tmp_path, db_url, "promote", "cli", "1", "--reason", "baseline").returncode == 0
+
+    refused = loraops(tmp_path, db_url, "promote", "cli", "2", "--if-better", "eval_loss")
+    assert refused.returncode == 2
+    assert "1.9" in refused.stderr and "1.5" in refused.stderr and "Traceback" not in refused.stderr
+
+    assert loraops(tmp_path, db_url, "promote", "cli", "v2").returncode == 0
+    rolled = loraops(tmp_path, db_url, "rollback", "cli", "--reason", "regression")
+    assert rolled.returncode == 0 and "from version 2 to 1" in rolled.stdout
+
+    shown = json.loads(loraops(tmp_path, db_url, "registry", "show", "cli@production", "--json").stdout)
+    assert (shown["version"], shown["metrics"]["rougeL"], shown["aliases"]) == (1, 33.5, ["production"])
+    audit = json.loads(loraops(tmp_path, db_url, "registry", "audit", "cli", "--json").stdout)
+    assert [(e["action"], e["to_version"], e["reason"]) for e in audit] == [("promote", 1, "baseline"), ("promote", 2, None), ("rollback", 1, "regression")]
+    table = loraops(tmp_path, db_url, "registry", "list")
+    assert table.returncode == 0 and "production->v1" in table.stdout
+
+
+def test_cli_errors_exit_2_without_traceback(loraops, db_url, tmp_path):
+    for args, message in [
+        (("registry", "show", "ghost"), "unknown adapter 'ghost'"),
+        (("promote", "ghost", "1"), "unknown adapter 'ghost'"),
+        (("rollback", "ghost"), "unknown adapter 'ghost'"),
+        (("register", "--adapter", str(tmp_path), "--name", "a/b"), "invalid adapter name 'a/b'"),
+        (("register", "--from-experiment", str(tmp_path), "--name", "x"), "best_trial.json not found"),
+    ]:
+        result = loraops(tmp_path, db_url, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert f"loraops: error: {message}" in result.stderr or message in result.stderr
+        assert "Traceback" not in result.stderr
