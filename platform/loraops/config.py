@@ -91,6 +91,24 @@ class TrainingConfig(Section):
     save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest N step checkpoints.")
     gradient_checkpointing: bool = True
     group_by_length: bool = True
+    max_tokens_per_batch: int | None = Field(
+        None,
+        ge=16,
+        description="Token budget of a micro-batch. A step's per_device_train_batch_size x gradient_accumulation_steps rows are "
+        "sorted by length and cut into micro-batches of at most this many tokens (padded: rows x longest row; packed: the sum). "
+        "Default: micro-batches of per_device_train_batch_size rows.",
+    )
+    packing: bool = Field(
+        False,
+        description="Padding-free micro-batches: rows concatenated, position_ids restarting per row, no attention and no loss "
+        "across rows; one sequence per micro-batch with flex/flash attention, sequences of <= data.max_length tokens with "
+        "sdpa/eager (dense masks). Training and eval loss.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] | None = Field(
+        None,
+        description="Attention kernel of the training model; default: transformers' choice (sdpa). "
+        "flash_attention_2/3 need the flash-attn package and a GPU.",
+    )
     report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["none"])
     seed: int = 42
     eval_max_samples: int | None = Field(None, ge=1, description="Cap the eval split (eval loss) size.")
@@ -242,6 +260,15 @@ class Config(Section):
             raise ValueError(f"use {NAME_RULE}")
         return value
 
+    @model_validator(mode="after")
+    def _rows_fit_the_token_budget(self) -> Config:
+        budget = self.training.max_tokens_per_batch
+        if budget is not None and budget < self.data.max_length:
+            raise ValueError(
+                f"training.max_tokens_per_batch ({budget}) must be at least data.max_length ({self.data.max_length}), so that every row fits a micro-batch"
+            )
+        return self
+
     @property
     def workspace_path(self) -> Path:
         return resolve_workspace(self.workspace)
@@ -318,6 +345,9 @@ def format_validation_error(error: ValidationError) -> str:
     """One line per problem, each starting with the dotted key."""
     lines = []
     for problem in error.errors():
+        if not problem["loc"] and problem["type"] == "value_error":
+            lines.append(str(problem["ctx"]["error"]))  # a check across sections names its keys itself
+            continue
         key = ".".join(str(part) for part in problem["loc"]) or "<root>"
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":

@@ -73,8 +73,12 @@ def bnb_config(quantization: QuantizationConfig):
     )
 
 
-def load_base_model(config: Config):
-    """The base causal LM, 4-bit when configured, on the GPU if there is one."""
+def load_base_model(config: Config, attn_implementation: str | None = None):
+    """The base causal LM, 4-bit when configured, on the GPU if there is one.
+
+    ``attn_implementation`` (``training.attn_implementation`` in training) picks the attention
+    kernel; None leaves transformers' default (sdpa).
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(config)
@@ -89,9 +93,12 @@ def load_base_model(config: Config):
             device_map={"": str(target)},
             trust_remote_code=config.model.trust_remote_code,
             revision=config.model.revision,
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
     except OSError as exc:
         raise LoraopsError(f"model.name {config.model.name!r}: cannot load the model: {exc}") from None
+    except ImportError as exc:
+        raise LoraopsError(f"training.attn_implementation {attn_implementation!r} is not available here: {exc}") from None
     model.config.use_cache = False
     keep_one_cpu_4bit_kernel(model)
     return model

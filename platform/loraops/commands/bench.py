@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from loraops.commands.common import SubParsers, add_serve_config_arguments, quiet_http_log
+from loraops.commands.common import SubParsers, add_config_arguments, add_serve_config_arguments, quiet_http_log
 from loraops.errors import LoraopsError
 
 
@@ -16,6 +16,7 @@ def add_commands(sub: SubParsers) -> None:
     parser = sub.add_parser("bench", help="benchmarks", description="Benchmarks that print a table and write JSON figures.")
     kinds = parser.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     _add_serve(kinds)
+    _add_train(kinds)
 
 
 def _add_serve(kinds: SubParsers) -> None:
@@ -46,5 +47,34 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError:
         raise LoraopsError(f"--concurrency {args.concurrency!r}: expected comma-separated integers") from None
     benchmark(args.config, args.overrides, modes, concurrencies, args.duration, args.max_new_tokens, args.output, address=args.address)
+    print(f"results: {args.output}")
+    return 0
+
+
+def _add_train(kinds: SubParsers) -> None:
+    bench = kinds.add_parser(
+        "train",
+        help="training throughput of a recipe against the seed recipe (samples/s, tokens/s, TFLOP/s, peak memory, eval loss)",
+        description="Runs loraops' train() for --steps steps with the configured recipe, and with the seed recipe (micro-batch 1 x "
+        "accumulation 4, gradient checkpointing, paged AdamW 32-bit, no packing, no token budget; fp16 on a GPU) for the same number "
+        "of samples, one after the other in this process on the same data. Prints a table and writes JSON.",
+    )
+    add_config_arguments(bench, config_help="training config, e.g. tune/tiny.yaml or tune/phi2-dialogsum-fast.yaml")
+    bench.add_argument("--steps", type=int, default=20, metavar="N", help="optimizer steps of the configured recipe (default 20)")
+    bench.add_argument(
+        "--random-init",
+        choices=["phi-2"],
+        help="replace the model with this architecture with RANDOM weights and the embedded tokenizer (no model hub needed; "
+        "throughput and memory only, the eval loss says nothing about the real model)",
+    )
+    bench.add_argument("--eval-samples", type=int, default=100, metavar="N", help="eval rows for the eval loss (default 100)")
+    bench.add_argument("--output", default="benchmarks/results/train.json", metavar="FILE", help="JSON results (default %(default)s)")
+    bench.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from loraops.bench.train import benchmark
+
+    benchmark(args.config, args.overrides, args.steps, output=args.output, random_init=args.random_init, eval_samples=args.eval_samples)
     print(f"results: {args.output}")
     return 0
