@@ -103,8 +103,9 @@ class Outcome:
 # --- entry points ------------------------------------------------------------------------------
 
 
-def run_experiment(config: Config, name: str | None = None) -> Outcome:
-    """Start a new experiment from ``config`` (its ``search`` section) and run it to the end."""
+def run_experiment(config: Config, name: str | None = None, stop: Any = None) -> Outcome:
+    """Start a new experiment from ``config`` (its ``search`` section) and run it to the end, or
+    until the Tune stopper ``stop`` ends it (``loraops bench search`` stops at a trial-step budget)."""
     space = SearchSpace.from_config(config)  # a bad space fails before Ray starts
     check_scheduler(config)
     base = base_config(config)
@@ -118,8 +119,6 @@ def run_experiment(config: Config, name: str | None = None) -> Outcome:
 
     from ray import tune
 
-    from loraops.tune.searcher import StudySearch
-
     with ray_session(config.search.ray_address):
         resources = trial_resources(config)
         concurrency = config.search.max_concurrent_trials or default_concurrency(resources)
@@ -129,10 +128,10 @@ def run_experiment(config: Config, name: str | None = None) -> Outcome:
             build_trainable(base, space, resources),
             param_space=space.ray_param_space(),
             tune_config=tune.TuneConfig(
-                search_alg=StudySearch(database_url=db_url, study_name=location.name, seed=config.search.seed, num_samples=config.search.num_samples),
+                search_alg=build_searcher(config, db_url, location.name, concurrency),
                 scheduler=build_scheduler(config),
                 num_samples=config.search.num_samples,
-                max_concurrent_trials=concurrency,
+                max_concurrent_trials=None if config.search.algorithm == "random" else concurrency,  # random: the generator's own limit
                 reuse_actors=False,  # one process per trial: its GPU memory is freed when it ends
                 trial_dirname_creator=trial_dirname,
             ),
@@ -143,6 +142,7 @@ def run_experiment(config: Config, name: str | None = None) -> Outcome:
                 failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
                 progress_reporter=progress_reporter(space, config.search.num_samples),
                 verbose=1,  # the table; Tune's per-result lines would repeat every parameter
+                stop=stop,
             ),
         )
         configure_driver(location)
@@ -247,6 +247,18 @@ def check_scheduler(config: Config) -> None:
         raise ConfigError(f"search.scheduler.grace_period: {scheduler.grace_period} is more than the {trial_steps(config)} steps of a trial")
 
 
+def build_searcher(config: Config, db_url: str, study_name: str, concurrency: int) -> Any:
+    """Who proposes the trials: Optuna TPE with its study in the database, or Ray Tune's plain
+    random sampling of the same domains (seeded, and restored with the experiment on --resume)."""
+    if config.search.algorithm == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=config.search.seed, max_concurrent=concurrency)
+    from loraops.tune.searcher import StudySearch
+
+    return StudySearch(database_url=db_url, study_name=study_name, seed=config.search.seed, num_samples=config.search.num_samples)
+
+
 def build_scheduler(config: Config) -> Any:
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
@@ -280,7 +292,7 @@ def progress_reporter(space: SearchSpace, num_samples: int) -> Any:
         max_column_length=36,  # room for a target-module set
         metric="best_eval_loss",
         mode=MODE,
-        sort_by_metric=True,
+        sort_by_metric=False,  # Ray's sort fails on a trial stopped before its first result (a budget stop does that)
     )
 
 
