@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,6 +85,45 @@ class BudgetLedger(Stopper):
         return self.spent >= self.budget
 
 
+class CpuMeter:
+    """CPU-seconds of this process and of every process it started (a local Ray instance: its
+    raylet and the trials' workers), sampled every second; on a shared machine the wall time says
+    little, the CPU-seconds say what the run needs. Each process's last second may be missed."""
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s = interval_s
+        self._seen: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
+
+    def __enter__(self) -> None:
+        self._thread.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        import psutil
+
+        root = psutil.Process()
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                with process.oneshot():
+                    times = process.cpu_times()
+                    self._seen[(process.pid, process.create_time())] = times.user + times.system
+            except psutil.Error:
+                continue  # it ended between listing and reading
+
+    @property
+    def seconds(self) -> float:
+        return sum(self._seen.values())
+
+
 # --- the benchmark -----------------------------------------------------------------------------
 
 
@@ -112,7 +152,8 @@ def benchmark(
     machine = {"cpus": os.cpu_count(), "load_average_1m_at_start": round(os.getloadavg()[0], 2), "platform": platform.platform(), "python": platform.python_version()}
     started = time.monotonic()
     runs: list[dict[str, Any]] = []
-    with ray_session(config.search.ray_address):
+    cpu = CpuMeter()
+    with cpu, ray_session(config.search.ray_address):
         prepare_model(config)
         reference = reference_run(config, root / "reference")
         print(f"reference: the config's recipe, one run of {reference['steps']} steps: best eval loss {reference['best_eval_loss']:.4f}", flush=True)
@@ -122,6 +163,8 @@ def benchmark(
                 run = runs[-1]
                 print(f"{method.name} seed {seed}: {run['trials']} trials, {run['trial_steps']} trial-steps, best eval loss {run['best_eval_loss']:.4f}, {run['wall_s']:.0f} s", flush=True)
     machine["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
+    # Only complete when this run started Ray itself (a cluster's processes are not its children).
+    machine["cpu_s"] = round(cpu.seconds, 1)
     report = summarize(runs, reference, [configured.name, BASELINE.name], budget)
     report = {
         "what": "best eval loss reached against trial-steps spent: the configured search vs an equal-budget random search without early stopping, and the config's recipe trained once",
