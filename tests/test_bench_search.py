@@ -4,6 +4,7 @@ and the statistics are checked on hand-made results, without Ray."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -78,15 +79,15 @@ def test_bench_search_spends_equal_budgets_and_writes_json_and_png(ray_address, 
     for run in runs:
         # The budget is what both spent, counted from the trials' reports.
         assert run["trial_steps"] == BUDGET <= run["trial_steps_counted"]
-        xs, losses = zip(*run["curve"])
+        xs, losses = zip(*run["curve"], strict=True)
         assert list(xs) == sorted(xs) and xs[-1] == BUDGET
-        assert all(later <= earlier for earlier, later in zip(losses, losses[1:]))
+        assert all(later <= earlier for earlier, later in itertools.pairwise(losses))
         assert run["best_eval_loss"] == min(losses)
     random = next(run for run in runs if run["method"] == "random+fifo")
     assert random["trials"] == random["trials_completed"] == BUDGET // 20  # no early stopping
     for method, row in report["summary"].items():
         mean = [value for value in row["curve"]["mean"] if value is not None]
-        assert mean and all(later <= earlier for earlier, later in zip(mean, mean[1:])), method
+        assert mean and all(later <= earlier for earlier, later in itertools.pairwise(mean)), method
         assert row["curve"]["trial_steps"][-1] == BUDGET
         assert row["best_eval_loss_min"] <= row["best_eval_loss_mean"] <= row["best_eval_loss_max"]
     best = min(run["best_eval_loss"] for run in runs)

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from loraops.config import Config, ConfigError, load_config
 from conftest import REPO, cli_env
+from loraops.config import Config, ConfigError, load_config
 
 SEED_RECIPE = {
     ("model", "name"): "microsoft/phi-2",

@@ -2,10 +2,11 @@ import json
 
 import pytest
 
-from loraops.config import DataConfig
-from loraops.data import IGNORE_INDEX, Example, batch_order, encode_example, left_pad, load_split, pad_batch
-from loraops.errors import LoraopsError
 from conftest import SHARED_DIALOGSUM
+from loraops.config import DataConfig
+from loraops.data import IGNORE_INDEX, Example, batch_order, encode_example, load_split, pad_batch
+from loraops.errors import LoraopsError
+from loraops.generate import left_pad
 
 ROWS = [
     {"fname": "train_0", "dialogue": "#Person1#: Hi.\n#Person2#: Hello.", "summary": "They greet.", "topic": "greeting"},
@@ -81,9 +82,9 @@ def test_real_dialogsum_sample():
 
 
 def test_loss_only_on_summary_and_truncation_keeps_summary(workspace):
+    from conftest import REPO
     from loraops.config import load_config
     from loraops.model import load_tokenizer
-    from conftest import REPO
 
     config = load_config(REPO / "tune" / "tiny.yaml", ["data.max_length=64", "data.max_summary_length=20"])
     tokenizer = load_tokenizer(config)

@@ -26,8 +26,8 @@ MINIMAL = [
 
 def test_demo_runs_the_whole_loop(ray_address, workspace, capsys):
     from loraops.demo import run_demo
+    from loraops.layout import RESULTS_FILE
     from loraops.registry import Registry
-    from loraops.tune.results import RESULTS_FILE
 
     result = run_demo(
         config_path=str(REPO / "tune" / "tiny.yaml"),

@@ -10,6 +10,7 @@ The worker gets its own loopback address (127.0.0.2), so each trial's ``node_ip`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -97,10 +98,8 @@ def stop_node(process: subprocess.Popen, temp_dir: Path) -> None:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     import psutil
 
     for leftover in psutil.process_iter(["cmdline"]):
@@ -122,7 +121,14 @@ def cluster(tmp_path) -> Iterator[Cluster]:
     try:
         gcs, client = free_ports(2)
         address = f"127.0.0.1:{gcs}"
-        nodes.append((start_node(["--head", f"--port={gcs}", f"--ray-client-server-port={client}", "--include-dashboard=false"], temp_dirs[0], env, tmp_path / "head.log"), temp_dirs[0]))
+        nodes.append(
+            (
+                start_node(
+                    ["--head", f"--port={gcs}", f"--ray-client-server-port={client}", "--include-dashboard=false"], temp_dirs[0], env, tmp_path / "head.log"
+                ),
+                temp_dirs[0],
+            )
+        )
         worker_args = [f"--address={address}", f"--node-ip-address={WORKER_IP}", f"--resources={json.dumps({WORKER_RESOURCE: 1})}"]
         cluster = Cluster(address, {**env, "RAY_ADDRESS": address})
         _wait_for(lambda: _joined(cluster, 1), "the head node", nodes, tmp_path)
@@ -163,7 +169,9 @@ def test_tune_and_serve_across_two_nodes_with_token_auth(cluster, workspace, tmp
 
     # The token is enforced: a driver without it is refused.
     no_token = {key: value for key, value in cluster.env.items() if key not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    refused = subprocess.run([sys.executable, "-c", "import ray; ray.init()"], env={**no_token, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        [sys.executable, "-c", "import ray; ray.init()"], env={**no_token, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120
+    )
     assert refused.returncode != 0
 
     # Two trials of one CPU each on two one-CPU nodes: one trial per node.

@@ -18,7 +18,7 @@ import yaml
 from safetensors.numpy import save_file
 
 from loraops.errors import LoraopsError
-from loraops.registry import IntegrityError, PromotionRefused, Registry, data_fingerprint, lower_is_better
+from loraops.registry import IntegrityError, Lineage, PromotionRefused, Registry, data_fingerprint, lower_is_better
 from loraops.registry import db as registry_db
 from loraops.registry.store import ArtifactStore
 
@@ -254,9 +254,9 @@ def test_artifacts_are_copied_and_verified(registry, tmp_path):
 
 def test_failed_registration_leaves_no_version_and_no_files(registry, tmp_path, monkeypatch):
     adapter = make_run(tmp_path / "run", seed=1)
-    real_fields = Registry._version_fields
+    real_fields = Lineage.version_fields
     # A value the database cannot store makes the insert fail after the files reached v1/.
-    monkeypatch.setattr(Registry, "_version_fields", staticmethod(lambda *a: real_fields(*a) | {"metrics": {"bad": object()}}))
+    monkeypatch.setattr(Lineage, "version_fields", lambda *a: real_fields(*a) | {"metrics": {"bad": object()}})
     with pytest.raises(Exception, match="JSON serializable"):
         registry.register(adapter, "fragile")
     assert list((tmp_path / "store" / "fragile").iterdir()) == []

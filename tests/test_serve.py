@@ -365,8 +365,8 @@ def test_client_retries_503_and_reports_errors_with_the_field():
 
 
 def test_promotion_under_load_drops_nothing_and_switches_every_replica(serve_urls, home):
+    from loraops.bench.serve import builtin_test_dialogues, run_load
     from loraops.registry import Registry
-    from loraops.serve.bench import builtin_test_dialogues, run_load
 
     registry = Registry(workspace=home)
     promoted_at: list[float] = []
@@ -406,7 +406,7 @@ def test_promotion_under_load_drops_nothing_and_switches_every_replica(serve_url
 
 
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_urls):
-    from loraops.serve.bench import builtin_test_dialogues, run_load
+    from loraops.bench.serve import builtin_test_dialogues, run_load
 
     def wait_for(condition, timeout_s: float) -> float:
         started = time.monotonic()
@@ -437,7 +437,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_urls):
 
 
 def _served(home: Path, ref: str, mode: str):
-    from loraops.model import load_for_serving
+    from loraops.generate import load_for_serving
     from loraops.registry import Registry
     from loraops.serve.replica import adapter_slot, training_config
 
@@ -449,7 +449,7 @@ def _served(home: Path, ref: str, mode: str):
 
 def _greedy_tokens(served, dialogues: list[str], max_new_tokens: int) -> list[list[int]]:
     from loraops.data import prompt_ids
-    from loraops.evaluate import generate_completions
+    from loraops.generate import generate_completions
 
     prompts = [prompt_ids(served.tokenizer, d, served.config.data, budget=10**9) for d in dialogues]
     tokens = []
@@ -466,7 +466,7 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def test_merged_mode_agrees_with_nf4_on_the_builtin_test_dialogues(home):
-    from loraops.serve.bench import builtin_test_dialogues
+    from loraops.bench.serve import builtin_test_dialogues
 
     dialogues = builtin_test_dialogues(64)
     nf4, _ = _served(home, f"{ADAPTER}:2", "nf4")
@@ -482,7 +482,8 @@ def test_merged_mode_agrees_with_nf4_on_the_builtin_test_dialogues(home):
 def test_adapter_swap_equals_a_fresh_load(home, mode):
     import torch
 
-    from loraops.data import left_pad, prompt_ids
+    from loraops.data import prompt_ids
+    from loraops.generate import left_pad
     from loraops.serve.replica import adapter_slot
 
     swapped, registry = _served(home, f"{ADAPTER}:1", mode)

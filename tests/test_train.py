@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from conftest import REPO
 from loraops.config import load_config
+from loraops.errors import LoraopsError
 from loraops.evaluate import evaluate, format_report, rouge
 from loraops.model import load_base_model, load_for_inference, load_tokenizer, prepare_for_training
-from loraops.errors import LoraopsError
-from conftest import REPO
 
 QUICK = [
     "data.builtin_size=200",

@@ -161,9 +161,8 @@ def test_experiment_location_is_a_folder_or_a_uri(tmp_path):
 
 def test_tiny_yaml_search_fits_its_budget():
     """tune/tiny.yaml is the demo's search: about 8 trials, 2 at a time, ASHA, a space that validates."""
-    from loraops.tune.space import SearchSpace
-
     from loraops.tune.experiment import trial_steps
+    from loraops.tune.space import SearchSpace
 
     config = load_config(TINY)
     assert 6 <= config.search.num_samples <= 10 and config.search.max_concurrent_trials == 2

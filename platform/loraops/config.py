@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraops.errors import LoraopsError
+from loraops.layout import NAME_RULE, is_valid_name
 
 #: Environment variable that moves the workspace (everything loraops generates).
 WORKSPACE_ENV = "LORAOPS_HOME"
@@ -204,7 +205,9 @@ class SearchConfig(Section):
     num_samples: int = Field(8, ge=1, description="Trials in the experiment.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps per trial (ASHA's max_t); default training.max_steps.")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Default: the trials the cluster's GPUs (else CPUs) hold at once.")
-    algorithm: Literal["tpe", "random"] = Field("tpe", description="tpe: Optuna TPE proposes each trial from the results so far; random: Ray Tune's seeded random sampling of the same space.")
+    algorithm: Literal["tpe", "random"] = Field(
+        "tpe", description="tpe: Optuna TPE proposes each trial from the results so far; random: Ray Tune's seeded random sampling of the same space."
+    )
     seed: int = Field(0, description="Seed of the sampler (TPE or random).")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     resources: TrialResources = Field(default_factory=TrialResources)
@@ -219,7 +222,7 @@ class SearchConfig(Section):
 class Config(Section):
     """The whole configuration of a loraops job."""
 
-    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field("run", description="Run, experiment and (by default) adapter name; a folder name.")
     workspace: str | None = Field(None, description=f"Folder for everything generated; default ${WORKSPACE_ENV} or ./{DEFAULT_WORKSPACE}.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
@@ -228,6 +231,13 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not is_valid_name(value):
+            raise ValueError(f"use {NAME_RULE}")
+        return value
 
     @property
     def workspace_path(self) -> Path:

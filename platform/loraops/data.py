@@ -16,6 +16,7 @@ reported; a split with no usable row is an error.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -24,12 +25,13 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loraops.config import BUILTIN_DATA, DataConfig
 from loraops.errors import LoraopsError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +256,8 @@ def encode_all(tokenizer, examples: Sequence[Example], config: DataConfig) -> li
 
 def pad_batch(rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a training batch; padded positions get no loss and no attention."""
+    import torch  # here: the registry reads this module for the data fingerprint and never needs torch
+
     width = max(len(row["input_ids"]) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -264,17 +268,6 @@ def pad_batch(rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, to
         labels[i, :n] = torch.tensor(row["labels"])
         attention[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
-
-
-def left_pad(sequences: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad prompts for batched generation, so every row continues at the same position."""
-    width = max(len(seq) for seq in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        input_ids[i, width - len(seq):] = torch.tensor(seq)
-        attention[i, width - len(seq):] = 1
-    return {"input_ids": input_ids, "attention_mask": attention}
 
 
 def batch_order(lengths: Sequence[int], batch_size: int, group_by_length: bool, rng: random.Random) -> list[list[int]]:
@@ -292,3 +285,49 @@ def batch_order(lengths: Sequence[int], batch_size: int, group_by_length: bool, 
     if group_by_length:
         rng.shuffle(batches)
     return batches
+
+
+# --- fingerprint -------------------------------------------------------------------------------
+
+_DATA_KEYS = ("source", "train_split", "eval_split", "test_split", "id_column", "dialogue_column", "summary_column")
+
+
+def data_fingerprint(data_config: dict[str, Any]) -> str:
+    """sha256 identifying the training data of a ``data`` config section.
+
+    It covers the source, the split names and the column names (defaults filled in, so an
+    omitted key and its default give the same fingerprint), and:
+
+    - for ``builtin``: ``builtin_size`` (the built-in set is generated deterministically from it);
+    - for a local file or folder: the name, size and bytes of every file in it, in place of the
+      path itself, so the same data copied elsewhere keeps its fingerprint and an edited file
+      changes it;
+    - for a hub data set: nothing more (the hub name is all that is known without a download).
+    """
+    merged = DataConfig().model_dump() | dict(data_config)
+    described: dict[str, Any] = {key: merged.get(key) for key in _DATA_KEYS}
+    digest = hashlib.sha256()
+    source = str(merged.get("source") or "")
+    if source == BUILTIN_DATA:
+        described["builtin_size"] = merged.get("builtin_size")
+    else:
+        local = Path(source).expanduser()
+        if local.exists():
+            described["source"] = {"local": sorted(_data_files(local))}
+            for rel in described["source"]["local"]:
+                _hash_file_into(digest, local / rel if local.is_dir() else local)
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _data_files(local: Path) -> list[str]:
+    if local.is_file():
+        return [local.name]
+    return [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+
+
+def _hash_file_into(digest: Any, path: Path) -> None:
+    digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+    with open(path, "rb") as handle:
+        while chunk := handle.read(4 * 1024 * 1024):
+            digest.update(chunk)

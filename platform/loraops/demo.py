@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraops import cluster
 from loraops.config import Config, load_config
 from loraops.errors import LoraopsError
+from loraops.registry.refs import DEFAULT_ALIAS
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,8 @@ def run_demo(
     started = time.perf_counter()
     _banner(f"loraops demo: {config.model.name} on {config.data.source}; workspace {config.workspace_path}")
 
-    import ray
-
     # Join the Ray instance a caller (or RAY_ADDRESS) provides; else start one and stop it after.
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else _cpus(), include_dashboard=False, configure_logging=False)
+    own_ray = cluster.connect(num_cpus=os.cpu_count() or 2, configure_logging=False)
     try:
         outcome = _search(config)
         version, promoted = _register_and_promote(config, outcome)
@@ -73,10 +71,6 @@ def _existing(path: str | None, default: Path) -> Path:
     if not chosen.is_file():
         raise LoraopsError(f"config not found: {chosen} (run from the repository root or pass the path)")
     return chosen
-
-
-def _cpus() -> int:
-    return os.cpu_count() or 2
 
 
 # --- the steps ---------------------------------------------------------------------------------
@@ -106,13 +100,13 @@ def _register_and_promote(config: Config, outcome) -> tuple[int, bool]:
     version = registry.register_from_experiment(outcome.location.uri, ADAPTER_NAME)
     print(f"registered {ADAPTER_NAME}:{version.version} (sha256-checked copy in the registry)")
     try:
-        registry.promote(ADAPTER_NAME, version.version, alias="production", if_better="eval_loss", reason="loraops demo: best trial of the search")
-        print(f"promoted {ADAPTER_NAME}:{version.version} to {ADAPTER_NAME}@production")
+        registry.promote(ADAPTER_NAME, version.version, alias=DEFAULT_ALIAS, if_better="eval_loss", reason="loraops demo: best trial of the search")
+        print(f"promoted {ADAPTER_NAME}:{version.version} to {ADAPTER_NAME}@{DEFAULT_ALIAS}")
         return version.version, True
     except PromotionRefused as refused:
         # An earlier demo left a better production version: it stays, and is what gets served.
         print(f"kept the current production version: {refused}")
-        return registry.get(f"{ADAPTER_NAME}@production").version, False
+        return registry.get(f"{ADAPTER_NAME}@{DEFAULT_ALIAS}").version, False
 
 
 def _serve(config: Config, serve_path: Path, overrides: list[str] | None) -> str:
@@ -120,7 +114,7 @@ def _serve(config: Config, serve_path: Path, overrides: list[str] | None) -> str
     from loraops.serve.settings import load_serve_config
 
     _banner("3/4 serve the production adapter (Ray Serve, autoscaling)")
-    serve_config = load_serve_config(serve_path, [f"args.adapter={ADAPTER_NAME}@production", f"args.workspace={config.workspace_path}", *(overrides or [])])
+    serve_config = load_serve_config(serve_path, [f"args.adapter={ADAPTER_NAME}@{DEFAULT_ALIAS}", f"args.workspace={config.workspace_path}", *(overrides or [])])
     url = deploy(serve_config)
     print(f"serving at {url} (API docs: {url}/docs)")
     return url
@@ -156,12 +150,12 @@ def _compare(config: Config, outcome, version: int, promoted: bool, url: str, sa
 
 def _where(config: Config, outcome, url: str, started: float) -> None:
     from loraops.config import artifact_uri, database_url
-    from loraops.tune.results import BEST_TRIAL_FILE, PLOT_FILE, RESULTS_FILE
+    from loraops.layout import BEST_TRIAL_FILE, RESULTS_FILE, SEARCH_PLOT_FILE
 
     _banner(f"done in {time.perf_counter() - started:.0f} s; where things are")
     rows = [
         ("results table", outcome.folder / RESULTS_FILE),
-        ("search plot", outcome.folder / PLOT_FILE),
+        ("search plot", outcome.folder / SEARCH_PLOT_FILE),
         ("best trial", outcome.folder / BEST_TRIAL_FILE),
         ("experiment (Tune)", outcome.location.uri),
         ("registry database", database_url(workspace=config.workspace_path)),
@@ -174,27 +168,21 @@ def _where(config: Config, outcome, url: str, started: float) -> None:
 
 
 def _wait_forever(url: str) -> None:
-    print(f"\nthe endpoint stays up; try:\n  curl -s -X POST {url}/v1/summarize -H 'Content-Type: application/json' "
-          "-d '{\"dialogue\": \"#Person1#: Can I book a table for two on Friday at 7:00?\\n#Person2#: Yes, see you on Friday.\"}'\n"
-          "press Ctrl-C to stop", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("shutting down")
+    cluster.wait_until_interrupted(
+        f"\nthe endpoint stays up; try:\n  curl -s -X POST {url}/v1/summarize -H 'Content-Type: application/json' "
+        "-d '{\"dialogue\": \"#Person1#: Can I book a table for two on Friday at 7:00?\\n#Person2#: Yes, see you on Friday.\"}'\n"
+        "press Ctrl-C to stop"
+    )
 
 
 def _shutdown(own_ray: bool) -> None:
-    import ray
-
     try:
         from ray import serve
 
         serve.shutdown()
     except Exception as exc:  # noqa: BLE001 - shutting down whatever is there; never mask the real error
         log.debug("serve shutdown: %s", exc)
-    if own_ray:
-        ray.shutdown()
+    cluster.shutdown(own_ray)
 
 
 def _banner(text: str) -> None:

@@ -11,16 +11,16 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from loraops.config import Config, dump_config
-from loraops.data import Example, left_pad, load_split, prompt_ids
-from loraops.model import attach_adapter, check_adapter_dir, device, load_base_model, load_tokenizer
+from loraops.data import Example, load_split, prompt_ids
+from loraops.generate import generate_completions
+from loraops.layout import EVALUATION_FILE, check_adapter_dir
+from loraops.model import attach_adapter, load_base_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -41,56 +41,6 @@ def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> di
             totals[kind] += max(score[kind].fmeasure for score in scores)
     count = max(len(predictions), 1)
     return {kind: round(100 * total / count, 2) for kind, total in totals.items()}
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One generated continuation of a prompt."""
-
-    text: str
-    #: The generated token ids, cut after the first end-of-text token (which is included).
-    token_ids: list[int]
-    prompt_tokens: int
-
-
-@torch.no_grad()
-def generate_completions(
-    model,
-    tokenizer,
-    prompts: Sequence[list[int]],
-    max_new_tokens: int | Sequence[int],
-    temperature: float = 0.0,
-    **generate_options: Any,
-) -> list[Completion]:
-    """One ``generate`` call for a batch of tokenized prompts, left-padded so every row continues at the same position.
-
-    ``max_new_tokens`` may differ per row: the batch generates up to the largest and each row is cut
-    to its own limit (a row's tokens do not depend on how long the call runs). ``temperature`` 0
-    is greedy decoding; above 0 it samples. ``generate_options`` go to ``model.generate`` as they are.
-    """
-    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if len(limits) != len(prompts):
-        raise ValueError(f"{len(limits)} max_new_tokens for {len(prompts)} prompts")
-    target = device()
-    batch = {key: value.to(target) for key, value in left_pad(prompts, tokenizer.pad_token_id).items()}
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    generated = model.generate(
-        **batch,
-        max_new_tokens=max(limits),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **sampling,
-        **generate_options,
-    )
-    new_tokens = generated[:, batch["input_ids"].shape[1]:].tolist()
-    completions = []
-    for prompt, row, limit in zip(prompts, new_tokens, limits, strict=True):
-        ids = row[:limit]
-        if tokenizer.eos_token_id in ids:
-            ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
-        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        completions.append(Completion(text=text, token_ids=ids, prompt_tokens=len(prompt)))
-    return completions
 
 
 def generate_summaries(model, tokenizer, dialogues: Sequence[str], config: Config, progress: bool = True, desc: str = "generate") -> list[str]:
@@ -149,7 +99,7 @@ def evaluate(
         for i, ex in enumerate(examples[:5])
     ]
     report["config"] = dump_config(config)
-    target = Path(output) if output else adapter_dir.parent / "evaluation.json"
+    target = Path(output) if output else adapter_dir.parent / EVALUATION_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(report, indent=2))
     report["report_file"] = str(target)

@@ -4,13 +4,8 @@
 gets the metrics after every evaluation together with the checkpoint saved at that step (if any);
 a Ray Tune trial calls exactly this function with a callback that forwards to ``tune.report``.
 
-Run folder layout::
-
-    adapter/              best adapter so far by eval loss (PEFT format)
-    checkpoint-<step>/    adapter + trainer_state.pt (optimizer, scheduler, RNG) for resuming
-    metrics.jsonl         one JSON object per logging/eval event
-    loss.png              train and eval loss per step
-    config.yaml           the resolved config of this run
+It writes a run folder (see :mod:`loraops.layout`): the best adapter, step checkpoints with the
+trainer state for resuming, ``metrics.jsonl``, ``loss.png`` and the resolved ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -33,6 +28,17 @@ from tqdm.auto import tqdm
 
 from loraops.config import Config, dump_config
 from loraops.data import batch_order, encode_all, load_split, pad_batch
+from loraops.layout import (
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS_FILE,
+    CHECKPOINT_PREFIX,
+    LOSS_PLOT_FILE,
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    TRAINER_STATE_FILE,
+    checkpoint_dir_name,
+    checkpoint_step,
+)
 from loraops.model import DTYPES, device, load_base_model, load_tokenizer, prepare_for_training
 
 log = logging.getLogger(__name__)
@@ -66,7 +72,7 @@ def train(
     """Fine-tune one LoRA adapter on the 4-bit base model described by ``config``."""
     out = run_dir(config, output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
+    (out / RUN_CONFIG_FILE).write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
     settings = config.training
     seed_everything(settings.seed)
 
@@ -87,7 +93,7 @@ def train(
         state = load_checkpoint(Path(resume_from), model, optimizer, scheduler)
         log.info("resumed from %s at step %d", resume_from, state.step)
 
-    metrics = MetricsLog(out / "metrics.jsonl", config, fresh=not resume_from)
+    metrics = MetricsLog(out / METRICS_FILE, config, fresh=not resume_from)
     batches = BatchStream(train_rows, settings.per_device_train_batch_size, settings.group_by_length, settings.seed, tokenizer.pad_token_id, skip=state.micro_batches)
     autocast = autocast_context(config)
     model.train()
@@ -121,16 +127,16 @@ def train(
             improved = eval_loss < state.best_eval_loss
             if improved:
                 state.best_eval_loss, state.best_step = eval_loss, state.step
-                save_adapter(model, out / "adapter")
+                save_adapter(model, out / ADAPTER_DIR)
             event = metrics.write(step=state.step, eval_loss=eval_loss, best_eval_loss=state.best_eval_loss)
             bar.set_postfix(loss=f"{loss:.3f}", eval=f"{eval_loss:.3f}")
             if report is not None:
                 report(event, checkpoint)
     bar.close()
     metrics.close()
-    plot = plot_losses(out / "metrics.jsonl", out / "loss.png", title=config.name)
-    log.info("best eval loss %.4f at step %d; adapter in %s", state.best_eval_loss, state.best_step, out / "adapter")
-    return TrainResult(out, out / "adapter", state.best_eval_loss, state.best_step, state.step, out / "metrics.jsonl", plot)
+    plot = plot_losses(out / METRICS_FILE, out / LOSS_PLOT_FILE, title=config.name)
+    log.info("best eval loss %.4f at step %d; adapter in %s", state.best_eval_loss, state.best_step, out / ADAPTER_DIR)
+    return TrainResult(out, out / ADAPTER_DIR, state.best_eval_loss, state.best_step, state.step, out / METRICS_FILE, plot)
 
 
 # --- the pieces of a step ----------------------------------------------------------------------
@@ -240,7 +246,7 @@ def save_adapter(model, folder: Path) -> None:
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, keep: int | None) -> Path:
-    folder = out / f"checkpoint-{state.step}"
+    folder = out / checkpoint_dir_name(state.step)
     save_adapter(model, folder)
     torch.save(
         {
@@ -249,10 +255,10 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, k
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.random.get_rng_state(),
         },
-        folder / "trainer_state.pt",
+        folder / TRAINER_STATE_FILE,
     )
     if keep:
-        for stale in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        for stale in sorted(out.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: checkpoint_step(p.name) or 0)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
     return folder
 
@@ -261,9 +267,9 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> TrainState:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(folder / "adapter_model.safetensors"))
+    weights = load_file(str(folder / ADAPTER_WEIGHTS_FILE))
     set_peft_model_state_dict(model, weights)
-    saved = torch.load(folder / "trainer_state.pt", weights_only=False)
+    saved = torch.load(folder / TRAINER_STATE_FILE, weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.random.set_rng_state(saved["torch_rng"])

@@ -136,24 +136,33 @@ def benchmark(
     command: str | None = None,
 ) -> dict[str, Any]:
     """Run both methods for ``seeds`` search seeds and the recipe once; print a table, write JSON and a PNG."""
-    from loraops.tune.experiment import prepare_model, ray_session, trial_steps
+    from loraops import cluster
+    from loraops.tune.experiment import prepare_model, trial_steps
 
     config = load_config(config_path, list(overrides))
     steps_per_trial = trial_steps(config)
     configured = Method(config.search.algorithm, config.search.scheduler.model_dump())
     if configured.name == BASELINE.name:
-        raise LoraopsError(f"{config_path}: the configured search is already {BASELINE.name}, the baseline: nothing to compare (set search.algorithm: tpe or search.scheduler.type: asha)")
+        raise LoraopsError(
+            f"{config_path}: the configured search is already {BASELINE.name}, the baseline: nothing to compare "
+            "(set search.algorithm: tpe or search.scheduler.type: asha)"
+        )
     if seeds < 1:
         raise LoraopsError("--seeds must be at least 1")
     budget = budget or config.search.num_samples * steps_per_trial
     if budget < steps_per_trial:
         raise LoraopsError(f"--budget {budget}: less than one trial of {steps_per_trial} steps")
     root = config.workspace_path / "bench" / f"search-{time.strftime('%Y%m%d-%H%M%S')}"
-    machine = {"cpus": os.cpu_count(), "load_average_1m_at_start": round(os.getloadavg()[0], 2), "platform": platform.platform(), "python": platform.python_version()}
+    machine = {
+        "cpus": os.cpu_count(),
+        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     started = time.monotonic()
     runs: list[dict[str, Any]] = []
     cpu = CpuMeter()
-    with cpu, ray_session(config.search.ray_address):
+    with cpu, cluster.session(config.search.ray_address, num_cpus=os.cpu_count()):
         prepare_model(config)
         reference = reference_run(config, root / "reference")
         print(f"reference: the config's recipe, one run of {reference['steps']} steps: best eval loss {reference['best_eval_loss']:.4f}", flush=True)
@@ -161,13 +170,18 @@ def benchmark(
             for method in (configured, BASELINE):  # interleaved, so that a busier machine hurts both alike
                 runs.append(search_run(config, method, seed, budget, root))
                 run = runs[-1]
-                print(f"{method.name} seed {seed}: {run['trials']} trials, {run['trial_steps']} trial-steps, best eval loss {run['best_eval_loss']:.4f}, {run['wall_s']:.0f} s", flush=True)
+                print(
+                    f"{method.name} seed {seed}: {run['trials']} trials, {run['trial_steps']} trial-steps, "
+                    f"best eval loss {run['best_eval_loss']:.4f}, {run['wall_s']:.0f} s",
+                    flush=True,
+                )
     machine["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     # Only complete when this run started Ray itself (a cluster's processes are not its children).
     machine["cpu_s"] = round(cpu.seconds, 1)
     report = summarize(runs, reference, [configured.name, BASELINE.name], budget)
     report = {
-        "what": "best eval loss reached against trial-steps spent: the configured search vs an equal-budget random search without early stopping, and the config's recipe trained once",
+        "what": "best eval loss reached against trial-steps spent: the configured search vs an equal-budget random search "
+        "without early stopping, and the config's recipe trained once",
         "command": command,
         "config": str(config_path),
         "overrides": list(overrides),
@@ -177,7 +191,10 @@ def benchmark(
         "budget_trial_steps": budget,
         "seeds": list(range(config.search.seed, config.search.seed + seeds)),
         "max_concurrent_trials": config.search.max_concurrent_trials,
-        "methods": {configured.name: {"algorithm": configured.algorithm, "scheduler": configured.scheduler}, BASELINE.name: {"algorithm": BASELINE.algorithm, "scheduler": BASELINE.scheduler}},
+        "methods": {
+            configured.name: {"algorithm": configured.algorithm, "scheduler": configured.scheduler},
+            BASELINE.name: {"algorithm": BASELINE.algorithm, "scheduler": BASELINE.scheduler},
+        },
         **report,
         # Other work on the machine slows every run alike (runs are interleaved); it does not change losses.
         "machine": machine,
@@ -202,7 +219,11 @@ def method_config(config: Config, method: Method, seed: int, budget: int, root: 
     search = data["search"]
     search.update(algorithm=method.algorithm, scheduler=method.scheduler, seed=seed)
     # The budget ends a search, not the trial count: allow as many trials as the budget can pay.
-    cheapest = min(method.scheduler.get("grace_period", trial_steps(config)), config.training.eval_steps) if method.scheduler["type"] == "asha" else trial_steps(config)
+    cheapest = (
+        min(method.scheduler.get("grace_period", trial_steps(config)), config.training.eval_steps)
+        if method.scheduler["type"] == "asha"
+        else trial_steps(config)
+    )
     search["num_samples"] = math.ceil(budget / cheapest)
     search["storage"] = str(root / "experiments")
     search["database_url"] = f"sqlite:///{root / 'optuna.db'}"
@@ -305,7 +326,9 @@ def summarize(runs: list[dict[str, Any]], reference: dict[str, Any], methods: li
         "summary": summary,
         # The search's mean trial-steps to the target over random search's (lower is better).
         "ratio_steps_to_target": round(ratio, 3) if ratio is not None else None,
-        "target_met": bool(ratio is not None and ratio <= TARGET_RATIO and summary[methods[0]]["reached_target"] == len([r for r in runs if r["method"] == methods[0]])),
+        "target_met": bool(
+            ratio is not None and ratio <= TARGET_RATIO and summary[methods[0]]["reached_target"] == len([r for r in runs if r["method"] == methods[0]])
+        ),
         "reference": reference | {"steps_to_target": steps_to(reference["curve"], threshold)},
         "runs": runs,
     }
@@ -344,7 +367,12 @@ def _train_once(data: dict[str, Any], folder: str, threads: int) -> dict[str, An
     config = validate(Config, data, origin="reference run")
     result = train(config, output_dir=folder, progress=False)
     evals = [(event["step"], event["eval_loss"]) for event in read_metrics(result.metrics_file) if "eval_loss" in event]
-    recipe = {"training.learning_rate": config.training.learning_rate, "lora.r": config.lora.r, "lora.dropout": config.lora.dropout, "lora.target_modules": config.lora.target_modules}
+    recipe = {
+        "training.learning_rate": config.training.learning_rate,
+        "lora.r": config.lora.r,
+        "lora.dropout": config.lora.dropout,
+        "lora.target_modules": config.lora.target_modules,
+    }
     return {
         "best_eval_loss": _round(result.best_eval_loss),
         "best_step": result.best_step,
@@ -365,11 +393,16 @@ def format_report(report: dict[str, Any]) -> str:
         seeds = len(row["steps_to_target"])
         loss = f"{row['best_eval_loss_mean']:.4f} ± {row['best_eval_loss_sd']:.4f}"
         needed = f"{'>=' if row['censored'] else ''}{row['steps_to_target_mean']:.0f}"
-        lines.append(f"{method:<14}{seeds:>6}{row['trials_mean']:>8.1f}{row['trials_completed_mean']:>11.1f}{loss:>20}{needed:>13}{row['reached_target']:>6}/{seeds}")
+        lines.append(
+            f"{method:<14}{seeds:>6}{row['trials_mean']:>8.1f}{row['trials_completed_mean']:>11.1f}{loss:>20}{needed:>13}{row['reached_target']:>6}/{seeds}"
+        )
     reference = report["reference"]
     target = report["target"]
     reached = reference["steps_to_target"] is not None
-    lines.append(f"{'recipe, 1 run':<14}{'':>6}{1:>8}{1:>11}{reference['best_eval_loss']:>20.4f}{reference['steps_to_target'] if reached else '-':>13}{int(reached):>6}/1")
+    lines.append(
+        f"{'recipe, 1 run':<14}{'':>6}{1:>8}{1:>11}{reference['best_eval_loss']:>20.4f}"
+        f"{reference['steps_to_target'] if reached else '-':>13}{int(reached):>6}/1"
+    )
     methods = list(report["summary"])
     verdict = "met" if report["target_met"] else "not met"
     lines.append(
@@ -377,7 +410,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"({target['best_eval_loss_any_run']:.4f} -> {target['threshold']:.4f})"
     )
     if report["ratio_steps_to_target"] is not None:
-        lines.append(f"{methods[0]} needs {report['ratio_steps_to_target']:.2f}x the trial-steps of {methods[1]} to get there (target <= {TARGET_RATIO:.2f}): {verdict}")
+        lines.append(
+            f"{methods[0]} needs {report['ratio_steps_to_target']:.2f}x the trial-steps of {methods[1]} to get there (target <= {TARGET_RATIO:.2f}): {verdict}"
+        )
     return "\n".join(lines)
 
 
@@ -390,23 +425,34 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = dict(zip(report["summary"], ("tab:blue", "tab:orange")))
+    colors = dict(zip(report["summary"], ("tab:blue", "tab:orange"), strict=True))
     for method, row in report["summary"].items():
         curve = row["curve"]
-        xs = [x for x, y in zip(curve["trial_steps"], curve["mean"]) if y is not None]
-        ax.plot(xs, [y for y in curve["mean"] if y is not None], color=colors[method], linewidth=2.2, drawstyle="steps-post",
-                label=f"{method} (mean of {len(row['steps_to_target'])} seeds)")
-        band = [(x, low, high) for x, low, high in zip(curve["trial_steps"], curve["min"], curve["max"]) if low is not None]
+        xs = [x for x, y in zip(curve["trial_steps"], curve["mean"], strict=True) if y is not None]
+        ax.plot(
+            xs,
+            [y for y in curve["mean"] if y is not None],
+            color=colors[method],
+            linewidth=2.2,
+            drawstyle="steps-post",
+            label=f"{method} (mean of {len(row['steps_to_target'])} seeds)",
+        )
+        band = [(x, low, high) for x, low, high in zip(curve["trial_steps"], curve["min"], curve["max"], strict=True) if low is not None]
         if band:
             ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color=colors[method], alpha=0.15, step="post")
         for run in report["runs"]:
             if run["method"] == method and run["curve"]:
-                ax.plot(*zip(*run["curve"]), color=colors[method], linewidth=0.7, alpha=0.5, drawstyle="steps-post")
+                ax.plot(*zip(*run["curve"], strict=True), color=colors[method], linewidth=0.7, alpha=0.5, drawstyle="steps-post")
     reference = report["reference"]
     ax.scatter([reference["steps"]], [reference["best_eval_loss"]], marker="*", s=160, color="black", zorder=5, label="the config's recipe, one run")
-    ax.axhline(report["target"]["threshold"], color="grey", linestyle="--", linewidth=1, label=f"within {report['target']['within']:.0%} of the best any run found")
-    ax.set(xlabel="trial-steps spent (optimizer steps summed over trials)", ylabel="best eval loss so far",
-           title=f"Does the search pay? budget {report['budget_trial_steps']} trial-steps per search")
+    ax.axhline(
+        report["target"]["threshold"], color="grey", linestyle="--", linewidth=1, label=f"within {report['target']['within']:.0%} of the best any run found"
+    )
+    ax.set(
+        xlabel="trial-steps spent (optimizer steps summed over trials)",
+        ylabel="best eval loss so far",
+        title=f"Does the search pay? budget {report['budget_trial_steps']} trial-steps per search",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

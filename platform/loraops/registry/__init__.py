@@ -7,8 +7,8 @@
     registry.promote("dialogsum", v.version, if_better="eval_loss")
     path = registry.resolve("dialogsum@production")   # verified local folder for PEFT
 
-See :mod:`loraops.registry.api` for the concepts. The names below are imported lazily, so
-``import loraops.registry.cli`` (done by ``loraops --help``) does not load SQLAlchemy or pyarrow.
+See :mod:`loraops.registry.api` for the concepts. The names below are imported lazily, so that
+importing :mod:`loraops.registry.refs` (serve settings, the CLI) does not load SQLAlchemy or pyarrow.
 """
 
 from __future__ import annotations
@@ -33,25 +33,32 @@ __all__ = [
     "read_run_folder",
     "validate_name",
 ]
-#: Where each public name lives; everything not from the store comes from the API module.
-_EXPORTS = {name: "loraops.registry.store" if name in ("ArtifactStore", "IntegrityError") else "loraops.registry.api" for name in __all__}
+#: Where each public name lives.
+_EXPORTS = {
+    "AdapterInfo": "loraops.registry.records",
+    "AliasChange": "loraops.registry.records",
+    "AliasEvent": "loraops.registry.records",
+    "ArtifactStore": "loraops.registry.store",
+    "IntegrityError": "loraops.registry.store",
+    "Lineage": "loraops.registry.lineage",
+    "ModelVersion": "loraops.registry.records",
+    "PromotionRefused": "loraops.registry.api",
+    "Registry": "loraops.registry.api",
+    "data_fingerprint": "loraops.data",
+    "lower_is_better": "loraops.registry.refs",
+    "parse_ref": "loraops.registry.refs",
+    "read_best_trial": "loraops.registry.lineage",
+    "read_run_folder": "loraops.registry.lineage",
+    "validate_name": "loraops.layout",
+}
 
 if TYPE_CHECKING:
-    from loraops.registry.api import (
-        AdapterInfo,
-        AliasChange,
-        AliasEvent,
-        Lineage,
-        ModelVersion,
-        PromotionRefused,
-        Registry,
-        data_fingerprint,
-        lower_is_better,
-        parse_ref,
-        read_best_trial,
-        read_run_folder,
-        validate_name,
-    )
+    from loraops.data import data_fingerprint
+    from loraops.layout import validate_name
+    from loraops.registry.api import PromotionRefused, Registry
+    from loraops.registry.lineage import Lineage, read_best_trial, read_run_folder
+    from loraops.registry.records import AdapterInfo, AliasChange, AliasEvent, ModelVersion
+    from loraops.registry.refs import lower_is_better, parse_ref
     from loraops.registry.store import ArtifactStore, IntegrityError
 
 

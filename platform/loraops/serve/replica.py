@@ -2,14 +2,14 @@
 
 A replica loads the version that ``adapter`` (``NAME@production`` by default, or a pinned
 ``NAME:VERSION``) points to, rebuilt from the training config recorded with that version, in the
-configured mode (``nf4`` or ``merged``, see :func:`loraops.model.load_for_serving`).
+configured mode (``nf4`` or ``merged``, see :func:`loraops.generate.load_for_serving`).
 
 Requests are batched with ``@serve.batch``: concurrent requests share one left-padded ``generate``
-call, exactly the evaluation path (:func:`loraops.evaluate.generate_completions`).
+call, exactly the evaluation path (:func:`loraops.generate.generate_completions`).
 
 Adapter swaps without downtime: every ``registry_poll_s`` the replica asks the registry where its
 reference points; when the alias has moved it loads the new adapter next to the old one and
-switches between two batches (:meth:`loraops.model.ServingModel.swap`), so no request fails and
+switches between two batches (:meth:`loraops.generate.ServingModel.swap`), so no request fails and
 the base model is never reloaded. Serve's ``user_config`` (``reconfigure``) can change the
 reference, the batch settings and the poll interval the same way. Every response names the
 version that generated it.
@@ -126,7 +126,7 @@ class SummarizerModel:
     # --- loading and switching -----------------------------------------------------------------
 
     def _load(self, version):
-        from loraops.model import load_for_serving
+        from loraops.generate import load_for_serving
 
         config = training_config(version, self.settings.workspace)
         path = self.registry.resolve(version.ref)
@@ -232,7 +232,7 @@ class SummarizerModel:
 
     def _generate(self, jobs: list[_Job]) -> list[dict[str, Any]]:
         """One generate call per temperature in the batch (normally one), under the model lock."""
-        from loraops.evaluate import generate_completions
+        from loraops.generate import generate_completions
 
         results: list[dict[str, Any] | None] = [None] * len(jobs)
         with self._model_lock:

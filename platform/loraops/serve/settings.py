@@ -19,13 +19,13 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from loraops.config import ConfigError, Section, apply_overrides, format_validation_error, read_yaml, resolve_workspace
+from loraops.registry.refs import DEFAULT_ALIAS, parse_ref
 
 #: The application builder that Ray's ``serve deploy`` imports.
 IMPORT_PATH = "loraops.serve.app:build_app"
 MODEL_DEPLOYMENT = "SummarizerModel"
 API_DEPLOYMENT = "SummarizerAPI"
 DEPLOYMENTS = (MODEL_DEPLOYMENT, API_DEPLOYMENT)
-DEFAULT_ALIAS = "production"
 #: Keys of :class:`ServeSettings` that a replica also takes from Serve's ``user_config``: changing
 #: them there is a lightweight update (``reconfigure``, no replica restart).
 LIVE_KEYS = ("adapter", "max_batch_size", "batch_wait_timeout_s", "registry_poll_s")
@@ -33,8 +33,6 @@ LIVE_KEYS = ("adapter", "max_batch_size", "batch_wait_timeout_s", "registry_poll
 
 def normalize_ref(ref: str) -> str:
     """A bare adapter NAME means NAME@production: serving follows the production alias."""
-    from loraops.registry.api import parse_ref
-
     name, alias, version = parse_ref(ref)
     if alias is None and version is None:
         return f"{name}@{DEFAULT_ALIAS}"
@@ -53,7 +51,7 @@ def _check_ref(value: str) -> str:
 class LiveSettings(Section):
     """The part of the settings a replica applies in place, from Serve's ``user_config``."""
 
-    adapter: str = Field("tiny@production", description="Registry reference: NAME (= NAME@production), NAME@ALIAS or NAME:VERSION.")
+    adapter: str = Field(f"tiny@{DEFAULT_ALIAS}", description=f"Registry reference: NAME (= NAME@{DEFAULT_ALIAS}), NAME@ALIAS or NAME:VERSION.")
     max_batch_size: int = Field(8, ge=1, le=256, description="Most requests that share one generate call.")
     batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0, description="How long a batch waits to fill before it runs.")
     registry_poll_s: float = Field(

@@ -7,8 +7,8 @@
 - :mod:`loraops.tune.searcher`: Optuna TPE with its study in the project database, robust to a
   driver that is killed and resumed;
 - :mod:`loraops.tune.experiment`: build, run and resume the experiment (``Tuner`` / ``Tuner.restore``);
-- :mod:`loraops.tune.results`: the results table, ``best_trial.json`` and the search plot;
-- :mod:`loraops.tune.cli`: the ``loraops tune`` command.
+- :mod:`loraops.tune.results`: the results table, ``best_trial.json`` and the search plot.
 
-The ``tune`` command imports these modules only when it runs, so ``loraops --help`` stays fast.
+The ``loraops tune`` command (:mod:`loraops.commands.tune`) imports these modules only when it
+runs, so ``loraops --help`` stays fast.
 """

@@ -12,27 +12,23 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from loraops import cluster
 from loraops.config import Config, ConfigError, database_url, dump_config, validate
 from loraops.errors import LoraopsError
+from loraops.layout import BEST_CONFIG_FILE, BEST_TRIAL_FILE, EXPERIMENT_CONFIG_FILE, NAME_RULE, RESULTS_FILE, SEARCH_PLOT_FILE, is_valid_name
 from loraops.tune import results
 from loraops.tune.space import SearchSpace
 from loraops.tune.trainable import METRIC, MODE, STEP, build_trainable
 
 log = logging.getLogger(__name__)
 
-#: The experiment's resolved config, written into its folder at the start.
-CONFIG_FILE = "loraops.yaml"
-NAME_RULE = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
 @dataclass(frozen=True)
@@ -119,11 +115,11 @@ def run_experiment(config: Config, name: str | None = None, stop: Any = None) ->
 
     from ray import tune
 
-    with ray_session(config.search.ray_address):
+    with cluster.session(config.search.ray_address, num_cpus=os.cpu_count()):
         resources = trial_resources(config)
         concurrency = config.search.max_concurrent_trials or default_concurrency(resources)
         log.info("experiment %s: %d trials, %d at a time, %s per trial; Optuna study %r in %s", location.uri, config.search.num_samples, concurrency, resources, location.name, _safe_url(db_url))
-        location.write_text(CONFIG_FILE, yaml.safe_dump(base, sort_keys=False))
+        location.write_text(EXPERIMENT_CONFIG_FILE, yaml.safe_dump(base, sort_keys=False))
         tuner = tune.Tuner(
             build_trainable(base, space, resources),
             param_space=space.ray_param_space(),
@@ -161,7 +157,7 @@ def resume_experiment(path: str) -> Outcome:
 
     from ray import tune
 
-    with ray_session(config.search.ray_address):
+    with cluster.session(config.search.ray_address, num_cpus=os.cpu_count()):
         if not tune.Tuner.can_restore(location.uri):
             raise LoraopsError(f"{location.uri} has no Tune experiment state to resume")
         tuner = tune.Tuner.restore(
@@ -190,10 +186,10 @@ def latest_experiment(root: str) -> str:
     """The most recently started loraops experiment under a local storage root."""
     if "://" in root:
         raise LoraopsError(f"cannot find the latest experiment in {root}: pass its path to --resume")
-    candidates = [folder for folder in Path(root).glob("*") if (folder / CONFIG_FILE).is_file()]
+    candidates = [folder for folder in Path(root).glob("*") if (folder / EXPERIMENT_CONFIG_FILE).is_file()]
     if not candidates:
         raise LoraopsError(f"no loraops experiment in {root}")
-    return str(max(candidates, key=lambda folder: (folder / CONFIG_FILE).stat().st_mtime))
+    return str(max(candidates, key=lambda folder: (folder / EXPERIMENT_CONFIG_FILE).stat().st_mtime))
 
 
 # --- pieces ------------------------------------------------------------------------------------
@@ -208,8 +204,8 @@ def storage_root(config: Config) -> str:
 
 def check_name(name: str) -> str:
     """An experiment name is a folder and an Optuna study name: the rule of config names."""
-    if not re.fullmatch(NAME_RULE, name):
-        raise LoraopsError(f"--name {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
+    if not is_valid_name(name):
+        raise LoraopsError(f"--name {name!r}: use {NAME_RULE}")
     return name
 
 
@@ -237,8 +233,8 @@ def trial_steps(config: Config) -> int:
 
 
 def read_experiment_config(location: Location) -> Config:
-    data = yaml.safe_load(location.read_text(CONFIG_FILE))
-    return validate(Config, data, origin=f"{location.uri}/{CONFIG_FILE}")
+    data = yaml.safe_load(location.read_text(EXPERIMENT_CONFIG_FILE))
+    return validate(Config, data, origin=f"{location.uri}/{EXPERIMENT_CONFIG_FILE}")
 
 
 def check_scheduler(config: Config) -> None:
@@ -333,25 +329,6 @@ def ensure_new_study(db_url: str, name: str) -> None:
         raise LoraopsError(f"the database {_safe_url(db_url)} already has an Optuna study named {name!r}: pick another --name")
 
 
-@contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
-    """Connect to ``address`` (else $RAY_ADDRESS), else start a local Ray sized to this machine.
-    Leaving disconnects; only a local instance started here is stopped."""
-    import ray
-
-    if ray.is_initialized():  # e.g. a notebook or test that set Ray up itself
-        yield
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or None)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def configure_driver(location: Location) -> None:
     """Process-wide settings Tune reads when the run starts."""
     import optuna
@@ -370,9 +347,9 @@ def finish(location: Location, config: Config, space: SearchSpace) -> Outcome:
     analysis, rows = results.load_trials(location.uri)
     folder = location.local_dir(config.workspace_path)
     folder.mkdir(parents=True, exist_ok=True)
-    written = [results.write_table(rows, folder / results.RESULTS_FILE)]
+    written = [results.write_table(rows, folder / RESULTS_FILE)]
     x_key, x_log, color_key = plot_axes(space)
-    plot = results.plot_search(rows, x_key, x_log, color_key, folder / results.PLOT_FILE, title=location.name)
+    plot = results.plot_search(rows, x_key, x_log, color_key, folder / SEARCH_PLOT_FILE, title=location.name)
     written += [plot] if plot else []
     finished = _all_finished(rows, config)
     best = None
@@ -380,7 +357,7 @@ def finish(location: Location, config: Config, space: SearchSpace) -> Outcome:
     if finished and row is not None:
         best = best_record(analysis, row, location, folder, config, space)
         results.write_best(folder, best)
-        written += [folder / results.BEST_TRIAL_FILE, folder / results.BEST_CONFIG_FILE]
+        written += [folder / BEST_TRIAL_FILE, folder / BEST_CONFIG_FILE]
     if not location.is_local:
         for path in written:
             _upload(path, location)

@@ -3,7 +3,7 @@
 Read from the experiment folder alone (Tune's experiment state and each trial's result.json), so
 ``loraops tune --show`` works on a running, an interrupted or a finished experiment, without Ray.
 
-Files written into the experiment folder:
+Files written into the experiment folder (names in :mod:`loraops.layout`):
 
     results.csv        trial, status, searched values, best eval loss (step), steps done, stop reason
     search.png         eval loss over steps per trial | best eval loss against the main parameter
@@ -25,12 +25,9 @@ from typing import Any
 import yaml
 
 from loraops.errors import LoraopsError
+from loraops.layout import BEST_CONFIG_FILE, BEST_TRIAL_FILE
 from loraops.tune.trainable import MAX_STEPS, METRIC, STEP
 
-RESULTS_FILE = "results.csv"
-PLOT_FILE = "search.png"
-BEST_TRIAL_FILE = "best_trial.json"
-BEST_CONFIG_FILE = "best_config.yaml"
 FINISHED = ("TERMINATED", "ERROR")
 
 

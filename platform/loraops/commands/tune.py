@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from loraops.commands.common import SubParsers, add_config_arguments
 from loraops.errors import LoraopsError
 
 #: ``--resume`` without a path: the newest experiment under the storage root.
@@ -23,10 +24,8 @@ NAME is kept in the project database (search.database_url).
 """
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add the ``tune`` subcommand."""
-    from loraops.cli import add_config_arguments  # here, not at the top: loraops.cli imports this module
-
+def add_commands(sub: SubParsers) -> None:
+    """Add ``tune``."""
     parser = sub.add_parser(
         "tune",
         help="hyperparameter search on Ray Tune (Optuna TPE + ASHA), one QLoRA run per trial",
@@ -85,7 +84,8 @@ def resume_path(args: argparse.Namespace) -> str:
 
 
 def print_outcome(outcome) -> None:
-    from loraops.tune.results import RESULTS_FILE, format_table, summary_line
+    from loraops.layout import RESULTS_FILE
+    from loraops.tune.results import format_table, summary_line
 
     print()
     print(format_table(outcome.rows))

@@ -1,4 +1,4 @@
-"""Load against the summarization API: a bounded closed-loop generator and the ``loraops bench serve`` benchmark.
+"""``loraops bench serve``: load against the summarization API, a bounded closed-loop generator and the benchmark.
 
 :func:`run_load` runs N clients, each sending its next request as soon as the previous one
 answered, for a fixed time; every request becomes a :class:`Record` (timing, status, the
@@ -127,17 +127,15 @@ def benchmark(
     address: str | None = None,
 ) -> dict[str, Any]:
     """Deploy the config once per mode with one model replica and measure each concurrency."""
-    import ray
     from ray import serve
 
+    from loraops import cluster
     from loraops.serve.app import app_url, deploy
     from loraops.serve.settings import MODEL_DEPLOYMENT, load_serve_config
 
     dialogues = builtin_test_dialogues()
     load_at_start = round(os.getloadavg()[0], 2)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    owned = cluster.connect(address, log_to_driver=False, configure_logging=False)
     results: list[dict[str, Any]] = []
     print(HEADER, flush=True)
     try:
@@ -174,9 +172,9 @@ def benchmark(
             path.write_text(json.dumps(report, indent=2) + "\n")
         return report
     finally:
-        if started_ray:
+        if owned:
             serve.shutdown()
-            ray.shutdown()
+        cluster.shutdown(owned)
 
 
 HEADER = f"{'mode':<8}{'clients':>8}{'requests':>10}{'failed':>8}{'p50 s':>9}{'p95 s':>9}{'req/s':>8}{'tok/s':>8}"

@@ -1,7 +1,6 @@
-"""CLI of the adapter registry: ``registry list|show|audit``, ``register``, ``promote``, ``rollback``.
+"""``loraops registry list|show|audit``, ``register``, ``promote``, ``rollback``: the adapter registry.
 
-Only argparse is imported here: SQLAlchemy and pyarrow load inside the handlers, so that
-``loraops --help`` stays fast. Every command takes ``--db URL`` and ``--store URI`` (defaults:
+Every command takes ``--db URL`` and ``--store URI`` (defaults:
 $LORAOPS_DATABASE_URL / $LORAOPS_ARTIFACT_URI, else the workspace's SQLite file and folder).
 """
 
@@ -13,6 +12,9 @@ import sys
 from datetime import datetime
 from typing import Any
 
+from loraops.commands.common import SubParsers
+from loraops.registry.refs import DEFAULT_ALIAS
+
 _REF_HELP = "NAME (latest version), NAME@ALIAS or NAME:VERSION"
 _DIRECTION_HELP = (
     "Direction: metrics whose name contains 'loss' or 'perplexity' are better when lower, "
@@ -20,7 +22,7 @@ _DIRECTION_HELP = (
 )
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: SubParsers) -> None:
     """Add ``registry``, ``register``, ``promote`` and ``rollback`` to the ``loraops`` parser."""
     common = _common_options()
     _add_registry(sub, common)
@@ -46,7 +48,7 @@ def _registry(args: argparse.Namespace):
 # --- registry list | show | audit ---------------------------------------------------------------
 
 
-def _add_registry(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def _add_registry(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     parser = sub.add_parser(
         "registry",
         help="list and inspect registered adapters",
@@ -89,7 +91,7 @@ def _run_list(args: argparse.Namespace) -> int:
 
 
 def _run_show(args: argparse.Namespace) -> int:
-    from loraops.registry.api import parse_ref
+    from loraops.registry.refs import parse_ref
 
     registry = _registry(args)
     name, alias, version = parse_ref(args.ref)
@@ -131,7 +133,7 @@ def _run_audit(args: argparse.Namespace) -> int:
 # --- register ----------------------------------------------------------------------------------
 
 
-def _add_register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def _add_register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     parser = sub.add_parser(
         "register",
         parents=[common],
@@ -173,18 +175,18 @@ def _run_register(args: argparse.Namespace) -> int:
 # --- promote / rollback ------------------------------------------------------------------------
 
 
-def _add_promote(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def _add_promote(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     parser = sub.add_parser(
         "promote",
         parents=[common],
-        help="point an alias (default: production) at a version",
+        help=f"point an alias (default: {DEFAULT_ALIAS}) at a version",
         description="Point NAME@ALIAS at VERSION and record the change in the audit log. With "
         "--if-better METRIC, only when VERSION is strictly better on METRIC than the alias's "
         f"current version; otherwise nothing changes, both figures are printed and the exit code is 2. {_DIRECTION_HELP}.",
     )
     parser.add_argument("name", metavar="NAME")
     parser.add_argument("version", metavar="VERSION", help="version number, e.g. 3 or v3")
-    parser.add_argument("--alias", default="production", help="alias to move (default: production)")
+    parser.add_argument("--alias", default=DEFAULT_ALIAS, help=f"alias to move (default: {DEFAULT_ALIAS})")
     parser.add_argument("--if-better", metavar="METRIC", help="promote only if VERSION beats the current target on METRIC, e.g. eval_loss or rougeL")
     direction = parser.add_mutually_exclusive_group()
     direction.add_argument("--higher-is-better", dest="higher_is_better", action="store_true", default=None, help="METRIC is better when higher")
@@ -193,7 +195,7 @@ def _add_promote(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     parser.set_defaults(handler=_run_promote)
 
 
-def _add_rollback(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def _add_rollback(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     parser = sub.add_parser(
         "rollback",
         parents=[common],
@@ -202,7 +204,7 @@ def _add_rollback(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
         "audit log. Repeated rollbacks walk further back (3 -> 2 -> 1), they do not toggle.",
     )
     parser.add_argument("name", metavar="NAME")
-    parser.add_argument("--alias", default="production", help="alias to move back (default: production)")
+    parser.add_argument("--alias", default=DEFAULT_ALIAS, help=f"alias to move back (default: {DEFAULT_ALIAS})")
     _add_change_options(parser)
     parser.set_defaults(handler=_run_rollback)
 

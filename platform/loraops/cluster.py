@@ -1,0 +1,86 @@
+"""The one way loraops joins Ray: connect to a cluster or start a local instance, and leave it as found.
+
+Every command that needs Ray (``tune``, ``serve``, ``bench serve``, ``demo``) goes through
+:func:`connect`: an address given explicitly (``--address``, ``search.ray_address``), else
+``$RAY_ADDRESS``, else a new local instance. A process that is already connected (a notebook, a
+test, the demo calling the search) is left as it is. :func:`shutdown` ends only a connection this
+process made, so a caller's Ray is never stopped under it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Ray's own variable naming the cluster to join; ``ray.init()`` reads it too.
+ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def cluster_address(address: str | None = None) -> str | None:
+    """The cluster to join: ``address``, else $RAY_ADDRESS, else None (start a local instance)."""
+    return address or os.environ.get(ADDRESS_ENV) or None
+
+
+def connect(
+    address: str | None = None,
+    *,
+    namespace: str | None = None,
+    logging_level: int | None = None,
+    runtime_env: dict[str, Any] | None = None,
+    num_cpus: int | None = None,
+    log_to_driver: bool = True,
+    configure_logging: bool = True,
+) -> bool:
+    """Connect this process to Ray; True when this call made the connection (the caller owns it).
+
+    Already connected: nothing happens and the answer is False. Else join the cluster of
+    :func:`cluster_address`, or start a local instance with ``num_cpus`` (None: Ray counts them).
+    ``configure_logging=False`` leaves the process's logging as the CLI set it up.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": log_to_driver, "configure_logging": configure_logging}
+    options |= {key: value for key, value in (("namespace", namespace), ("runtime_env", runtime_env), ("logging_level", logging_level)) if value is not None}
+    target = cluster_address(address)
+    if target:
+        ray.init(address=target, **options)
+    else:
+        ray.init(num_cpus=num_cpus, **options)
+    log.debug("connected to Ray at %s", target or "a new local instance")
+    return True
+
+
+def shutdown(owned: bool) -> None:
+    """Disconnect, and stop a local instance, when this process connected (``owned``); else nothing."""
+    if owned:
+        import ray
+
+        ray.shutdown()
+
+
+@contextmanager
+def session(address: str | None = None, **options: Any) -> Iterator[bool]:
+    """:func:`connect` for the duration of a ``with`` block, then :func:`shutdown` what it connected."""
+    owned = connect(address, **options)
+    try:
+        yield owned
+    finally:
+        shutdown(owned)
+
+
+def wait_until_interrupted(message: str = "press Ctrl-C to stop") -> None:
+    """Print ``message`` and block until Ctrl-C (the foreground of ``serve`` and ``demo --keep-serving``)."""
+    print(message, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
