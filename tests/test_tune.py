@@ -373,3 +373,15 @@ def wait_for(experiment: Path, driver: subprocess.Popen, condition, timeout: flo
             return rows
         time.sleep(0.5)
     raise AssertionError(f"the experiment did not get there within {timeout} s")
+
+
+def test_random_algorithm_is_rays_random_sampling_limited_to_the_concurrency(tmp_path):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from loraops.tune.experiment import build_searcher
+
+    config = load_config(TINY, ["search.algorithm=random", "search.seed=7"])
+    searcher = build_searcher(config, database_url(None, tmp_path), "random-test", concurrency=2)
+    assert isinstance(searcher, BasicVariantGenerator) and searcher.max_concurrent == 2
+    with pytest.raises(ConfigError, match=r"search\.algorithm: .*'tpe' or 'random'"):
+        load_config(TINY, ["search.algorithm=grid"])
