@@ -191,10 +191,7 @@ def benchmark(
         "budget_trial_steps": budget,
         "seeds": list(range(config.search.seed, config.search.seed + seeds)),
         "max_concurrent_trials": config.search.max_concurrent_trials,
-        "methods": {
-            configured.name: {"algorithm": configured.algorithm, "scheduler": configured.scheduler},
-            BASELINE.name: {"algorithm": BASELINE.algorithm, "scheduler": BASELINE.scheduler},
-        },
+        "methods": {method.name: method_settings(config, method, budget) for method in (configured, BASELINE)},
         **report,
         # Other work on the machine slows every run alike (runs are interleaved); it does not change losses.
         "machine": machine,
@@ -210,24 +207,36 @@ def benchmark(
     return report
 
 
-def method_config(config: Config, method: Method, seed: int, budget: int, root: Path) -> Config:
-    """The config of one search: the method, the seed, enough trials to spend the budget, and
-    its experiments and Optuna studies kept under the benchmark's folder."""
+def method_config(config: Config, method: Method, seed: int, root: Path) -> Config:
+    """The config of one search: the method and the seed, its experiments and Optuna studies kept
+    under the benchmark's folder. ``num_samples`` stays as configured (it sizes TPE's random
+    start-up); the budget, not the trial count, ends the search."""
+    data = dump_config(config)
+    data["search"].update(
+        algorithm=method.algorithm,
+        scheduler=method.scheduler,
+        seed=seed,
+        storage=str(root / "experiments"),
+        database_url=f"sqlite:///{root / 'optuna.db'}",
+    )
+    return validate(Config, data, origin=f"{method.name} seed {seed}")
+
+
+def trial_count(config: Config, method: Method, budget: int) -> int:
+    """Trials a search may start: without early stopping, the whole trials the budget pays for (the
+    last one cut short only if the budget is not a multiple of a trial); with ASHA, no limit (-1):
+    the budget ends the search."""
     from loraops.tune.experiment import trial_steps
 
-    data = dump_config(config)
-    search = data["search"]
-    search.update(algorithm=method.algorithm, scheduler=method.scheduler, seed=seed)
-    # The budget ends a search, not the trial count: allow as many trials as the budget can pay.
-    cheapest = (
-        min(method.scheduler.get("grace_period", trial_steps(config)), config.training.eval_steps)
-        if method.scheduler["type"] == "asha"
-        else trial_steps(config)
-    )
-    search["num_samples"] = math.ceil(budget / cheapest)
-    search["storage"] = str(root / "experiments")
-    search["database_url"] = f"sqlite:///{root / 'optuna.db'}"
-    return validate(Config, data, origin=f"{method.name} seed {seed}")
+    return math.ceil(budget / trial_steps(config)) if method.scheduler["type"] == "fifo" else -1
+
+
+def method_settings(config: Config, method: Method, budget: int) -> dict[str, Any]:
+    """What a method ran with: algorithm, scheduler, trial limit (-1: none), and for TPE its random start-up trials."""
+    from loraops.tune.searcher import startup_trials
+
+    settings = {"algorithm": method.algorithm, "scheduler": method.scheduler, "trials": trial_count(config, method, budget)}
+    return settings | ({"tpe_startup_trials": startup_trials(config.search.num_samples)} if method.algorithm == "tpe" else {})
 
 
 def search_run(config: Config, method: Method, seed: int, budget: int, root: Path) -> dict[str, Any]:
@@ -236,7 +245,9 @@ def search_run(config: Config, method: Method, seed: int, budget: int, root: Pat
 
     ledger = BudgetLedger(budget)
     started = time.monotonic()
-    outcome = run_experiment(method_config(config, method, seed, budget, root), name=f"{method.name.replace('+', '-')}-seed{seed}", stop=ledger)
+    outcome = run_experiment(
+        method_config(config, method, seed, root), name=f"{method.name.replace('+', '-')}-seed{seed}", stop=ledger, trials=trial_count(config, method, budget)
+    )
     wall = time.monotonic() - started
     curve = best_so_far(ledger.events, budget)
     reported = [row for row in outcome.rows if row.history]

@@ -99,9 +99,11 @@ class Outcome:
 # --- entry points ------------------------------------------------------------------------------
 
 
-def run_experiment(config: Config, name: str | None = None, stop: Any = None) -> Outcome:
-    """Start a new experiment from ``config`` (its ``search`` section) and run it to the end, or
-    until the Tune stopper ``stop`` ends it (``loraops bench search`` stops at a trial-step budget)."""
+def run_experiment(config: Config, name: str | None = None, stop: Any = None, trials: int | None = None) -> Outcome:
+    """Start a new experiment from ``config`` (its ``search`` section) and run it to the end.
+    ``loraops bench search`` ends it with a Tune stopper ``stop`` at a trial-step budget, and may
+    run another number of ``trials`` than ``search.num_samples`` (which still sizes TPE's random
+    start-up); -1: until ``stop`` ends the search."""
     space = SearchSpace.from_config(config)  # a bad space fails before Ray starts
     check_scheduler(config)
     base = base_config(config)
@@ -126,7 +128,7 @@ def run_experiment(config: Config, name: str | None = None, stop: Any = None) ->
             tune_config=tune.TuneConfig(
                 search_alg=build_searcher(config, db_url, location.name, concurrency),
                 scheduler=build_scheduler(config),
-                num_samples=config.search.num_samples,
+                num_samples=config.search.num_samples if trials is None else trials,
                 max_concurrent_trials=None if config.search.algorithm == "random" else concurrency,  # random: the generator's own limit
                 reuse_actors=False,  # one process per trial: its GPU memory is freed when it ends
                 trial_dirname_creator=trial_dirname,
