@@ -396,3 +396,15 @@ def test_selecting_by_rouge_l_scores_the_last_step_and_drives_best_trial_registr
     worse = registry.register(best["adapter_path"], "tiny-rouge", metrics={"rougeL": winner.rougeL - 1.0})
     with pytest.raises(PromotionRefused):  # ROUGE-L: higher is better
         registry.promote("tiny-rouge", worse.version, alias="production", if_better="rougeL")
+
+
+def test_random_algorithm_is_rays_random_sampling_limited_to_the_concurrency(tmp_path):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from loraops.tune.experiment import build_searcher
+
+    config = load_config(TINY, ["search.algorithm=random", "search.seed=7"])
+    searcher = build_searcher(config, database_url(None, tmp_path), "random-test", concurrency=2)
+    assert isinstance(searcher, BasicVariantGenerator) and searcher.max_concurrent == 2
+    with pytest.raises(ConfigError, match=r"search\.algorithm: .*'tpe' or 'random'"):
+        load_config(TINY, ["search.algorithm=grid"])

@@ -229,7 +229,10 @@ class SearchConfig(Section):
     rouge_samples: int = Field(32, ge=1, description="Validation dialogues (the first N) scored at a trial's last step when metric is rougeL.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps per trial (ASHA's max_t); default training.max_steps.")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Default: the trials the cluster's GPUs (else CPUs) hold at once.")
-    seed: int = Field(0, description="Seed of the TPE sampler.")
+    algorithm: Literal["tpe", "random"] = Field(
+        "tpe", description="tpe: Optuna TPE proposes each trial from the results so far; random: Ray Tune's seeded random sampling of the same space."
+    )
+    seed: int = Field(0, description="Seed of the sampler (TPE or random).")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     resources: TrialResources = Field(default_factory=TrialResources)
     keep_checkpoints: int = Field(2, ge=1, description="Adapter checkpoints kept per trial, the best by eval loss (plus the latest).")

@@ -102,7 +102,7 @@ def status_reporter(labels: dict[str, str], num_samples: int) -> LoggedReporter:
         max_column_length=36,  # room for a target-module set
         metric=BEST_METRIC,
         mode="min",
-        sort_by_metric=True,
+        sort_by_metric=False,  # Ray's sort fails on a trial stopped before its first result (a budget stop in `bench search` does that)
     )
 
 

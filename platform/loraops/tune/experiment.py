@@ -101,10 +101,15 @@ class Outcome:
 # --- entry points ------------------------------------------------------------------------------
 
 
-def run_experiment(config: Config, name: str | None = None, callbacks: list[Any] | None = None, worker_logs: bool = False) -> Outcome:
+def run_experiment(
+    config: Config, name: str | None = None, callbacks: list[Any] | None = None, worker_logs: bool = False, stop: Any = None, trials: int | None = None
+) -> Outcome:
     """Start a new experiment from ``config`` (its ``search`` section) and run it to the end.
     ``callbacks``: extra Ray Tune callbacks (the console's trial events are always there);
-    ``worker_logs``: stream the trials' output to this terminal when this call starts Ray."""
+    ``worker_logs``: stream the trials' output to this terminal when this call starts Ray.
+    ``loraops bench search`` ends it with a Tune stopper ``stop`` at a trial-step budget, and may
+    run another number of ``trials`` than ``search.num_samples`` (which still sizes TPE's random
+    start-up); -1: until ``stop`` ends the search."""
     space = check_search(config)  # a bad space fails before Ray starts
     base = base_config(config)
     location = Location(storage_root(config), check_name(name) if name else default_name(config))
@@ -118,7 +123,6 @@ def run_experiment(config: Config, name: str | None = None, callbacks: list[Any]
     from ray import tune
 
     from loraops.tune.events import TrialEvents, asha_rungs, column_labels, status_reporter
-    from loraops.tune.searcher import StudySearch, create_study
 
     with cluster.session(config.search.ray_address, num_cpus=os.cpu_count(), **ray_logging(worker_logs)):
         resources = trial_resources(config)
@@ -128,24 +132,14 @@ def run_experiment(config: Config, name: str | None = None, callbacks: list[Any]
             *(location.uri, config.search.num_samples, concurrency, resources, location.name, _safe_url(db_url)),
         )
         location.write_text(EXPERIMENT_CONFIG_FILE, yaml.safe_dump(base, sort_keys=False))
-        create_study(db_url, location.name, config.search.metric)
-        searcher = StudySearch(
-            database_url=db_url,
-            workspace=str(config.workspace_path),
-            study_name=location.name,
-            space=space.optuna_distributions(),
-            seed=config.search.seed,
-            num_samples=config.search.num_samples,
-            objective=config.search.metric,
-        )
         tuner = tune.Tuner(
             build_trainable(base, space, resources),
             param_space=space.ray_param_space(),
             tune_config=tune.TuneConfig(
-                search_alg=searcher,
+                search_alg=build_searcher(config, db_url, location.name, concurrency, space),
                 scheduler=build_scheduler(config),
-                num_samples=config.search.num_samples,
-                max_concurrent_trials=concurrency,
+                num_samples=config.search.num_samples if trials is None else trials,
+                max_concurrent_trials=None if config.search.algorithm == "random" else concurrency,  # random: the generator's own limit
                 reuse_actors=False,  # one process per trial: its GPU memory is freed when it ends
                 trial_dirname_creator=trial_dirname,
             ),
@@ -159,6 +153,7 @@ def run_experiment(config: Config, name: str | None = None, callbacks: list[Any]
                 callbacks=[TrialEvents(asha_rungs(config.search.scheduler, trial_steps(config)), column_labels(space.keys)), *(callbacks or [])],
                 progress_reporter=status_reporter(column_labels(space.keys), config.search.num_samples),
                 verbose=1,  # the status table (to the log); Tune's per-result lines would repeat every parameter
+                stop=stop,
             ),
         )
         configure_driver(location)
@@ -271,6 +266,27 @@ def check_scheduler(config: Config) -> None:
     scheduler = config.search.scheduler
     if scheduler.type == "asha" and scheduler.grace_period > trial_steps(config):
         raise ConfigError(f"search.scheduler.grace_period: {scheduler.grace_period} is more than the {trial_steps(config)} steps of a trial")
+
+
+def build_searcher(config: Config, db_url: str, study_name: str, concurrency: int, space: SearchSpace) -> Any:
+    """Who proposes the trials: Optuna TPE with its study in the database, or Ray Tune's plain
+    random sampling of the same domains (seeded, and restored with the experiment on --resume)."""
+    if config.search.algorithm == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=config.search.seed, max_concurrent=concurrency)
+    from loraops.tune.searcher import StudySearch, create_study
+
+    create_study(db_url, study_name, config.search.metric)
+    return StudySearch(
+        database_url=db_url,
+        workspace=str(config.workspace_path),
+        study_name=study_name,
+        space=space.optuna_distributions(),
+        seed=config.search.seed,
+        num_samples=config.search.num_samples,
+        objective=config.search.metric,
+    )
 
 
 def build_scheduler(config: Config) -> Any:
