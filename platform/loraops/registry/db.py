@@ -44,6 +44,7 @@ T = TypeVar("T")
 SQLITE_BUSY_TIMEOUT_S = 30.0
 #: Seconds to wait for a PostgreSQL server to accept a connection (default of ``?connect_timeout=``).
 POSTGRES_CONNECT_TIMEOUT_S = 10
+#: What error messages offer instead of an unusable URL.
 SUPPORTED_URLS = "sqlite:///PATH and postgresql://USER@HOST/DB (driver psycopg2, installed with loraops)"
 #: A writer that has waited this long for the lock says so, so a long wait is never silent.
 LOCK_WAIT_NOTICE_S = 2.0
