@@ -401,7 +401,7 @@ def test_selecting_by_rouge_l_scores_the_last_step_and_drives_best_trial_registr
 def test_random_algorithm_is_rays_random_sampling_limited_to_the_concurrency(tmp_path):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from loraops.tune.experiment import build_searcher
+    from loraops.tune.strategy import build_searcher
 
     config = load_config(TINY, ["search.algorithm=random", "search.seed=7"])
     searcher = build_searcher(config, database_url(None, tmp_path), "random-test", concurrency=2)

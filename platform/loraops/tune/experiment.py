@@ -22,11 +22,12 @@ from typing import Any
 import yaml
 
 from loraops import cluster
-from loraops.config import Config, ConfigError, database_url, dump_config, validate
+from loraops.config import Config, database_url, dump_config, validate
 from loraops.errors import LoraopsError
 from loraops.layout import BEST_CONFIG_FILE, BEST_TRIAL_FILE, EXPERIMENT_CONFIG_FILE, NAME_RULE, RESULTS_FILE, SEARCH_PLOT_FILE, is_valid_name
 from loraops.tune import results
 from loraops.tune.space import SearchSpace
+from loraops.tune.strategy import build_scheduler, build_searcher, check_search, trial_steps
 from loraops.tune.trainable import METRIC, MODE, STEP, build_trainable
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def run_experiment(
             build_trainable(base, space, resources),
             param_space=space.ray_param_space(),
             tune_config=tune.TuneConfig(
-                search_alg=build_searcher(config, db_url, location.name, concurrency, space),
+                search_alg=build_searcher(config, db_url, location.name, concurrency),
                 scheduler=build_scheduler(config),
                 num_samples=config.search.num_samples if trials is None else trials,
                 max_concurrent_trials=None if config.search.algorithm == "random" else concurrency,  # random: the generator's own limit
@@ -246,63 +247,9 @@ def base_config(config: Config) -> dict[str, Any]:
     return data
 
 
-def trial_steps(config: Config) -> int:
-    """Optimizer steps per trial: ``search.max_steps``, else ``training.max_steps``."""
-    return config.search.max_steps or config.training.max_steps
-
-
 def read_experiment_config(location: Location) -> Config:
     data = yaml.safe_load(location.read_text(EXPERIMENT_CONFIG_FILE))
     return validate(Config, data, origin=f"{location.uri}/{EXPERIMENT_CONFIG_FILE}")
-
-
-def check_search(config: Config) -> SearchSpace:
-    """The validated search space, after checking the scheduler against the trial budget."""
-    check_scheduler(config)
-    return SearchSpace.from_config(config)
-
-
-def check_scheduler(config: Config) -> None:
-    scheduler = config.search.scheduler
-    if scheduler.type == "asha" and scheduler.grace_period > trial_steps(config):
-        raise ConfigError(f"search.scheduler.grace_period: {scheduler.grace_period} is more than the {trial_steps(config)} steps of a trial")
-
-
-def build_searcher(config: Config, db_url: str, study_name: str, concurrency: int, space: SearchSpace) -> Any:
-    """Who proposes the trials: Optuna TPE with its study in the database, or Ray Tune's plain
-    random sampling of the same domains (seeded, and restored with the experiment on --resume)."""
-    if config.search.algorithm == "random":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        return BasicVariantGenerator(random_state=config.search.seed, max_concurrent=concurrency)
-    from loraops.tune.searcher import StudySearch, create_study
-
-    create_study(db_url, study_name, config.search.metric)
-    return StudySearch(
-        database_url=db_url,
-        workspace=str(config.workspace_path),
-        study_name=study_name,
-        space=space.optuna_distributions(),
-        seed=config.search.seed,
-        num_samples=config.search.num_samples,
-        objective=config.search.metric,
-    )
-
-
-def build_scheduler(config: Config) -> Any:
-    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
-
-    scheduler = config.search.scheduler
-    if scheduler.type == "fifo":
-        return FIFOScheduler()
-    return AsyncHyperBandScheduler(
-        time_attr=STEP,  # rungs in optimizer steps, whatever eval_steps is
-        metric=METRIC,
-        mode=MODE,
-        max_t=trial_steps(config),
-        grace_period=scheduler.grace_period,
-        reduction_factor=scheduler.reduction_factor,
-    )
 
 
 def trial_dirname(trial: Any) -> str:
