@@ -146,7 +146,8 @@ def _compare(config: Config, outcome, version: int, promoted: bool, url: str, sa
     base = generate_summaries(base_model, tokenizer, dialogues, served_config, progress=False)
     base_scores, tuned_scores = rouge(base, references), rouge(tuned, references)
     for example, before, after in list(zip(examples, base, tuned, strict=True))[:3]:
-        print(f"\n{example.dialogue}\n  reference: {_one_line(example.references[0])}\n  base:      {_one_line(before)}\n  tuned:     {_one_line(after)}")
+        print(f"\n{_excerpt(example.dialogue)}\n  reference: {_one_line(example.references[0])}")
+        print(f"  base:      {_one_line(before)}\n  tuned:     {_one_line(after)}")
     print(f"\nROUGE on {len(examples)} held-out dialogues (F1 x 100); tuned = {ADAPTER_NAME}:{sorted(versions)} over HTTP")
     print(f"{'metric':<10}{'base':>10}{'tuned':>10}{'gain':>10}")
     for kind in base_scores:
@@ -190,6 +191,13 @@ def _shutdown(own_ray: bool) -> None:
     except Exception as exc:  # noqa: BLE001 - shutting down whatever is there; never mask the real error
         log.debug("serve shutdown: %s", exc)
     cluster.shutdown(own_ray)
+
+
+def _excerpt(dialogue: str, turns: int = 8) -> str:
+    """The first ``turns`` turns of a dialogue and how many more there are (the whole output of
+    the demo fits on about two screens)."""
+    lines = dialogue.splitlines()
+    return "\n".join(lines[:turns] + ([f"  ... {len(lines) - turns} more turns"] if len(lines) > turns else []))
 
 
 def _one_line(text: str) -> str:
