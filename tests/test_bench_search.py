@@ -10,7 +10,8 @@ import json
 import pytest
 
 from conftest import REPO
-from loraops.bench.search import BudgetLedger, best_so_far, steps_to, summarize, value_at
+from loraops.bench.search import BudgetLedger
+from loraops.bench.search_report import best_so_far, steps_to, summarize, value_at
 
 #: Trials of 20 steps (an eval every 10) on 4-row batches: a few seconds each.
 SMALL = [
