@@ -84,12 +84,30 @@ def test_bad_command_line_is_one_error_line_and_exit_2(scene, cli_env, arguments
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "loraops", *(argument.format(**scene) for argument in arguments)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=scene["tmp"], timeout=180)
+    assert_one_error_line(done, fragment.format(**scene))
+    assert "Started a local Ray instance" not in done.stderr + done.stdout
+
+
+def assert_one_error_line(done: subprocess.CompletedProcess, fragment: str) -> None:
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if ERROR_LINE.match(line)]
     assert len(errors) == 1, done.stderr[-2000:]
-    assert fragment.format(**scene) in errors[0], errors[0]
-    assert "Started a local Ray instance" not in done.stderr + done.stdout
+    assert fragment in errors[0], errors[0]
+
+
+@pytest.mark.slow
+def test_a_diverging_training_run_is_one_error_line_and_exit_2(workspace, cli_env, tmp_path):
+    """A non-finite loss is the user's settings, not a crash: the line names the step and the setting to lower.
+
+    The tiny model's LayerNorms keep its loss finite at any learning rate the config accepts (at most 1),
+    so an absurd weight decay makes step 1's update overflow; the loss is NaN from step 2."""
+    settings = ["training.learning_rate=1", "training.weight_decay=1e40", "training.max_steps=2", "training.warmup_steps=0"]
+    settings += ["data.builtin_size=120", "training.per_device_train_batch_size=4"]
+    command = [sys.executable, "-m", "loraops", "train", "--config", TUNE, *[arg for item in settings for arg in ("--set", item)]]
+    done = subprocess.run(command, capture_output=True, text=True, env=cli_env(workspace), cwd=tmp_path, timeout=300)
+    assert_one_error_line(done, "training diverged: the loss became nan at step 2; lower training.learning_rate (now 1)")
+    assert not (workspace / "runs" / "tiny" / "adapter").exists()
 
 
 def test_the_catalogue_is_large_enough_and_ids_are_unique():

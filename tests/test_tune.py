@@ -277,6 +277,49 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(ray_address, workspac
 @pytest.mark.reliability
 @pytest.mark.ray
 @pytest.mark.slow
+def test_a_diverging_trial_is_recorded_as_failed_and_the_best_comes_from_the_others(ray_address, workspace, monkeypatch):
+    """One trial's loss becomes NaN at step 2: it ends as ERROR with the divergence in the results table,
+    the other trial completes and is the best. The tiny model's loss stays finite at any learning rate the
+    config accepts (at most 1), so the diverging choice adds an absurd weight decay that overflows step 1's update."""
+    import csv
+
+    import optuna
+
+    from loraops.tune.experiment import run_experiment
+    from loraops.tune.space import SearchSpace
+
+    for name in ("RAY_AIR_NEW_OUTPUT", "TUNE_GLOBAL_CHECKPOINT_S"):  # set by the driver; undone after the test
+        monkeypatch.delenv(name, raising=False)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {"training": {"choice": [{"weight_decay": 0.0}, {"learning_rate": 1.0, "weight_decay": 1e40}]}}
+    settings = [*SMALL, space_override(space), "search.num_samples=2", "search.scheduler={type: fifo}", "search.max_steps=2", "training.eval_steps=2"]
+    config = load_config(TINY, settings)
+    distributions = SearchSpace.from_config(config).optuna_distributions()
+    healthy, diverging = distributions["training"].choices
+    config.search.seed = seed_covering([healthy, diverging], "training", distributions)
+
+    outcome = run_experiment(config, name="diverges")
+
+    rows = outcome.rows
+    assert len(rows) == 2 and outcome.finished
+    [failed] = [row for row in rows if row.status == "ERROR"]
+    [finished] = [row for row in rows if row.status == "TERMINATED"]
+    assert failed.params["training"] == diverging and finished.params["training"] == healthy
+    divergence = "error: DivergenceError: training diverged: the loss became nan at step 2; lower training.learning_rate"
+    assert failed.stop_reason.startswith(divergence) and failed.best_eval_loss is None
+    assert finished.stop_reason == "completed" and finished.steps == 2
+    with (outcome.folder / "results.csv").open() as handle:
+        table = {record["trial"]: record for record in csv.DictReader(handle)}
+    assert table[failed.trial_id]["status"] == "ERROR" and table[failed.trial_id]["stop_reason"].startswith(divergence)
+    assert_study_has_one_entry_per_trial(workspace, "diverges", rows)
+    best = json.loads((outcome.folder / "best_trial.json").read_text())
+    assert best["trial_id"] == finished.trial_id and best["config"]["training"]["weight_decay"] == 0.0
+    assert best["metrics"]["eval_loss"] == pytest.approx(finished.best_eval_loss)
+
+
+@pytest.mark.reliability
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_killed_driver_resumes_with_every_trial_once(cli_env, ray_address, workspace, tmp_path):
     """Also: the database URL (here a SQLite path with a marker, as a password would be in a
     PostgreSQL URL) reaches the resumed driver from the environment, never from the experiment."""

@@ -53,6 +53,12 @@ Reporter = Callable[[dict[str, Any], Path | None], None]
 FinalEvaluation = Callable[[Any, Any], dict[str, float]]
 
 
+class DivergenceError(LoraopsError, FloatingPointError):
+    """The training loss became NaN or infinite: a setting to change, not a bug (the CLI prints one line, exit 2).
+
+    Raised inside a Tune trial too, so the trial ends as ERROR with this message in the results table."""
+
+
 @dataclass(frozen=True)
 class StepStats:
     """What one optimizer step did, for throughput measurements (``loraops bench train``)."""
@@ -146,7 +152,8 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss} at step {state.step}: lower training.learning_rate")
+            bar.close()  # the progress line ends before the error line starts
+            raise DivergenceError(divergence_message(loss, state.step, settings))
 
         last = state.step == settings.max_steps
         if state.step % settings.logging_steps == 0 or last:
@@ -191,6 +198,11 @@ def autocast_context(config: Config):
     dtype = DTYPES[config.quantization.bnb_4bit_compute_dtype]
     enabled = device().type == "cuda" and dtype != torch.float32
     return lambda: torch.autocast(device_type=device().type, dtype=dtype, enabled=enabled)
+
+
+def divergence_message(loss: float, step: int, settings) -> str:
+    decay = f" or training.weight_decay (now {settings.weight_decay:g})" if settings.weight_decay else ""
+    return f"training diverged: the loss became {loss} at step {step}; lower training.learning_rate (now {settings.learning_rate:g}){decay}"
 
 
 def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
