@@ -187,7 +187,9 @@ def db_url(request, tmp_path):
     from sqlalchemy import create_engine, make_url, text
 
     name = f"loraops_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    from loraops.config import normalize_database_url
+
+    admin = create_engine(normalize_database_url(server), isolation_level="AUTOCOMMIT")  # CI's URL is the plain postgresql:// form
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     url = make_url(server).set(database=name).render_as_string(hide_password=False)

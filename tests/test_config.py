@@ -95,3 +95,20 @@ def test_config_names_follow_the_one_name_rule(bad):
         load_config(REPO / "tune" / "tiny.yaml", [f"name={bad}"])
     assert not is_valid_name(bad) and "1-128 characters" in NAME_RULE
     assert load_config(REPO / "tune" / "tiny.yaml", ["name=phi2-dialogsum.v2_a"]).name == "phi2-dialogsum.v2_a"
+
+
+@pytest.mark.parametrize(
+    ("given", "resolved"),
+    [
+        ("postgresql://u:pw@db.example/loraops", "postgresql+psycopg2://u:pw@db.example/loraops"),
+        ("postgres://u@db.example:5433/loraops", "postgresql+psycopg2://u@db.example:5433/loraops"),
+        ("postgresql+psycopg2://u@db/x", "postgresql+psycopg2://u@db/x"),
+        ("sqlite:////tmp/loraops.db", "sqlite:////tmp/loraops.db"),
+    ],
+)
+def test_postgresql_urls_get_the_installed_driver(given, resolved, monkeypatch):
+    from loraops.config import DATABASE_ENV, database_url
+
+    assert database_url(given) == resolved
+    monkeypatch.setenv(DATABASE_ENV, given)
+    assert database_url() == resolved

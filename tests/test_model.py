@@ -30,17 +30,18 @@ def test_unknown_target_module_is_an_error(quick_config, workspace):
 
 @pytest.mark.slow
 def test_saved_adapter_on_a_fresh_4bit_base_reproduces_logits(quick_config, workspace, tmp_path):
+    from loraops.batching import BatchStream
     from loraops.data import encode_all, load_split, pad_batch
-    from loraops.train import BatchStream, accumulate_gradients, autocast_context, build_optimizer, save_adapter
+    from loraops.train import autocast_context, build_optimizer, save_adapter, train_step
 
     config = quick_config()
     tokenizer = load_tokenizer(config)
     rows = encode_all(tokenizer, load_split(config.data, "train")[0][:32], config.data)
     model = prepare_for_training(load_base_model(config), config)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
-    batches = BatchStream(rows, 8, True, 0, tokenizer.pad_token_id)
+    batches = BatchStream(rows, config, tokenizer.pad_token_id)
     for _ in range(5):
-        accumulate_gradients(model, batches, 1, autocast_context(config))
+        train_step(model, next(batches).micro_batches, autocast_context(config))
         optimizer.step()
         optimizer.zero_grad()
     model.eval()

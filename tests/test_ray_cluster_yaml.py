@@ -38,3 +38,12 @@ def test_schema_check_catches_a_typo():
     config["available_node_types"]["gpu_a10g"]["min_wrkers"] = 1
     with pytest.raises(jsonschema.ValidationError, match="min_wrkers"):
         validate(config)
+
+
+def test_every_node_and_login_shell_runs_with_the_clusters_token():
+    """Ray 2.60: a worker joins a token-auth head only with RAY_AUTH_MODE=token and the head's token."""
+    config = load()
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = [command for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in command]
+    assert len(starts) == 2 and all(command.startswith("export RAY_AUTH_MODE=token;") for command in starts)
+    assert any("export RAY_AUTH_MODE=token" in command for command in config["initialization_commands"])

@@ -220,6 +220,42 @@ def test_tampered_or_missing_file_is_detected_on_resolve(make_run, registry, tmp
         registry.resolve("guarded:1")
 
 
+def corrupt(path: Path) -> None:
+    """Flip the last byte, as a disk or a hand behind the registry's back would."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_verify_rehashes_the_stored_files_and_names_the_bad_one(make_run, registry, tmp_path):
+    registry.register(make_run(tmp_path / "run", seed=1), "checked")
+    assert registry.verify("checked:1").version == 1
+    stored = tmp_path / "store" / "checked" / "v1"
+    corrupt(stored / "adapter_model.safetensors")
+    with pytest.raises(IntegrityError, match=r"checked:1 .*checksum mismatch for file adapter_model.safetensors"):
+        registry.verify("checked")
+    (stored / "adapter_config.json").unlink()
+    with pytest.raises(IntegrityError, match="file adapter_config.json is missing"):
+        registry.verify("checked:1")
+
+
+def test_promote_and_rollback_refuse_a_corrupt_version(make_run, registry, tmp_path):
+    for seed in (1, 2, 3):
+        registry.register(make_run(tmp_path / f"run{seed}", seed=seed), "careful")
+    registry.promote("careful", 1)
+    registry.promote("careful", 2)
+    corrupt(tmp_path / "store" / "careful" / "v3" / "adapter_model.safetensors")
+    with pytest.raises(IntegrityError, match="refusing to promote careful:3 to production: .*checksum mismatch for file adapter_model.safetensors"):
+        registry.promote("careful", 3)
+    corrupt(tmp_path / "store" / "careful" / "v1" / "adapter_config.json")
+    with pytest.raises(IntegrityError, match="refusing to roll back careful@production to version 1: .*adapter_config.json"):
+        registry.rollback("careful")
+    assert registry.get("careful@production").version == 2  # nothing moved,
+    assert [(e.action, e.to_version) for e in registry.audit_log("careful")] == [("promote", 1), ("promote", 2)]  # nothing logged
+    with pytest.raises(IntegrityError, match="refusing to promote careful:1 to staging"):
+        registry.promote("careful", 1, alias="staging")
+
+
 def test_remote_store_downloads_into_a_verified_cache(make_run, db_url, tmp_path):
     """A non-local pyarrow filesystem takes the download path (SubTreeFileSystem stands in for S3)."""
     import pyarrow.fs as pafs
@@ -236,7 +272,10 @@ def test_remote_store_downloads_into_a_verified_cache(make_run, db_url, tmp_path
     assert sha256(cached / "adapter_model.safetensors") == sha256(remote_root / "remote" / "v1" / "adapter_model.safetensors")
     (cached / "adapter_config.json").write_text("{}")  # a damaged cache is fetched again
     assert json.loads((registry.resolve("remote:1") / "adapter_config.json").read_text())["r"] == 4
+    assert registry.verify("remote:1").version == 1
     (remote_root / "remote" / "v1" / "adapter_model.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(IntegrityError, match="checksum mismatch for file adapter_model.safetensors"):
+        registry.verify("remote:1")  # the store itself is read, not the intact cache
     import shutil
 
     shutil.rmtree(cached)

@@ -51,6 +51,34 @@ def test_cli_register_promote_rollback(loraops, make_run, db_url, tmp_path):
     assert table.returncode == 0 and "production->v1" in table.stdout
 
 
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_cli_verify_promote_rollback_refuse_a_corrupt_version(loraops, make_run, db_url, tmp_path):
+    for seed in (1, 2):
+        assert loraops(tmp_path, db_url, "register", "--adapter", str(make_run(tmp_path / f"r{seed}", seed=seed)), "--name", "cli").returncode == 0
+    assert loraops(tmp_path, db_url, "promote", "cli", "1").returncode == 0
+    ok = loraops(tmp_path, db_url, "registry", "verify", "cli:2")
+    assert ok.returncode == 0 and "all sha256 match" in ok.stdout, ok.stderr
+    weights = tmp_path / "ws" / "registry" / "cli" / "v2" / "adapter_model.safetensors"
+    _flip_last_byte(weights)
+    for args in (("registry", "verify", "cli"), ("promote", "cli", "2"), ("promote", "cli", "2", "--alias", "staging")):
+        result = loraops(tmp_path, db_url, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("loraops: error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert "checksum mismatch for file adapter_model.safetensors" in result.stderr
+    _flip_last_byte(weights)  # repaired
+    assert loraops(tmp_path, db_url, "promote", "cli", "2").returncode == 0
+    _flip_last_byte(tmp_path / "ws" / "registry" / "cli" / "v1" / "adapter_model.safetensors")
+    refused = loraops(tmp_path, db_url, "rollback", "cli")
+    assert refused.returncode == 2 and "refusing to roll back cli@production to version 1" in refused.stderr and "Traceback" not in refused.stderr
+    shown = json.loads(loraops(tmp_path, db_url, "registry", "show", "cli@production", "--json").stdout)
+    assert shown["version"] == 2
+
+
 def test_cli_errors_exit_2_without_traceback(loraops, db_url, tmp_path):
     for args, message in [
         (("registry", "show", "ghost"), "unknown adapter 'ghost'"),

@@ -215,68 +215,7 @@ def test_auth_when_enabled(serve_urls):
     assert httpx.get(serve_urls["main"] + "/v1/models").status_code == 401
 
 
-# --- bad input: always a 4xx naming the field, never a 500 -------------------------------------
-
-LONG_DIALOGUE = "\n".join(f"#Person{1 + i % 2}#: I would like to talk about the weather and the trains number {i}." for i in range(400))
-
-BAD_INPUTS = [
-    # (id, path, json body or raw bytes, status, field)
-    ("empty dialogue", "/v1/summarize", {"dialogue": ""}, 422, "dialogue"),
-    ("whitespace dialogue", "/v1/summarize", {"dialogue": " \n\t "}, 422, "dialogue"),
-    ("dialogue not a string", "/v1/summarize", {"dialogue": 42}, 422, "dialogue"),
-    ("dialogue a list", "/v1/summarize", {"dialogue": ["a", "b"]}, 422, "dialogue"),
-    ("missing dialogue", "/v1/summarize", {"max_new_tokens": 5}, 422, "dialogue"),
-    ("max_new_tokens a string", "/v1/summarize", {"dialogue": DIALOGUE, "max_new_tokens": "12"}, 422, "max_new_tokens"),
-    ("max_new_tokens a float", "/v1/summarize", {"dialogue": DIALOGUE, "max_new_tokens": 12.5}, 422, "max_new_tokens"),
-    ("max_new_tokens zero", "/v1/summarize", {"dialogue": DIALOGUE, "max_new_tokens": 0}, 422, "max_new_tokens"),
-    ("max_new_tokens over the limit", "/v1/summarize", {"dialogue": DIALOGUE, "max_new_tokens": 129}, 422, "max_new_tokens"),
-    ("temperature negative", "/v1/summarize", {"dialogue": DIALOGUE, "temperature": -0.5}, 422, "temperature"),
-    ("temperature a string", "/v1/summarize", {"dialogue": DIALOGUE, "temperature": "hot"}, 422, "temperature"),
-    ("unknown field", "/v1/summarize", {"dialogue": DIALOGUE, "prompt": "x"}, 422, "prompt"),
-    ("body not an object", "/v1/summarize", ["just", "a", "list"], 422, "body"),
-    ("invalid JSON", "/v1/summarize", b'{"dialogue": "unterminated', 422, "body"),
-    ("empty body", "/v1/summarize", b"", 422, "body"),
-    ("body over the size limit", "/v1/summarize", {"dialogue": "x" * 70_000}, 413, "body"),
-    ("dialogue longer than the context", "/v1/summarize", {"dialogue": LONG_DIALOGUE}, 422, "dialogue"),
-    ("batch without dialogues", "/v1/summarize/batch", {}, 422, "dialogues"),
-    ("batch empty list", "/v1/summarize/batch", {"dialogues": []}, 422, "dialogues"),
-    ("batch blank item", "/v1/summarize/batch", {"dialogues": [DIALOGUE, "  "]}, 422, "dialogues.1"),
-    ("batch wrong item type", "/v1/summarize/batch", {"dialogues": [DIALOGUE, 7]}, 422, "dialogues.1"),
-    ("batch too many", "/v1/summarize/batch", {"dialogues": [DIALOGUE] * 5}, 422, "dialogues"),
-    ("batch item longer than the context", "/v1/summarize/batch", {"dialogues": [DIALOGUE, LONG_DIALOGUE]}, 422, "dialogues.1"),
-]
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.parametrize(("path", "body", "status", "field"), [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
-def test_bad_input_gets_a_4xx_naming_the_field(http, path, body, status, field):
-    response = http.post(path, content=body, headers={"content-type": "application/json"}) if isinstance(body, bytes) else http.post(path, json=body)
-
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["field"] == field
-    assert error["message"]
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_context_error_gives_the_token_counts(http):
-    error = http.post("/v1/summarize", json={"dialogue": LONG_DIALOGUE}).json()["error"]
-
-    assert error["type"] == "context_length_exceeded"
-    assert "over the model's context of 1024 tokens" in error["message"]
-    assert "traceback" not in error["message"].lower() and "ray::" not in error["message"]
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_unknown_route_and_method_are_json(http):
-    missing = http.get("/v2/whatever")
-    wrong_method = http.get("/v1/summarize")
-
-    assert (missing.status_code, missing.json()["error"]["type"]) == (404, "not_found")
-    assert (wrong_method.status_code, wrong_method.json()["error"]["type"]) == (405, "method_not_allowed")
+# Bad input (the catalogue of bad HTTP input and the answer each gets) is in test_reliability_serve.py.
 
 
 # --- clients -----------------------------------------------------------------------------------

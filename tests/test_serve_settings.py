@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
         ("args.length_buckets=[256, 256]", "args: length_buckets: Value error, expected ascending"),
         ("args.prefill_batch_size=0", "args: prefill_batch_size"),
         ("args.compile=yes", "args: compile: Input should be 'auto', 'on' or 'off'"),
+        ("http_options.prot=8001", "http_options.prot: unknown key"),
+        ("args.body_timeout_s=0", "args: body_timeout_s: Input should be greater than 0"),
     ],
 )
 def test_serve_config_errors_name_the_key(override, message):
@@ -36,6 +38,23 @@ def test_serve_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as caught:
         load_serve_config(REPO / "serve" / "tiny.yaml", [override])
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(("where", "key"), [("application", "route_prefx"), ("top", "proxy_locaton")])
+def test_serve_config_file_with_an_unknown_key_that_ray_would_drop(tmp_path, where, key):
+    import yaml
+
+    from loraops.config import ConfigError
+    from loraops.serve.settings import load_serve_config
+
+    raw = yaml.safe_load((REPO / "serve" / "tiny.yaml").read_text())
+    (raw["applications"][0] if where == "application" else raw)[key] = "x"
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    with pytest.raises(ConfigError) as caught:
+        load_serve_config(path)
+    assert f"{'applications.0.' if where == 'application' else ''}{key}: unknown key" in str(caught.value)
 
 
 def test_shipped_serve_configs_are_valid_for_loraops_and_ray():

@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from loraops.errors import LoraopsError
+
 
 @pytest.mark.slow
 def test_training_lowers_eval_loss_and_writes_artifacts(trained):
@@ -33,3 +35,56 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(trained, tmp_path):
     b = load_file(str(resumed.output_dir / "checkpoint-30" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.slow
+def test_trainer_state_loads_weights_only(trained):
+    _, full = trained
+    saved = torch.load(full.output_dir / "checkpoint-30" / "trainer_state.pt", weights_only=True)
+    assert saved["state"]["step"] == 30 and {"torch", "python", "numpy"} <= set(saved["rng"])
+    assert saved["optimizer"]["state"] and saved["scheduler"]["last_epoch"] == 30
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    from loraops.train import _restore_rng, _rng_states
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached Gaussian in numpy's legacy state
+    torch.save(_rng_states(), tmp_path / "rng.pt")
+    expected = (random.random(), float(np.random.standard_normal()), torch.rand(1).item())
+    random.seed(4), np.random.seed(5), torch.manual_seed(6)
+    _restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), float(np.random.standard_normal()), torch.rand(1).item()) == expected
+
+
+class _RunsCode:
+    """What a hostile trainer_state.pt in shared experiment storage could hold: unpickling it runs code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.slow
+def test_checkpoint_that_needs_unpickling_code_is_refused(trained, tmp_path):
+    import shutil
+
+    from loraops.train import load_checkpoint
+
+    _, full = trained
+    folder = tmp_path / "checkpoint-20"
+    shutil.copytree(full.output_dir / "checkpoint-20", folder)
+    marker = tmp_path / "code-ran"
+    torch.save({"state": {"step": 20}, "optimizer": _RunsCode(marker)}, folder / "trainer_state.pt")
+    with pytest.raises(LoraopsError, match="trainer_state.pt holds more than tensors and plain containers, refusing to load it"):
+        load_checkpoint(folder, None, None, None)
+    assert not marker.exists()
+    (folder / "trainer_state.pt").unlink()
+    with pytest.raises(LoraopsError, match="is not a training checkpoint"):
+        load_checkpoint(folder, None, None, None)

@@ -173,68 +173,24 @@ def test_tiny_yaml_search_fits_its_budget():
     assert phi2.search.resources.gpu == 1 and SearchSpace.from_config(phi2).keys
 
 
-# --- the Optuna study across a killed driver ---------------------------------------------------
-
-
-def test_study_search_resumed_from_an_old_snapshot_keeps_one_entry_per_trial(tmp_path):
-    """What Tune does to the searcher when a killed driver is resumed, without Ray: the new
-    driver restores the searcher from the last experiment snapshot, which predates the end of
-    trial a (told to the study) and the proposal of trial c (which Tune never recorded)."""
-    import optuna
-    from optuna.trial import TrialState
-
-    from loraops.tune.searcher import StudySearch
-    from loraops.tune.space import SearchSpace
-
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    override = space_override({"training.learning_rate": {"loguniform": [1e-4, 1e-2]}, "lora.r": {"choice": [8, 16]}})
-    space = SearchSpace.from_config(load_config(TINY, [override]))
-
-    def new_driver() -> StudySearch:
-        searcher = StudySearch(database_url=url, study_name="s", seed=0, num_samples=4)
-        searcher.set_search_properties(None, None, space.ray_param_space())
-        return searcher
-
-    first = new_driver()
-    first.suggest("a"), first.suggest("b")
-    first.on_trial_result("a", {"eval_loss": 2.0, "best_eval_loss": 2.0, "step": 10, "max_steps": 20})
-    first.save(str(tmp_path / "snapshot.pkl"))
-    first.on_trial_complete("a", {"eval_loss": 1.5, "best_eval_loss": 1.5, "step": 20, "max_steps": 20})
-    proposed_c = first.suggest("c")
-    # killed here; the new driver restores the snapshot and Tune reruns a from its checkpoint
-    second = new_driver()
-    second.restore(str(tmp_path / "snapshot.pkl"))
-    second.on_trial_complete("a", {"eval_loss": 1.4, "best_eval_loss": 1.4, "step": 20, "max_steps": 20})
-    assert second.suggest("d") == proposed_c  # the point the killed driver asked for, not a new one
-    second.on_trial_complete("b", {"eval_loss": 3.0, "best_eval_loss": 3.0, "step": 10, "max_steps": 20})
-    second.on_trial_complete("d", error=True)
-
-    trials = optuna.load_study(study_name="s", storage=url).trials
-    by_tune = {trial.user_attrs["tune_trial_id"]: trial for trial in trials}
-    assert len(trials) == 3 and set(by_tune) == {"a", "b", "d"}
-    assert (by_tune["a"].state, by_tune["a"].value, by_tune["a"].intermediate_values) == (TrialState.COMPLETE, 1.5, {10: 2.0, 20: 1.5})
-    assert (by_tune["b"].state, by_tune["b"].value) == (TrialState.PRUNED, 3.0)  # stopped early by ASHA
-    assert by_tune["d"].state == TrialState.FAIL
-
-
 # --- experiments on Ray ------------------------------------------------------------------------
 
 
-def study_entries(workspace: Path, name: str) -> dict[str, list]:
+def study_entries(workspace: Path, name: str, url: str | None = None) -> dict[str, list]:
     """Optuna study trials by the Tune trial they record."""
     import optuna
 
-    study = optuna.load_study(study_name=name, storage=database_url(None, workspace))
+    study = optuna.load_study(study_name=name, storage=url or database_url(None, workspace))
     entries: dict[str, list] = {}
     for trial in study.trials:
         entries.setdefault(trial.user_attrs.get("tune_trial_id"), []).append(trial)
     return entries
 
 
-def assert_study_has_one_entry_per_trial(workspace: Path, name: str, rows) -> None:
+def assert_study_has_one_entry_per_trial(workspace: Path, name: str, rows, url: str | None = None) -> None:
     from optuna.trial import TrialState
 
-    entries = study_entries(workspace, name)
+    entries = study_entries(workspace, name, url)
     assert set(entries) == {row.trial_id for row in rows}, "study trials without a Tune trial, or the reverse"
     for row in rows:
         assert len(entries[row.trial_id]) == 1, f"{row.trial_id} is in the study {len(entries[row.trial_id])} times"
@@ -282,6 +238,7 @@ def seed_covering(choices: list[str], key: str, distributions: dict) -> int:
     raise AssertionError("no seed found")
 
 
+@pytest.mark.reliability
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_failing_trial_is_recorded_and_the_others_finish(ray_address, workspace, monkeypatch):
@@ -317,13 +274,62 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(ray_address, workspac
     assert best["params"]["lora.target_modules"] == ["q_proj", "v_proj"] and best["config"]["lora"]["target_modules"] == ["q_proj", "v_proj"]
 
 
+@pytest.mark.reliability
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_diverging_trial_is_recorded_as_failed_and_the_best_comes_from_the_others(ray_address, workspace, monkeypatch):
+    """One trial's loss becomes NaN at step 2: it ends as ERROR with the divergence in the results table,
+    the other trial completes and is the best. The tiny model's loss stays finite at any learning rate the
+    config accepts (at most 1), so the diverging choice adds an absurd weight decay that overflows step 1's update."""
+    import csv
+
+    import optuna
+
+    from loraops.tune.experiment import run_experiment
+    from loraops.tune.space import SearchSpace
+
+    for name in ("RAY_AIR_NEW_OUTPUT", "TUNE_GLOBAL_CHECKPOINT_S"):  # set by the driver; undone after the test
+        monkeypatch.delenv(name, raising=False)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {"training": {"choice": [{"weight_decay": 0.0}, {"learning_rate": 1.0, "weight_decay": 1e40}]}}
+    settings = [*SMALL, space_override(space), "search.num_samples=2", "search.scheduler={type: fifo}", "search.max_steps=2", "training.eval_steps=2"]
+    config = load_config(TINY, settings)
+    distributions = SearchSpace.from_config(config).optuna_distributions()
+    healthy, diverging = distributions["training"].choices
+    config.search.seed = seed_covering([healthy, diverging], "training", distributions)
+
+    outcome = run_experiment(config, name="diverges")
+
+    rows = outcome.rows
+    assert len(rows) == 2 and outcome.finished
+    [failed] = [row for row in rows if row.status == "ERROR"]
+    [finished] = [row for row in rows if row.status == "TERMINATED"]
+    assert failed.params["training"] == diverging and finished.params["training"] == healthy
+    divergence = "error: DivergenceError: training diverged: the loss became nan at step 2; lower training.learning_rate"
+    assert failed.stop_reason.startswith(divergence) and failed.best_eval_loss is None
+    assert finished.stop_reason == "completed" and finished.steps == 2
+    with (outcome.folder / "results.csv").open() as handle:
+        table = {record["trial"]: record for record in csv.DictReader(handle)}
+    assert table[failed.trial_id]["status"] == "ERROR" and table[failed.trial_id]["stop_reason"].startswith(divergence)
+    assert_study_has_one_entry_per_trial(workspace, "diverges", rows)
+    best = json.loads((outcome.folder / "best_trial.json").read_text())
+    assert best["trial_id"] == finished.trial_id and best["config"]["training"]["weight_decay"] == 0.0
+    assert best["metrics"]["eval_loss"] == pytest.approx(finished.best_eval_loss)
+
+
+@pytest.mark.reliability
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_driver_resumes_with_every_trial_once(cli_env, ray_address, workspace, tmp_path):
+    """Also: the database URL (here a SQLite path with a marker, as a password would be in a
+    PostgreSQL URL) reaches the resumed driver from the environment, never from the experiment."""
     from loraops.cli import main
     from loraops.tune.results import load_trials
 
-    env = cli_env(workspace) | {"RAY_ADDRESS": ray_address}
+    secret = "SECRET-MARKER-7f3a"
+    (tmp_path / secret).mkdir()
+    db_url = f"sqlite:///{tmp_path / secret / 'loraops.db'}"
+    env = cli_env(workspace) | {"RAY_ADDRESS": ray_address, "LORAOPS_DATABASE_URL": db_url}
     name = "killed"
     experiment = workspace / "experiments" / name
     space = {"training.learning_rate": {"loguniform": [5e-4, 5e-3]}, "lora.r": {"choice": [8, 16]}}
@@ -357,11 +363,16 @@ def test_a_killed_driver_resumes_with_every_trial_once(cli_env, ray_address, wor
     for trial_id in halfway:  # went on from its checkpoint, not from step 0
         steps = [step for step, _ in by_id[trial_id].history]
         assert steps.count(10) == 1 and max(steps) > 10, steps
-    assert_study_has_one_entry_per_trial(workspace, name, rows)
+    assert_study_has_one_entry_per_trial(workspace, name, rows, db_url)
     best = assert_results_written(experiment, rows)
     assert f"registered tiny-best:1 from trial {best['trial_id']}" in resumed.stdout
 
     assert main(["tune", "--show", str(experiment)]) == 0
+    stored = [path for path in experiment.rglob("*") if path.is_file()]
+    assert {"tuner.pkl", "loraops.yaml", "best_config.yaml"} <= {path.name for path in stored}
+    assert any(path.name.startswith("searcher-state-") for path in stored)
+    leaks = [str(path) for path in stored if secret.encode() in path.read_bytes()]
+    assert not leaks, f"the database URL is stored in {leaks}"
 
 
 def wait_for(experiment: Path, driver: subprocess.Popen, condition, timeout: float):
@@ -379,3 +390,64 @@ def wait_for(experiment: Path, driver: subprocess.Popen, condition, timeout: flo
             return rows
         time.sleep(0.5)
     raise AssertionError(f"the experiment did not get there within {timeout} s")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_selecting_by_rouge_l_scores_the_last_step_and_drives_best_trial_registry_and_promotion(ray_address, workspace, monkeypatch):
+    """search.metric rougeL: ROUGE-L of greedy summaries of a few validation dialogues, only at a
+    trial's last step; TPE maximizes it, the best trial, its registered metrics and --if-better
+    use it, and the table shows it beside the eval loss."""
+    import optuna
+    from optuna.study import StudyDirection
+
+    from loraops.registry import PromotionRefused, Registry
+    from loraops.tune.experiment import run_experiment
+    from loraops.tune.results import format_table
+
+    for name in ("RAY_AIR_NEW_OUTPUT", "TUNE_GLOBAL_CHECKPOINT_S"):  # set by the driver; undone after the test
+        monkeypatch.delenv(name, raising=False)
+    space = {"training.learning_rate": {"loguniform": [5e-4, 8e-3]}}
+    config = load_config(TINY, [*SMALL, space_override(space), "search.num_samples=3", "search.metric=rougeL", "search.rouge_samples=4",
+                                "evaluation.max_new_tokens=16"])
+    outcome = run_experiment(config, name="by-rouge")
+
+    rows, best = outcome.rows, outcome.best
+    completed = [row for row in rows if row.stop_reason == "completed"]
+    assert completed and all(row.rougeL is not None for row in completed)
+    assert all(row.rougeL is None for row in rows if row.stop_reason != "completed")  # early rungs stay cheap
+    for row in rows:  # scored once, at the last step
+        results = [json.loads(line) for line in (outcome.folder / f"trial_{row.trial_id}" / "result.json").read_text().splitlines()]
+        assert [result["step"] for result in results if "rougeL" in result] == ([20] if row in completed else [])
+    winner = max(completed, key=lambda row: row.rougeL)
+    assert (best["trial_id"], best["selected_by"], best["metrics"]["rougeL"]) == (winner.trial_id, "rougeL", winner.rougeL)
+    assert best["metrics"]["eval_loss"] == pytest.approx(winner.last_eval_loss) and best["metrics"]["step"] == 20
+    assert rows[0] is winner  # the table is sorted by the selection metric
+    header = format_table(rows).splitlines()[0]
+    assert "best_eval_loss" in header and "rougeL" in header
+    assert "rougeL" in (outcome.folder / "results.csv").read_text().splitlines()[0].split(",")
+
+    study = optuna.load_study(study_name="by-rouge", storage=database_url(None, workspace))
+    assert study.direction == StudyDirection.MAXIMIZE
+    values = {trial.user_attrs["tune_trial_id"]: trial.value for trial in study.trials if trial.state.name == "COMPLETE"}
+    assert values == {row.trial_id: pytest.approx(row.rougeL) for row in completed}
+
+    registry = Registry(workspace=workspace)
+    version = registry.register_from_experiment(outcome.folder, "tiny-rouge")
+    assert version.metrics["rougeL"] == pytest.approx(winner.rougeL) and "eval_loss" in version.metrics
+    registry.promote("tiny-rouge", version.version, alias="production", if_better="rougeL")
+    worse = registry.register(best["adapter_path"], "tiny-rouge", metrics={"rougeL": winner.rougeL - 1.0})
+    with pytest.raises(PromotionRefused):  # ROUGE-L: higher is better
+        registry.promote("tiny-rouge", worse.version, alias="production", if_better="rougeL")
+
+
+def test_random_algorithm_is_rays_random_sampling_limited_to_the_concurrency(tmp_path):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from loraops.tune.strategy import build_searcher
+
+    config = load_config(TINY, ["search.algorithm=random", "search.seed=7"])
+    searcher = build_searcher(config, database_url(None, tmp_path), "random-test", concurrency=2)
+    assert isinstance(searcher, BasicVariantGenerator) and searcher.max_concurrent == 2
+    with pytest.raises(ConfigError, match=r"search\.algorithm: .*'tpe' or 'random'"):
+        load_config(TINY, ["search.algorithm=grid"])

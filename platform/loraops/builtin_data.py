@@ -26,12 +26,13 @@ import re
 import string
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Union
 
 #: One turn template: ``"A: text"`` or ``"B: text"``.
 Variant = tuple[str, ...]
 #: A slot's pool: plain values, or groups of related values chosen together (an outcome and how
 #: the summary words it).
-Pool = tuple[str, ...] | tuple[dict[str, str], ...]
+Pool = Union[tuple[str, ...], tuple[dict[str, str], ...]]
 
 SPLIT_NAMES = ("train", "validation", "test")
 MIN_SPLIT_SIZE = 10
@@ -869,7 +870,7 @@ def generate_splits(size: int = 2000, seed: int = 0) -> dict[str, list[dict[str,
     # Dialogues are unique across all splits, so no test dialogue is also a training dialogue.
     seen: set[str] = set()
     splits: dict[str, list[dict[str, str]]] = {}
-    for split, count in zip(SPLIT_NAMES, _split_sizes(size), strict=True):
+    for split, count in zip(SPLIT_NAMES, _split_sizes(size)):
         domains = _balanced_domains(rng, count)
         splits[split] = [_make_row(rng, domain, f"builtin_{split}_{i}", seen) for i, domain in enumerate(domains)]
     return splits

@@ -7,10 +7,9 @@ Problems the user can fix (bad config, missing file, unknown adapter) print one 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from loraops import __version__
+from loraops import __version__, console
 from loraops.commands import bench, demo, evaluate, registry, serve, train, tune
 from loraops.errors import LoraopsError
 
@@ -24,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tune, register and serve QLoRA adapters on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"loraops {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tune and demo also show Ray's and the libraries' logs on the terminal")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in GROUPS:
         group.add_commands(sub)
@@ -34,11 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    console.setup(args.verbose)
     try:
         return int(args.handler(args) or 0)
     except LoraopsError as exc:
@@ -50,5 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless debugging
         if args.verbose:
             raise
-        print(f"loraops: error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", file=sys.stderr)
+        # One line even when the message spans several (SQL errors, remote tracebacks).
+        print(f"loraops: error: {type(exc).__name__}: {' '.join(str(exc).split())} (rerun with -v for the traceback)", file=sys.stderr)
         return 1
+

@@ -91,6 +91,24 @@ class TrainingConfig(Section):
     save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest N step checkpoints.")
     gradient_checkpointing: bool = True
     group_by_length: bool = True
+    max_tokens_per_batch: int | None = Field(
+        None,
+        ge=16,
+        description="Token budget of a micro-batch. A step's per_device_train_batch_size x gradient_accumulation_steps rows are "
+        "sorted by length and cut into micro-batches of at most this many tokens (padded: rows x longest row; packed: the sum). "
+        "Default: micro-batches of per_device_train_batch_size rows.",
+    )
+    packing: bool = Field(
+        False,
+        description="Padding-free micro-batches: rows concatenated, position_ids restarting per row, no attention and no loss "
+        "across rows; one sequence per micro-batch with flex/flash attention, sequences of <= data.max_length tokens with "
+        "sdpa/eager (dense masks). Training and eval loss.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] | None = Field(
+        None,
+        description="Attention kernel of the training model; default: transformers' choice (sdpa). "
+        "flash_attention_2/3 need the flash-attn package and a GPU.",
+    )
     report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["none"])
     seed: int = 42
     eval_max_samples: int | None = Field(None, ge=1, description="Cap the eval split (eval loss) size.")
@@ -200,12 +218,21 @@ class TrialResources(Section):
 
 
 class SearchConfig(Section):
-    """A Ray Tune hyperparameter search (``loraops tune``): Optuna TPE proposes, ASHA stops, eval loss decides."""
+    """A Ray Tune hyperparameter search (``loraops tune``): Optuna TPE proposes, ASHA stops on eval loss, ``metric`` picks the best."""
 
     num_samples: int = Field(8, ge=1, description="Trials in the experiment.")
+    metric: Literal["eval_loss", "rougeL"] = Field(
+        "eval_loss",
+        description="What selects the best trial and what TPE optimizes: eval_loss (lowest), or rougeL (highest; greedy "
+        "summaries of rouge_samples validation dialogues, computed once at a trial's last step).",
+    )
+    rouge_samples: int = Field(32, ge=1, description="Validation dialogues (the first N) scored at a trial's last step when metric is rougeL.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps per trial (ASHA's max_t); default training.max_steps.")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Default: the trials the cluster's GPUs (else CPUs) hold at once.")
-    seed: int = Field(0, description="Seed of the TPE sampler.")
+    algorithm: Literal["tpe", "random"] = Field(
+        "tpe", description="tpe: Optuna TPE proposes each trial from the results so far; random: Ray Tune's seeded random sampling of the same space."
+    )
+    seed: int = Field(0, description="Seed of the sampler (TPE or random).")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     resources: TrialResources = Field(default_factory=TrialResources)
     keep_checkpoints: int = Field(2, ge=1, description="Adapter checkpoints kept per trial, the best by eval loss (plus the latest).")
@@ -236,6 +263,15 @@ class Config(Section):
             raise ValueError(f"use {NAME_RULE}")
         return value
 
+    @model_validator(mode="after")
+    def _rows_fit_the_token_budget(self) -> Config:
+        budget = self.training.max_tokens_per_batch
+        if budget is not None and budget < self.data.max_length:
+            raise ValueError(
+                f"training.max_tokens_per_batch ({budget}) must be at least data.max_length ({self.data.max_length}), so that every row fits a micro-batch"
+            )
+        return self
+
     @property
     def workspace_path(self) -> Path:
         return resolve_workspace(self.workspace)
@@ -248,11 +284,32 @@ def resolve_workspace(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def database_url(explicit: str | None = None, workspace: str | os.PathLike | None = None) -> str:
-    """The project database: explicit URL, else $LORAOPS_DATABASE_URL, else a SQLite file in the workspace."""
+    """The project database: explicit URL, else $LORAOPS_DATABASE_URL, else a SQLite file in the workspace.
+
+    PostgreSQL URLs come back with the driver loraops installs (see :func:`normalize_database_url`).
+    """
     url = explicit or os.environ.get(DATABASE_ENV)
     if url:
-        return url
+        return normalize_database_url(url)
     return f"sqlite:///{resolve_workspace(workspace) / 'loraops.db'}"
+
+
+#: The PostgreSQL driver loraops depends on (psycopg2-binary). A URL without a driver gets it.
+POSTGRES_DRIVER_SCHEME = "postgresql+psycopg2://"
+
+
+def normalize_database_url(url: str) -> str:
+    """``postgresql://...`` and ``postgres://...`` -> ``postgresql+psycopg2://...``; other URLs unchanged.
+
+    Without a driver in the URL SQLAlchemy picks its own default, which changed from psycopg2 to
+    psycopg (v3) in SQLAlchemy 2.1, and it does not know ``postgres://`` (libpq's and many hosting
+    providers' spelling) at all. Naming the installed driver makes both spellings work on every
+    SQLAlchemy version, for the registry and for Optuna alike.
+    """
+    scheme, separator, rest = url.partition("://")
+    if separator and scheme.lower() in ("postgresql", "postgres"):
+        return POSTGRES_DRIVER_SCHEME + rest
+    return url
 
 
 def artifact_uri(explicit: str | None = None, workspace: str | os.PathLike | None = None) -> str:
@@ -291,6 +348,9 @@ def format_validation_error(error: ValidationError) -> str:
     """One line per problem, each starting with the dotted key."""
     lines = []
     for problem in error.errors():
+        if not problem["loc"] and problem["type"] == "value_error":
+            lines.append(str(problem["ctx"]["error"]))  # a check across sections names its keys itself
+            continue
         key = ".".join(str(part) for part in problem["loc"]) or "<root>"
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraops import cluster
+from loraops import cluster, console
 from loraops.config import Config, load_config
 from loraops.errors import LoraopsError
 from loraops.registry.refs import DEFAULT_ALIAS
@@ -44,26 +44,30 @@ def run_demo(
     serve_overrides: list[str] | None = None,
     samples: int = 40,
     keep_serving: bool = False,
+    verbose: bool = False,
 ) -> DemoResult:
-    """Search, register, promote, serve and call the endpoint; print what happened and where."""
+    """Search, register, promote, serve and call the endpoint; print what happened and where.
+    Logs go to WORKSPACE/logs/demo-*.log; ``verbose`` shows them on the terminal too."""
     config = load_config(_existing(config_path, DEFAULT_TUNE_CONFIG), overrides)
     serve_path = _existing(serve_config_path, DEFAULT_SERVE_CONFIG)
     started = time.perf_counter()
     _banner(f"loraops demo: {config.model.name} on {config.data.source}; workspace {config.workspace_path}")
+    log_file = console.start_log(config.workspace_path, "demo", verbose)
 
     # Join the Ray instance a caller (or RAY_ADDRESS) provides; else start one and stop it after.
-    own_ray = cluster.connect(num_cpus=os.cpu_count() or 2, configure_logging=False)
+    own_ray = cluster.connect(num_cpus=os.cpu_count() or 2, configure_logging=False, log_to_driver=verbose)
     try:
-        outcome = _search(config)
+        outcome = _search(config, verbose)
         version, promoted = _register_and_promote(config, outcome)
         url = _serve(config, serve_path, serve_overrides)
         result = _compare(config, outcome, version, promoted, url, samples)
-        _where(config, outcome, url, started)
+        _where(config, outcome, url, started, log_file)
         if keep_serving:
             _wait_forever(url)
         return result
     finally:
-        _shutdown(own_ray)
+        with console.printed_to_log(not verbose):  # Ray prints Serve's shutdown errors to stdout
+            _shutdown(own_ray)
 
 
 def _existing(path: str | None, default: Path) -> Path:
@@ -76,19 +80,19 @@ def _existing(path: str | None, default: Path) -> Path:
 # --- the steps ---------------------------------------------------------------------------------
 
 
-def _search(config: Config):
+def _search(config: Config, verbose: bool):
     from loraops.tune.experiment import run_experiment
-    from loraops.tune.results import format_table, summary_line
+    from loraops.tune.results import best_line, format_table, summary_line
 
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     _banner(f"1/4 search: {config.search.num_samples} QLoRA trials, {config.search.max_concurrent_trials} at a time (Optuna TPE + ASHA)")
-    outcome = run_experiment(config, name=name)
+    outcome = run_experiment(config, name=name, worker_logs=verbose)
+    print()
     print(format_table(outcome.rows))
     print(summary_line(outcome.rows))
     if not outcome.best:
         raise LoraopsError(f"the search {outcome.location.uri} finished without a usable trial")
-    metrics = outcome.best["metrics"]
-    print(f"best trial {outcome.best['trial_id']}: eval loss {metrics['eval_loss']:.4f} with {outcome.best['params']}")
+    print(f"best trial {best_line(outcome.best)}")
     return outcome
 
 
@@ -100,7 +104,8 @@ def _register_and_promote(config: Config, outcome) -> tuple[int, bool]:
     version = registry.register_from_experiment(outcome.location.uri, ADAPTER_NAME)
     print(f"registered {ADAPTER_NAME}:{version.version} (sha256-checked copy in the registry)")
     try:
-        registry.promote(ADAPTER_NAME, version.version, alias=DEFAULT_ALIAS, if_better="eval_loss", reason="loraops demo: best trial of the search")
+        metric = config.search.metric  # the search's selection metric, with its direction
+        registry.promote(ADAPTER_NAME, version.version, alias=DEFAULT_ALIAS, if_better=metric, reason="loraops demo: best trial of the search")
         print(f"promoted {ADAPTER_NAME}:{version.version} to {ADAPTER_NAME}@{DEFAULT_ALIAS}")
         return version.version, True
     except PromotionRefused as refused:
@@ -140,8 +145,9 @@ def _compare(config: Config, outcome, version: int, promoted: bool, url: str, sa
     base_model, tokenizer = load_for_inference(served_config)
     base = generate_summaries(base_model, tokenizer, dialogues, served_config, progress=False)
     base_scores, tuned_scores = rouge(base, references), rouge(tuned, references)
-    for example, before, after in list(zip(examples, base, tuned, strict=False))[:3]:
-        print(f"\n{example.dialogue}\n  reference: {example.references[0]}\n  base:      {before}\n  tuned:     {after}")
+    for example, before, after in list(zip(examples, base, tuned, strict=True))[:3]:
+        print(f"\n{_excerpt(example.dialogue)}\n  reference: {_one_line(example.references[0])}")
+        print(f"  base:      {_one_line(before)}\n  tuned:     {_one_line(after)}")
     print(f"\nROUGE on {len(examples)} held-out dialogues (F1 x 100); tuned = {ADAPTER_NAME}:{sorted(versions)} over HTTP")
     print(f"{'metric':<10}{'base':>10}{'tuned':>10}{'gain':>10}")
     for kind in base_scores:
@@ -149,7 +155,7 @@ def _compare(config: Config, outcome, version: int, promoted: bool, url: str, sa
     return DemoResult(outcome.location.uri, version, promoted, url, base_scores, tuned_scores, versions)
 
 
-def _where(config: Config, outcome, url: str, started: float) -> None:
+def _where(config: Config, outcome, url: str, started: float, log_file: Path) -> None:
     from loraops.config import artifact_uri, database_url
     from loraops.layout import BEST_TRIAL_FILE, RESULTS_FILE, SEARCH_PLOT_FILE
 
@@ -161,6 +167,7 @@ def _where(config: Config, outcome, url: str, started: float) -> None:
         ("experiment (Tune)", outcome.location.uri),
         ("registry database", database_url(workspace=config.workspace_path)),
         ("registry artifacts", artifact_uri(workspace=config.workspace_path)),
+        ("log file", log_file),
         ("Ray logs", "/tmp/ray/session_latest/logs"),
         ("endpoint", url),
     ]
@@ -184,6 +191,18 @@ def _shutdown(own_ray: bool) -> None:
     except Exception as exc:  # noqa: BLE001 - shutting down whatever is there; never mask the real error
         log.debug("serve shutdown: %s", exc)
     cluster.shutdown(own_ray)
+
+
+def _excerpt(dialogue: str, turns: int = 8) -> str:
+    """The first ``turns`` turns of a dialogue and how many more there are (the whole output of
+    the demo fits on about two screens)."""
+    lines = dialogue.splitlines()
+    return "\n".join(lines[:turns] + ([f"  ... {len(lines) - turns} more turns"] if len(lines) > turns else []))
+
+
+def _one_line(text: str) -> str:
+    """A summary on one line (an untuned model may continue the dialogue instead)."""
+    return " / ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _banner(text: str) -> None:

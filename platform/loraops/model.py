@@ -30,7 +30,19 @@ def resolve_model_path(config: Config) -> str:
         from loraops.tiny_model import ensure_tiny_model
 
         return str(ensure_tiny_model(config.workspace_path))
-    return config.model.name
+    name = config.model.name
+    if _is_path(name):
+        local = Path(name).expanduser()
+        if not local.is_dir():
+            # Without this check the hub client answers "Repo id must be in the form ...".
+            raise LoraopsError(f"model.name {name!r}: no such local folder (a Hugging Face hub model is named like 'microsoft/phi-2')")
+        return str(local)
+    return name
+
+
+def _is_path(name: str) -> bool:
+    """True when ``name`` can only be a local path: hub ids are NAME or OWNER/NAME and never start with '.', '/' or '~'."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).expanduser().is_dir()
 
 
 def load_tokenizer(config: Config):
@@ -61,8 +73,12 @@ def bnb_config(quantization: QuantizationConfig):
     )
 
 
-def load_base_model(config: Config):
-    """The base causal LM, 4-bit when configured, on the GPU if there is one."""
+def load_base_model(config: Config, attn_implementation: str | None = None):
+    """The base causal LM, 4-bit when configured, on the GPU if there is one.
+
+    ``attn_implementation`` (``training.attn_implementation`` in training) picks the attention
+    kernel; None leaves transformers' default (sdpa).
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(config)
@@ -77,9 +93,12 @@ def load_base_model(config: Config):
             device_map={"": str(target)},
             trust_remote_code=config.model.trust_remote_code,
             revision=config.model.revision,
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
     except OSError as exc:
         raise LoraopsError(f"model.name {config.model.name!r}: cannot load the model: {exc}") from None
+    except ImportError as exc:
+        raise LoraopsError(f"training.attn_implementation {attn_implementation!r} is not available here: {exc}") from None
     model.config.use_cache = False
     keep_one_cpu_4bit_kernel(model)
     return model

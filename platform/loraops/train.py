@@ -10,10 +10,12 @@ trainer state for resuming, ``metrics.jsonl``, ``loss.png`` and the resolved ``c
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -26,8 +28,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from loraops.batching import BatchStream, eval_batches
 from loraops.config import Config, dump_config
-from loraops.data import batch_order, encode_all, load_split, pad_batch
+from loraops.data import IGNORE_INDEX, encode_all, load_split
+from loraops.errors import LoraopsError
 from loraops.layout import (
     ADAPTER_DIR,
     ADAPTER_WEIGHTS_FILE,
@@ -45,6 +49,30 @@ log = logging.getLogger(__name__)
 
 #: Called after each evaluation with the metrics and the checkpoint folder written at that step.
 Reporter = Callable[[dict[str, Any], Path | None], None]
+#: Extra metrics of the final model, computed once at the last evaluation: (model, tokenizer) -> metrics.
+FinalEvaluation = Callable[[Any, Any], dict[str, float]]
+
+
+class DivergenceError(LoraopsError, FloatingPointError):
+    """The training loss became NaN or infinite: a setting to change, not a bug (the CLI prints one line, exit 2).
+
+    Raised inside a Tune trial too, so the trial ends as ERROR with this message in the results table."""
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimizer step did, for throughput measurements (``loraops bench train``)."""
+
+    step: int
+    rows: int
+    tokens: int  # real tokens of the step's rows (no padding)
+    computed_tokens: int  # tokens the model ran over, padding included
+    micro_batches: int
+    loss: float
+
+
+#: Called after every optimizer step, before any evaluation or checkpoint of that step.
+StepCallback = Callable[[StepStats], None]
 
 
 @dataclass
@@ -68,12 +96,20 @@ def train(
     report: Reporter | None = None,
     resume_from: str | os.PathLike | None = None,
     progress: bool = True,
+    final_evaluation: FinalEvaluation | None = None,
+    on_step: StepCallback | None = None,
 ) -> TrainResult:
-    """Fine-tune one LoRA adapter on the 4-bit base model described by ``config``."""
+    """Fine-tune one LoRA adapter on the 4-bit base model described by ``config``.
+
+    ``final_evaluation`` adds metrics of the final model to the last evaluation's event (a search
+    that selects by ROUGE scores only there, so that early stopping decisions stay cheap)."""
     out = run_dir(config, output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_CONFIG_FILE).write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
     settings = config.training
+    if settings.attn_implementation == "flex_attention" and device().type != "cuda":
+        # torch 2.13: "FlexAttention does not support backward on CPU"; fail before minutes of loading.
+        raise LoraopsError("training.attn_implementation flex_attention trains only on a GPU (torch has no flex attention backward on CPU): use sdpa")
     seed_everything(settings.seed)
 
     # Data first: a bad source should fail before minutes of model loading.
@@ -83,7 +119,7 @@ def train(
     train_rows = encode_all(tokenizer, train_examples, config.data)
     eval_rows = encode_all(tokenizer, eval_examples, config.data)
 
-    model = prepare_for_training(load_base_model(config), config)
+    model = prepare_for_training(load_base_model(config, attn_implementation=settings.attn_implementation), config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info("trainable parameters: %s of %s", f"{sum(p.numel() for p in trainable):,}", f"{sum(p.numel() for p in model.parameters()):,}")
     optimizer = build_optimizer(trainable, config)
@@ -94,27 +130,30 @@ def train(
         log.info("resumed from %s at step %d", resume_from, state.step)
 
     metrics = MetricsLog(out / METRICS_FILE, config, fresh=not resume_from)
-    batches = BatchStream(
-        train_rows, settings.per_device_train_batch_size, settings.group_by_length, settings.seed, tokenizer.pad_token_id, skip=state.micro_batches
-    )
+    batches = BatchStream(train_rows, config, tokenizer.pad_token_id, skip=state.step)
     autocast = autocast_context(config)
     model.train()
     bar = tqdm(total=settings.max_steps, initial=state.step, desc=f"train {config.name}", unit="step", disable=not progress, dynamic_ncols=True)
     window: list[float] = []
     started = time.perf_counter()
     while state.step < settings.max_steps:
-        loss = accumulate_gradients(model, batches, settings.gradient_accumulation_steps, autocast)
-        state.micro_batches += settings.gradient_accumulation_steps
+        step = next(batches)
+        loss = train_step(model, step.micro_batches, autocast)
         torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        state.samples += step.rows
+        if on_step is not None:
+            computed = sum(batch["input_ids"].numel() for batch in step.micro_batches)
+            on_step(StepStats(state.step, step.rows, step.tokens, computed, len(step.micro_batches), loss))
         window.append(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss} at step {state.step}: lower training.learning_rate")
+            bar.close()  # the progress line ends before the error line starts
+            raise DivergenceError(divergence_message(loss, state.step, settings))
 
         last = state.step == settings.max_steps
         if state.step % settings.logging_steps == 0 or last:
@@ -125,13 +164,14 @@ def train(
         if state.step % settings.save_steps == 0 or last:
             checkpoint = save_checkpoint(out, model, optimizer, scheduler, state, settings.save_total_limit)
         if state.step % settings.eval_steps == 0 or last:
-            eval_loss = evaluate_loss(model, eval_rows, settings.per_device_eval_batch_size, tokenizer.pad_token_id, autocast)
+            eval_loss = evaluate_loss(model, eval_rows, config, tokenizer.pad_token_id, autocast)
+            extra = final_evaluation(model, tokenizer) if last and final_evaluation is not None else {}
             model.train()
             improved = eval_loss < state.best_eval_loss
             if improved:
                 state.best_eval_loss, state.best_step = eval_loss, state.step
                 save_adapter(model, out / ADAPTER_DIR)
-            event = metrics.write(step=state.step, eval_loss=eval_loss, best_eval_loss=state.best_eval_loss)
+            event = metrics.write(step=state.step, eval_loss=eval_loss, best_eval_loss=state.best_eval_loss, **extra)
             bar.set_postfix(loss=f"{loss:.3f}", eval=f"{eval_loss:.3f}")
             if report is not None:
                 report(event, checkpoint)
@@ -148,29 +188,9 @@ def train(
 @dataclass
 class TrainState:
     step: int = 0
-    micro_batches: int = 0
+    samples: int = 0
     best_eval_loss: float = math.inf
     best_step: int = 0
-
-
-class BatchStream:
-    """Endless micro-batches, epoch after epoch, reproducible from (seed, position)."""
-
-    def __init__(self, rows, batch_size: int, group_by_length: bool, seed: int, pad_id: int, skip: int = 0):
-        self.rows, self.batch_size, self.group_by_length, self.pad_id = rows, batch_size, group_by_length, pad_id
-        self.lengths = [len(row["input_ids"]) for row in rows]
-        self.rng = random.Random(seed)
-        self.pending: list[list[int]] = []
-        for _ in range(skip):
-            self._next_indices()
-
-    def _next_indices(self) -> list[int]:
-        if not self.pending:
-            self.pending = batch_order(self.lengths, self.batch_size, self.group_by_length, self.rng)
-        return self.pending.pop(0)
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        return pad_batch([self.rows[i] for i in self._next_indices()], self.pad_id)
 
 
 def autocast_context(config: Config):
@@ -180,33 +200,69 @@ def autocast_context(config: Config):
     return lambda: torch.autocast(device_type=device().type, dtype=dtype, enabled=enabled)
 
 
-def accumulate_gradients(model, batches: BatchStream, accumulation: int, autocast) -> float:
-    """Forward/backward over ``accumulation`` micro-batches; returns their mean loss."""
-    total = 0.0
+def divergence_message(loss: float, step: int, settings) -> str:
+    decay = f" or training.weight_decay (now {settings.weight_decay:g})" if settings.weight_decay else ""
+    return f"training diverged: the loss became {loss} at step {step}; lower training.learning_rate (now {settings.learning_rate:g}){decay}"
+
+
+def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry a loss: those whose next token is labelled (summary and EOS)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def summed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of the next-token losses of a micro-batch (packed or padded) and how many tokens it covers.
+
+    Only positions that predict a labelled token reach the LM head (``logits_to_keep``), which
+    spares the vocabulary-sized logits of every prompt token. ``use_cache=False`` matters for
+    packing: transformers only derives the per-row attention from ``position_ids`` without a cache.
+    """
+    labels = batch["labels"]
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    targets = labels[:, 1:][predicts[:, :-1]]
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    if _keeps_logits_by_mask(model):
+        logits = model(**inputs, use_cache=False, logits_to_keep=predicts).logits
+    else:
+        logits = model(**inputs, use_cache=False).logits[predicts]
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
+
+
+def _keeps_logits_by_mask(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def train_step(model, micro_batches: list[dict[str, torch.Tensor]], autocast) -> float:
+    """Forward/backward over one step's micro-batches; returns the step's loss.
+
+    The loss is the mean over every summary token of the step, whatever the micro-batches: each
+    micro-batch's summed loss is divided by the step's token count before its backward pass.
+    """
     target = device()
-    for _ in range(accumulation):
-        batch = {key: value.to(target) for key, value in next(batches).items()}
+    count = max(sum(supervised_tokens(batch) for batch in micro_batches), 1)
+    total = torch.zeros((), device=target)
+    for batch in micro_batches:
+        batch = {key: value.to(target) for key, value in batch.items()}
         with autocast():
-            loss = model(**batch).loss / accumulation
-        loss.backward()
-        total += loss.item()
-    return total
+            loss_sum, _ = summed_loss(model, batch)
+        (loss_sum / count).backward()
+        total += loss_sum.detach()
+    return total.item() / count
 
 
 @torch.no_grad()
-def evaluate_loss(model, rows, batch_size: int, pad_id: int, autocast) -> float:
-    """Mean loss per summary token over the eval rows (token-weighted, so batch size doesn't matter)."""
+def evaluate_loss(model, rows, config: Config, pad_id: int, autocast) -> float:
+    """Mean loss per summary token over the eval rows (token-weighted, so the batching doesn't matter)."""
     model.eval()
     target = device()
     loss_sum, tokens = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = {key: value.to(target) for key, value in pad_batch(rows[start:start + batch_size], pad_id).items()}
+    for batch in eval_batches(rows, config, pad_id):
         with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-        loss_sum += losses.item()
-        tokens += int((labels != -100).sum())
+            summed, count = summed_loss(model, {key: value.to(target) for key, value in batch.items()})
+        loss_sum += summed.item()
+        tokens += count
     return loss_sum / max(tokens, 1)
 
 
@@ -249,15 +305,15 @@ def save_adapter(model, folder: Path) -> None:
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, keep: int | None) -> Path:
+    """The adapter plus the trainer state (optimizer, scheduler, RNGs) needed to resume bit-exactly.
+
+    The trainer state holds only tensors and plain containers, so :func:`load_checkpoint` reads it
+    with ``torch.load(weights_only=True)``: a checkpoint from shared storage cannot run code.
+    """
     folder = out / checkpoint_dir_name(state.step)
     save_adapter(model, folder)
     torch.save(
-        {
-            "state": state.__dict__,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.random.get_rng_state(),
-        },
+        {"state": dict(state.__dict__), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_states()},
         folder / TRAINER_STATE_FILE,
     )
     if keep:
@@ -267,16 +323,53 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, k
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore what :func:`save_checkpoint` wrote; a trainer state that needs unpickling of code is refused."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(folder / ADAPTER_WEIGHTS_FILE))
-    set_peft_model_state_dict(model, weights)
-    saved = torch.load(folder / TRAINER_STATE_FILE, weights_only=False)
+    state_file = folder / TRAINER_STATE_FILE
+    if not state_file.is_file() or not (folder / ADAPTER_WEIGHTS_FILE).is_file():
+        raise LoraopsError(f"{folder} is not a training checkpoint: it needs {ADAPTER_WEIGHTS_FILE} and {TRAINER_STATE_FILE}")
+    try:
+        saved = torch.load(state_file, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoraopsError(f"{state_file} holds more than tensors and plain containers, refusing to load it ({first_line})") from None
+    set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS_FILE)))
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    torch.random.set_rng_state(saved["torch_rng"])
-    return TrainState(**saved["state"])
+    _restore_rng(saved.get("rng") or {"torch": saved["torch_rng"]})  # "torch_rng": checkpoints of loraops 0.1.0
+    known = TrainState.__dataclass_fields__
+    return TrainState(**{key: value for key, value in saved["state"].items() if key in known})
+
+
+def _rng_states() -> dict[str, Any]:
+    """Every random generator a training step may draw from, as tensors and tuples of ints."""
+    import numpy as np
+
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.random.get_rng_state(),
+        "python": random.getstate(),  # (version, tuple of ints, None): plain data
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gauss)),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng(states: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.random.set_rng_state(states["torch"])
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))  # torch.save may hand back lists for tuples
+    if "numpy" in states:
+        kind, keys, position, has_gauss, cached_gauss = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class MetricsLog:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from loraops.bench.load import GenerateBatcher, run_load, run_model_load, summarize_records
+from loraops.bench.served import load_served
 
 #: Batching schemes the model-level benchmark compares: the engine's two policies and the pre-engine baseline.
 MODEL_BATCHINGS = ("continuous", "static", "generate")
@@ -223,7 +224,7 @@ def _tokenizer_for(settings):
 
     absolute = settings.with_absolute_paths()
     registry = Registry(db_url=absolute.db_url, artifact_uri=absolute.artifact_uri, workspace=absolute.workspace)
-    return load_tokenizer(training_config(registry.get(settings.adapter), absolute.workspace))
+    return load_tokenizer(training_config(registry.get(settings.adapter), absolute.workspace, settings.allow_trust_remote_code))
 
 
 # --- the model-level benchmark -----------------------------------------------------------------
@@ -263,7 +264,7 @@ def benchmark_model(
     print(HEADER, flush=True)
     for mode in modes:
         started = time.perf_counter()
-        served, model_label = _load_served(settings, mode, random_init, random_init_layers)
+        served, model_label = load_served(settings, mode, random_init, random_init_layers)
         load_s = time.perf_counter() - started
         if not items:
             items, source = load_workload(data, max_new_tokens, lengths, tokenizer=served.tokenizer)
@@ -317,30 +318,6 @@ def _replica_threads(serve_config) -> int:
     threads = serve_config.settings.torch_threads or max(1, int(cpus))
     torch.set_num_threads(threads)
     return threads
-
-
-def _load_served(settings, mode: str, random_init: str | None, random_init_layers: int | None):
-    """The served model: the settings' registered adapter (as a replica loads it), or a random-init architecture with a fresh adapter."""
-    from loraops.generate import load_for_serving
-
-    if random_init:
-        from loraops.bench.random_init import ensure_random_init_adapter, ensure_random_init_model, random_init_config
-
-        workspace = Path(settings.workspace)
-        folder = ensure_random_init_model(random_init, workspace, random_init_layers)
-        config = random_init_config(folder, workspace)
-        adapter = ensure_random_init_adapter(folder, config)
-        layers = f", {random_init_layers} layers" if random_init_layers else ""
-        label = f"random-init {random_init} (its architecture, RANDOM weights, embedded tokenizer{layers}) + a fresh LoRA adapter"
-        return load_for_serving(config, adapter, mode, dtype=settings.dtype), label
-    from loraops.registry import Registry
-    from loraops.serve.replica import adapter_slot, training_config
-
-    registry = Registry(db_url=settings.db_url, artifact_uri=settings.artifact_uri, workspace=settings.workspace)
-    version = registry.get(settings.adapter)
-    config = training_config(version, settings.workspace)
-    served = load_for_serving(config, registry.resolve(version.ref), mode, adapter_name=adapter_slot(version.name, version.version), dtype=settings.dtype)
-    return served, f"{config.model.name} + {version.ref}"
 
 
 def _runner(served, settings, batching: str, max_batch_size: int, context: int):

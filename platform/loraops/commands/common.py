@@ -20,6 +20,14 @@ def add_config_arguments(
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0 (argparse turns the ValueError into a one-line usage error)."""
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
 def add_serve_config_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     """--config / --set for a serve config (``serve``, ``bench serve``); ``default`` makes --config optional."""
     add_config_arguments(

@@ -25,6 +25,9 @@ def add_commands(sub: SubParsers) -> None:
     )
     parser.add_argument("--samples", type=int, default=40, help="held-out dialogues sent to the endpoint (default: 40)")
     parser.add_argument("--keep-serving", action="store_true", help="leave the endpoint up at the end and print a curl line")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Ray's and the libraries' logs here too (else in the log file)"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -40,5 +43,6 @@ def run(args: argparse.Namespace) -> int:
         serve_overrides=args.serve_overrides,
         samples=args.samples,
         keep_serving=args.keep_serving,
+        verbose=bool(getattr(args, "verbose", False)),
     )
     return 0

@@ -1,4 +1,4 @@
-"""``loraops registry list|show|audit``, ``register``, ``promote``, ``rollback``: the adapter registry.
+"""``loraops registry list|show|verify|audit``, ``register``, ``promote``, ``rollback``: the adapter registry.
 
 Every command takes ``--db URL`` and ``--store URI`` (defaults:
 $LORAOPS_DATABASE_URL / $LORAOPS_ARTIFACT_URI, else the workspace's SQLite file and folder).
@@ -76,6 +76,16 @@ def _add_registry(sub: SubParsers, common: argparse.ArgumentParser) -> None:
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
     show.set_defaults(handler=_run_show)
 
+    verify = actions.add_parser(
+        "verify",
+        parents=[common],
+        help="re-hash a version's stored files against their recorded sha256",
+        description="Read every stored file of REF from the artifact store and compare its sha256 with the one recorded "
+        "at registration. Exit 0 when all match; otherwise one line naming the first missing, unreadable or altered file, exit 2.",
+    )
+    verify.add_argument("ref", metavar="REF", help=_REF_HELP)
+    verify.set_defaults(handler=_run_verify)
+
     audit = actions.add_parser(
         "audit",
         parents=[common],
@@ -125,6 +135,13 @@ def _show_adapter(registry, name: str, as_json: bool) -> int:
         for v in versions
     ]
     print(_table(["VERSION", "CREATED", "BY", "ALIASES", "METRICS", "FROM"], rows))
+    return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    version = _registry(args).verify(args.ref)
+    size = sum(entry["size"] for entry in version.files.values())
+    print(f"{version.ref}: {len(version.files)} files, {_bytes(size)}, all sha256 match ({version.artifact_uri})")
     return 0
 
 

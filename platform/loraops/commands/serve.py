@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from loraops.commands.common import SubParsers, add_serve_config_arguments, quiet_http_log
+from loraops.commands.common import SubParsers, add_serve_config_arguments, positive_float, quiet_http_log
 from loraops.errors import LoraopsError
 
 
@@ -42,17 +42,19 @@ def _add_serve(sub: SubParsers) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from loraops import cluster
+    from loraops.serve.app import check_port_free, deploy, target_version
     from loraops.serve.settings import load_serve_config
 
     config = load_serve_config(args.config, args.overrides)
+    target_version(config)  # an unknown or refused adapter, an unreachable registry: one line, before any Ray starts
     address = cluster.cluster_address(args.address)
     if args.detach and not address:
         raise LoraopsError("--detach needs a Ray cluster that outlives this command: start one (`ray start --head`) and pass --address or set RAY_ADDRESS")
     from ray import serve
 
-    from loraops.serve.app import deploy
-
-    cluster.connect(address, configure_logging=False)
+    if not address:
+        check_port_free(config)  # the local instance's proxy would bind here
+    cluster.connect(address, configure_logging=False, log_to_driver=not args.detach)
     url = deploy(config)
     print(f"serving {config.settings.adapter} ({config.settings.mode} mode) at {url}  (API docs: {url}/docs)", flush=True)
     if args.detach:
@@ -79,7 +81,7 @@ def _add_summarize(sub: SubParsers) -> None:
     parser.add_argument("--token", help="bearer token (default: $LORAOPS_API_TOKEN)")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="summary length limit in tokens")
     parser.add_argument("--temperature", type=float, metavar="T", help="0 (default): greedy; above 0: sampling")
-    parser.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per attempt (default 120)")
+    parser.add_argument("--timeout", type=positive_float, default=120.0, metavar="S", help="seconds per attempt (default 120)")
     parser.add_argument("--json", action="store_true", help="print the whole JSON answer")
     parser.set_defaults(handler=_run_summarize)
 

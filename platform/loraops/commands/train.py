@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from loraops.commands.common import SubParsers, add_config_arguments, load_config
+from loraops.errors import LoraopsError
 
 
 def add_commands(sub: SubParsers) -> None:
@@ -21,9 +22,15 @@ def add_commands(sub: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraops.train import train
+    from loraops.train import run_dir, train
 
-    result = train(load_config(args), output_dir=args.output_dir)
+    config = load_config(args)
+    folder = run_dir(config, args.output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # before any data or model is loaded
+        raise LoraopsError(f"cannot create the run folder {folder}: {exc.strerror}") from None
+    result = train(config, output_dir=folder)
     print(f"adapter: {result.adapter_dir}")
     print(f"best eval loss: {result.best_eval_loss:.4f} (step {result.best_step}); metrics: {result.metrics_file}")
     return 0

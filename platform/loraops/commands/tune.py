@@ -21,6 +21,10 @@ NAME is kept in the project database (search.database_url).
   loraops tune --config tune/tiny.yaml                 start an experiment
   loraops tune --resume [PATH]                          continue an interrupted one
   loraops tune --show PATH                              print its results table
+
+The terminal shows one line per trial event (started, evaluated, stopped early by ASHA, finished,
+failed) and the results; Ray's and the libraries' logs, Tune's status table and the trials'
+output go to WORKSPACE/logs/tune-*.log (printed at the start), or here too with -v.
 """
 
 
@@ -54,12 +58,15 @@ def add_commands(sub: SubParsers) -> None:
         metavar="NAME",
         help="at the end, register the best trial's adapter as the next version of NAME (default: the config's name)",
     )
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Ray's and the libraries' logs here too")
     parser.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from loraops import console
     from loraops.tune import experiment
 
+    verbose = bool(getattr(args, "verbose", False))
     if args.show:
         if args.config or args.overrides or args.register is not None or args.name:
             raise LoraopsError("--show PATH takes no other option")
@@ -67,13 +74,19 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.resume:
         if args.overrides:
             raise LoraopsError("--set cannot change an experiment that is resumed: it goes on with the config it started with")
-        outcome = experiment.resume_experiment(resume_path(args))
+        path = resume_path(args)
+        workspace = experiment.read_experiment_config(experiment.Location.parse(path)).workspace_path
+        console.start_log(workspace, "tune", verbose)
+        outcome = experiment.resume_experiment(path, worker_logs=verbose)
     else:
         if not args.config:
             raise LoraopsError("tune needs --config FILE (or --resume / --show)")
         from loraops.config import load_config
 
-        outcome = experiment.run_experiment(load_config(args.config, args.overrides), name=args.name)
+        config = load_config(args.config, args.overrides)
+        experiment.check_search(config)  # a config error is one line, before any file is written
+        console.start_log(config.workspace_path, "tune", verbose)
+        outcome = experiment.run_experiment(config, name=args.name, worker_logs=verbose)
     print_outcome(outcome)
     if args.show:
         return 0
@@ -101,15 +114,14 @@ def resume_path(args: argparse.Namespace) -> str:
 
 def print_outcome(outcome) -> None:
     from loraops.layout import RESULTS_FILE
-    from loraops.tune.results import format_table, summary_line
+    from loraops.tune.results import best_line, format_table, summary_line
 
     print()
     print(format_table(outcome.rows))
     print()
     print(f"{summary_line(outcome.rows)}  |  experiment: {outcome.location.uri}")
     if outcome.best:
-        metrics = outcome.best["metrics"]
-        print(f"best trial {outcome.best['trial_id']}: eval loss {metrics['eval_loss']:.4f} at step {metrics['step']}; adapter: {outcome.best['adapter_path']}")
+        print(f"best trial {best_line(outcome.best)}; adapter: {outcome.best['adapter_path']}")
     if (outcome.folder / RESULTS_FILE).is_file():
         print(f"results: {outcome.folder}")
 

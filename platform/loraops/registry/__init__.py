@@ -42,7 +42,7 @@ _EXPORTS = {
     "IntegrityError": "loraops.registry.store",
     "Lineage": "loraops.registry.lineage",
     "ModelVersion": "loraops.registry.records",
-    "PromotionRefused": "loraops.registry.api",
+    "PromotionRefused": "loraops.registry.aliases",
     "Registry": "loraops.registry.api",
     "data_fingerprint": "loraops.data",
     "lower_is_better": "loraops.registry.refs",
@@ -55,7 +55,8 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from loraops.data import data_fingerprint
     from loraops.layout import validate_name
-    from loraops.registry.api import PromotionRefused, Registry
+    from loraops.registry.aliases import PromotionRefused
+    from loraops.registry.api import Registry
     from loraops.registry.lineage import Lineage, read_best_trial, read_run_folder
     from loraops.registry.records import AdapterInfo, AliasChange, AliasEvent, ModelVersion
     from loraops.registry.refs import lower_is_better, parse_ref

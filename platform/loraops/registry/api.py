@@ -11,7 +11,8 @@ Concepts (close to MLflow's model registry with aliases):
 - An **alias** (``production``, ``staging``, ...) points at one version; serving follows an alias.
   Every alias change is appended to an audit log (when, who, from, to, why).
 
-References and the ``--if-better`` direction: :mod:`loraops.registry.refs`.
+References and the ``--if-better`` direction: :mod:`loraops.registry.refs`; alias moves, the rollback
+stack and the ``--if-better`` comparison inside a transaction: :mod:`loraops.registry.aliases`.
 """
 
 from __future__ import annotations
@@ -31,18 +32,18 @@ from sqlalchemy.orm import Session
 from loraops import config as lconfig
 from loraops.errors import LoraopsError
 from loraops.layout import NOT_ADAPTER_FILES, check_adapter_dir, validate_name
-from loraops.registry import db
+from loraops.registry import aliases, db
+from loraops.registry.aliases import PromotionRefused
 from loraops.registry.db import AdapterRow, AliasEventRow, AliasRow, VersionRow
 from loraops.registry.lineage import Lineage, read_best_trial, read_run_folder
 from loraops.registry.records import AdapterInfo, AliasChange, AliasEvent, ModelVersion, utc
-from loraops.registry.refs import DEFAULT_ALIAS, lower_is_better, parse_metrics, parse_ref, parse_version
-from loraops.registry.store import ArtifactStore, StagedUpload, verify_local
+from loraops.registry.refs import DEFAULT_ALIAS, parse_metrics, parse_ref, parse_version
+from loraops.registry.store import ArtifactStore, IntegrityError, StagedUpload, verify_local
+
+#: PromotionRefused lives with the alias logic in :mod:`loraops.registry.aliases`; it stays importable from here.
+__all__ = ["PromotionRefused", "Registry", "default_actor"]
 
 log = logging.getLogger(__name__)
-
-
-class PromotionRefused(LoraopsError):
-    """``--if-better`` found the candidate no better than the alias's current version."""
 
 
 def default_actor() -> str | None:
@@ -145,7 +146,7 @@ class Registry:
                 return self._allocate_and_publish(adapter_id, name, staged, fields)
             except DBAPIError as exc:
                 if not db.is_contention(exc) or attempt == db.WRITE_ATTEMPTS:
-                    raise
+                    raise db.failure(exc, self.engine) from None
                 log.debug("version allocation for %s collided (attempt %d): %s", name, attempt, exc)
         raise AssertionError("unreachable")
 
@@ -200,7 +201,7 @@ class Registry:
                         VersionRow.adapter_id == adapter_id, VersionRow.version == number, VersionRow.artifact_uri == self.store.uri_of(path)
                     )
                 ).one_or_none()
-        except DBAPIError:
+        except (DBAPIError, db.DatabaseError):
             return None
 
     # --- reading -------------------------------------------------------------------------------
@@ -224,25 +225,26 @@ class Registry:
         for info in self.list_adapters():
             if info.name == name:
                 return info
-        raise self._unknown_adapter(name)
+        with db.read_session(self.engine) as session:
+            raise aliases.unknown_adapter(session, name)
 
     def versions(self, name: str) -> list[ModelVersion]:
         """All versions of ``name``, oldest first."""
         validate_name(name)
         with db.read_session(self.engine) as session:
-            adapter = self._adapter_row(session, name)
-            aliases = self._aliases_by_version(session, adapter.id)
-            return [ModelVersion.from_row(row, name, aliases.get(row.version, [])) for row in adapter.versions]
+            adapter = aliases.adapter_row(session, name)
+            by_version = aliases.aliases_by_version(session, adapter.id)
+            return [ModelVersion.from_row(row, name, by_version.get(row.version, [])) for row in adapter.versions]
 
     def get(self, ref: str) -> ModelVersion:
         """The version ``ref`` names: ``NAME`` (latest), ``NAME@ALIAS`` or ``NAME:VERSION``."""
         name, alias, number = parse_ref(ref)
         with db.read_session(self.engine) as session:
-            adapter = self._adapter_row(session, name)
+            adapter = aliases.adapter_row(session, name)
             if alias is not None:
-                number = self._alias_target(session, adapter, alias)
-            row = self._version_of(session, adapter, number)
-            return ModelVersion.from_row(row, name, self._aliases_by_version(session, adapter.id).get(row.version, []))
+                number = aliases.alias_target(session, adapter, alias)
+            row = aliases.version_of(session, adapter, number)
+            return ModelVersion.from_row(row, name, aliases.aliases_by_version(session, adapter.id).get(row.version, []))
 
     def resolve(self, ref: str) -> Path:
         """A local folder with the verified files of ``ref``, ready to load with PEFT.
@@ -270,13 +272,32 @@ class Registry:
         verify_local(cache, version.files, label)
         return cache
 
+    def verify(self, ref: str) -> ModelVersion:
+        """Re-hash every stored file of ``ref`` against the sha256 recorded at registration.
+
+        Reads the artifact store itself (never a local cache), so it tells whether a replica
+        that loads this version now would get intact files. Returns the version when all match;
+        raises :class:`~loraops.registry.store.IntegrityError` naming the first missing,
+        unreadable or altered file otherwise.
+        """
+        version = self.get(ref)
+        self.store.verify(self.store.version_path(version.name, version.version), version.files, f"{version.ref} ({version.artifact_uri})")
+        return version
+
+    def _verified_target(self, name: str, number: int, refusal: str) -> None:
+        """Refuse to point an alias at a version whose files would not load (serving would fail on it)."""
+        try:
+            self.verify(f"{name}:{number}")
+        except IntegrityError as exc:
+            raise IntegrityError(f"{refusal}: its artifacts fail verification: {exc}") from None
+
     def audit_log(self, name: str, alias: str | None = None) -> list[AliasEvent]:
         """Every alias change of ``name`` (optionally of one alias), oldest first."""
         validate_name(name)
         if alias is not None:
             validate_name(alias, "alias")
         with db.read_session(self.engine) as session:
-            adapter = self._adapter_row(session, name)
+            adapter = aliases.adapter_row(session, name)
             query = select(AliasEventRow).where(AliasEventRow.adapter_id == adapter.id)
             if alias is not None:
                 query = query.where(AliasEventRow.alias == alias)
@@ -308,18 +329,21 @@ class Registry:
         validate_name(alias, "alias")
         number = parse_version(version)
         actor = actor or default_actor()
+        # Hashing takes a while: done before the write transaction, so no lock is held meanwhile
+        # (versions are immutable, so the check stays true until the alias moves).
+        self._verified_target(name, number, f"refusing to promote {name}:{number} to {alias}")
 
         def work(session: Session) -> AliasChange:
-            adapter = self._adapter_row(session, name, lock=True)
-            candidate = self._version_of(session, adapter, number)
+            adapter = aliases.adapter_row(session, name, lock=True)
+            candidate = aliases.version_of(session, adapter, number)
             current = session.get(AliasRow, (adapter.id, alias))
             previous = current.version if current else None
             if previous == number:
                 return AliasChange(name, alias, number, previous, False, f"{name}@{alias} already points to version {number}")
             verdict = ""
             if if_better and previous is not None:
-                verdict = self._compare(session, adapter, candidate, previous, alias, if_better, higher_is_better)
-            self._move_alias(session, adapter.id, alias, number, previous, "promote", actor, reason)
+                verdict = aliases.compare(session, adapter, candidate, previous, alias, if_better, higher_is_better)
+            aliases.move_alias(session, adapter.id, alias, number, previous, "promote", actor, reason)
             moved = f"{name}@{alias}: version {previous if previous is not None else '(none)'} -> {number}"
             return AliasChange(name, alias, number, previous, True, f"{moved}{verdict}")
 
@@ -330,105 +354,28 @@ class Registry:
 
         The audit log is read as a stack: a promotion pushes its version, a rollback pops one.
         So repeated rollbacks walk back through earlier targets (3 -> 2 -> 1) instead of
-        toggling between the last two; with nothing earlier it is an error.
+        toggling between the last two; with nothing earlier it is an error. A target whose
+        files fail verification is refused (:class:`~loraops.registry.store.IntegrityError`).
         """
         validate_name(name)
         validate_name(alias, "alias")
         actor = actor or default_actor()
+        for _ in range(db.WRITE_ATTEMPTS):
+            # Plan, verify the target's files without holding a lock, then move the alias only if
+            # the plan still holds (another rollback or promotion may have moved it meanwhile).
+            with db.read_session(self.engine) as session:
+                planned, _ = aliases.rollback_target(session, name, alias, lock=False)
+            self._verified_target(name, planned, f"refusing to roll back {name}@{alias} to version {planned}")
 
-        def work(session: Session) -> AliasChange:
-            adapter = self._adapter_row(session, name, lock=True)
-            current = session.get(AliasRow, (adapter.id, alias))
-            if current is None:
-                raise LoraopsError(f"{name} has no alias {alias!r}{self._known_aliases(session, adapter)}")
-            query = select(AliasEventRow).where(AliasEventRow.adapter_id == adapter.id, AliasEventRow.alias == alias)
-            events = session.scalars(query.order_by(AliasEventRow.id))
-            stack: list[int] = []
-            for event_row in events:
-                if event_row.action == "rollback":
-                    stack = stack[:-1]
-                else:
-                    stack.append(event_row.to_version)
-            if len(stack) < 2:
-                raise LoraopsError(f"{name}@{alias} (version {current.version}) has no earlier target to roll back to")
-            target, previous = stack[-2], current.version  # read before _move_alias updates the row
-            self._move_alias(session, adapter.id, alias, target, previous, "rollback", actor, reason)
-            return AliasChange(name, alias, target, previous, True, f"{name}@{alias}: rolled back from version {previous} to {target}")
+            def work(session: Session, planned: int = planned) -> AliasChange | None:
+                target, adapter_id = aliases.rollback_target(session, name, alias, lock=True)
+                if target != planned:
+                    return None
+                previous = session.get(AliasRow, (adapter_id, alias)).version  # read before move_alias updates the row
+                aliases.move_alias(session, adapter_id, alias, target, previous, "rollback", actor, reason)
+                return AliasChange(name, alias, target, previous, True, f"{name}@{alias}: rolled back from version {previous} to {target}")
 
-        return db.run_write(self.engine, work)
-
-    def _move_alias(
-        self, session: Session, adapter_id: int, alias: str, to: int, previous: int | None, action: str, actor: str | None, reason: str | None
-    ) -> None:
-        row = session.get(AliasRow, (adapter_id, alias))
-        if row is None:
-            session.add(AliasRow(adapter_id=adapter_id, alias=alias, version=to))
-        else:
-            row.version, row.updated_at = to, db.utcnow()
-        session.add(AliasEventRow(adapter_id=adapter_id, alias=alias, actor=actor, action=action, from_version=previous, to_version=to, reason=reason))
-
-    def _compare(
-        self, session: Session, adapter: AdapterRow, candidate: VersionRow, previous: int, alias: str, metric: str, higher_is_better: bool | None
-    ) -> str:
-        """'' when the candidate is strictly better on ``metric``, else PromotionRefused."""
-        incumbent = self._version_of(session, adapter, previous)
-        new, old = _metric(candidate, metric, adapter.name), _metric(incumbent, metric, adapter.name)
-        higher = (not lower_is_better(metric)) if higher_is_better is None else higher_is_better
-        better = new > old if higher else new < old
-        figures = f"{metric}: candidate v{candidate.version} = {new:g}, {alias} v{previous} = {old:g}; {'higher' if higher else 'lower'} is better"
-        if not better:
-            raise PromotionRefused(f"not promoted, {adapter.name} v{candidate.version} is not better than {alias}: {figures}")
-        return f" ({figures})"
-
-    # --- lookups -------------------------------------------------------------------------------
-
-    def _adapter_row(self, session: Session, name: str, lock: bool = False) -> AdapterRow:
-        query = select(AdapterRow).where(AdapterRow.name == name)
-        adapter = session.scalars(query.with_for_update() if lock else query).one_or_none()
-        if adapter is None:
-            raise self._unknown_adapter(name, session)
-        return adapter
-
-    def _unknown_adapter(self, name: str, session: Session | None = None) -> LoraopsError:
-        if session is None:
-            with db.read_session(self.engine) as fresh:
-                return self._unknown_adapter(name, fresh)
-        names = list(session.scalars(select(AdapterRow.name).order_by(AdapterRow.name).limit(11)))
-        known = f"; registered: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else "; the registry is empty"
-        return LoraopsError(f"unknown adapter {name!r}{known}")
-
-    def _version_of(self, session: Session, adapter: AdapterRow, number: int | None) -> VersionRow:
-        query = select(VersionRow).where(VersionRow.adapter_id == adapter.id)
-        query = query.where(VersionRow.version == number) if number is not None else query.order_by(VersionRow.version.desc()).limit(1)
-        row = session.scalars(query).first()
-        if row is None:
-            if number is None:
-                raise LoraopsError(f"{adapter.name} has no versions yet")
-            top = session.scalar(select(func.max(VersionRow.version)).where(VersionRow.adapter_id == adapter.id))
-            raise LoraopsError(f"{adapter.name} has no version {number} (versions: {'1..' + str(top) if top else 'none'})")
-        return row
-
-    def _alias_target(self, session: Session, adapter: AdapterRow, alias: str) -> int:
-        row = session.get(AliasRow, (adapter.id, alias))
-        if row is None:
-            raise LoraopsError(f"{adapter.name} has no alias {alias!r}{self._known_aliases(session, adapter)}")
-        return row.version
-
-    def _known_aliases(self, session: Session, adapter: AdapterRow) -> str:
-        names = list(session.scalars(select(AliasRow.alias).where(AliasRow.adapter_id == adapter.id).order_by(AliasRow.alias)))
-        return f" (aliases: {', '.join(names)})" if names else " (it has no aliases yet: see `loraops promote`)"
-
-    def _aliases_by_version(self, session: Session, adapter_id: int) -> dict[int, list[str]]:
-        found: dict[int, list[str]] = {}
-        for row in session.scalars(select(AliasRow).where(AliasRow.adapter_id == adapter_id).order_by(AliasRow.alias)):
-            found.setdefault(row.version, []).append(row.alias)
-        return found
-
-
-
-def _metric(row: VersionRow, metric: str, name: str) -> float:
-    value = (row.metrics or {}).get(metric)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        known = ", ".join(sorted(row.metrics or {})) or "none"
-        raise PromotionRefused(f"cannot compare on {metric!r}: {name} v{row.version} has no such metric (its metrics: {known})")
-    return float(value)
+            change = db.run_write(self.engine, work)
+            if change is not None:
+                return change
+        raise LoraopsError(f"{name}@{alias} kept changing during the rollback; try again")

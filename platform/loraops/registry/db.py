@@ -2,18 +2,25 @@
 
 One database holds adapters, their versions, the aliases that point at versions and an
 append-only audit log of alias changes. It is a SQLite file in the workspace by default and a
-PostgreSQL server (``postgresql+psycopg2://...``) on a cluster; the tables carry a
+PostgreSQL server (``postgresql://...``, through psycopg2) on a cluster; the tables carry a
 ``registry_`` prefix so the same database can also hold Optuna's study tables.
 
 Tables are created on first use. Writers go through :func:`write_transaction`, which serialises
 them per database: ``BEGIN IMMEDIATE`` on SQLite (the write lock is taken up front, so two
 writers never deadlock upgrading a read lock), and on PostgreSQL the callers lock the adapter row
 with ``SELECT ... FOR UPDATE``.
+
+Waits are bounded: a SQLite lock held by another process is waited for
+:data:`SQLITE_BUSY_TIMEOUT_S` (``?timeout=SECONDS`` in the URL changes it), a PostgreSQL server
+for :data:`POSTGRES_CONNECT_TIMEOUT_S` (``?connect_timeout=SECONDS``). A database that cannot be
+reached, opened or written, or stays locked, is a :class:`DatabaseError` naming it in one line.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,20 +29,33 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from sqlalchemy import JSON, DateTime, Engine, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event, inspect, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
+from loraops.config import normalize_database_url
 from loraops.errors import LoraopsError
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Seconds a SQLite writer waits for another writer's lock before giving up.
-SQLITE_BUSY_TIMEOUT_S = 60
+#: Seconds a SQLite connection waits for another process's lock before giving up (default of the
+#: URL's ``?timeout=``); the write lock is waited for once, not again on every retry.
+SQLITE_BUSY_TIMEOUT_S = 30.0
+#: Seconds to wait for a PostgreSQL server to accept a connection (default of ``?connect_timeout=``).
+POSTGRES_CONNECT_TIMEOUT_S = 10
+#: What error messages offer instead of an unusable URL.
+SUPPORTED_URLS = "sqlite:///PATH and postgresql://USER@HOST/DB (driver psycopg2, installed with loraops)"
+#: A writer that has waited this long for the lock says so, so a long wait is never silent.
+LOCK_WAIT_NOTICE_S = 2.0
 #: Attempts of a write transaction that failed only because another writer got in the way.
 WRITE_ATTEMPTS = 8
 #: Arbitrary constant key of the PostgreSQL advisory lock that serialises table creation.
 _SCHEMA_LOCK_KEY = 0x10A0_0B5
+
+
+class DatabaseError(LoraopsError):
+    """The database cannot be reached, opened or written, or another process held its lock too long."""
 
 
 def utcnow() -> datetime:
@@ -132,28 +152,102 @@ def is_sqlite(engine: Engine) -> bool:
 
 def get_engine(url: str) -> Engine:
     """The engine for ``url`` in this process, with the registry tables created on first use."""
-    key = (os.getpid(), url)  # a forked child must not reuse its parent's connections
+    key = (os.getpid(), normalize_database_url(url))  # a forked child must not reuse its parent's connections
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = _create_engine(url)
+            engine = _create_engine(key[1])
             _create_tables(engine)
             _engines[key] = engine
         return engine
+
+
+def display_url(url: str | URL) -> str:
+    """The URL for messages and logs, its password masked."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return repr(str(url))
+    if parsed.get_backend_name() == "sqlite":  # a path, shown as typed (render_as_string would escape it)
+        query = "&".join(f"{key}={value}" for key, value in parsed.query.items())
+        return f"{parsed.drivername}:///{parsed.database or ''}" + (f"?{query}" if query else "")
+    return parsed.render_as_string(hide_password=True)
 
 
 def _create_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise LoraopsError(f"not a database URL: {url!r} (expected e.g. sqlite:///path/loraops.db or postgresql+psycopg2://user@host/db)") from None
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True)
-    if parsed.database and parsed.database != ":memory:":
-        os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
-    engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+        raise LoraopsError(f"not a database URL: {url!r} (expected e.g. sqlite:///path/loraops.db or postgresql://user@host/db)") from None
+    try:
+        if parsed.get_backend_name() != "sqlite":
+            bounded = parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query
+            return create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S} if bounded else {})
+        _make_sqlite_folder(parsed)
+        # The URL's own ?timeout= wins; connect_args would override it.
+        engine = create_engine(parsed, connect_args={} if "timeout" in parsed.query else {"timeout": SQLITE_BUSY_TIMEOUT_S})
+    except (ArgumentError, ImportError) as exc:  # an unknown dialect (NoSuchModuleError) or a driver that is not installed
+        raise LoraopsError(f"cannot use the database URL {display_url(parsed)}: {exc}; loraops supports {SUPPORTED_URLS}") from None
     _take_over_sqlite_transactions(engine)
     return engine
+
+
+def _make_sqlite_folder(url: URL) -> None:
+    """Create the folder of a SQLite file (not of ``:memory:`` or a ``file:`` URI, which sqlite3 opens itself)."""
+    if not url.database or url.database == ":memory:" or url.query.get("uri") == "true":
+        return
+    folder = os.path.dirname(os.path.abspath(url.database))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseError(f"cannot create the folder {folder} of the database {display_url(url)}: {exc.strerror}") from None
+
+
+def sqlite_timeout(url: URL) -> float:
+    """Seconds a SQLite connection to ``url`` waits for a lock."""
+    raw = url.query.get("timeout")
+    try:
+        return float(raw) if isinstance(raw, str) else SQLITE_BUSY_TIMEOUT_S
+    except ValueError:
+        return SQLITE_BUSY_TIMEOUT_S
+
+
+def failure(exc: DBAPIError, engine: Engine) -> Exception:
+    """What to raise for ``exc``: a :class:`DatabaseError` when the database itself failed, else ``exc``."""
+    return database_error(exc, engine.url) if isinstance(exc, (OperationalError, InterfaceError)) else exc
+
+
+def database_error(exc: DBAPIError, url: URL) -> DatabaseError:
+    """One line for a database that cannot be reached, opened or written, or stays locked."""
+    where = display_url(url)
+    detail = " ".join(str(exc.orig).split())  # drivers' messages span lines (psycopg2 adds a hint line)
+    lowered = detail.lower()
+    if url.get_backend_name() == "sqlite" and "database is locked" in lowered:
+        return DatabaseError(
+            f"the database {where} is locked by another process: gave up after {sqlite_timeout(url):g} s "
+            "(retry when that process is done, or wait longer with ?timeout=SECONDS in the database URL)"
+        )
+    if "readonly database" in lowered or "read-only" in lowered:
+        return DatabaseError(f"the database {where} is read-only ({detail}): check the permissions of the file and its folder, or use a writable copy")
+    if "unable to open database file" in lowered:
+        return DatabaseError(f"cannot open the database {where}: {detail} (does its folder exist, and may this user write there?)")
+    return DatabaseError(f"cannot use the database {where}: {detail}")
+
+
+@contextmanager
+def database_errors(engine_or_url: Engine | str) -> Iterator[None]:
+    """Turn SQLAlchemy's connection-level failures in the block into a :class:`DatabaseError`.
+
+    Only failures of the database itself (unreachable, locked, read-only, gone) are converted;
+    constraint violations and programming errors stay what they are.
+    """
+    url = engine_or_url.url if isinstance(engine_or_url, Engine) else normalize_database_url(engine_or_url)
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        raise database_error(exc, make_url(url)) from None
+    except (ArgumentError, ImportError) as exc:  # a URL of an unknown dialect, or of a driver that is not installed
+        raise LoraopsError(f"cannot use the database URL {display_url(url)}: {exc}; loraops supports {SUPPORTED_URLS}") from None
 
 
 def _take_over_sqlite_transactions(engine: Engine) -> None:
@@ -173,12 +267,29 @@ def _take_over_sqlite_transactions(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:
-        mode = "IMMEDIATE" if connection.get_execution_options().get("loraops_write") else "DEFERRED"
-        connection.exec_driver_sql(f"BEGIN {mode}")
+        if not connection.get_execution_options().get("loraops_write"):
+            connection.exec_driver_sql("BEGIN DEFERRED")
+            return
+        # Here a writer waits (up to the busy timeout) while another process holds the lock.
+        notice = threading.Timer(LOCK_WAIT_NOTICE_S, _log_lock_wait, args=(engine,))
+        notice.daemon = True
+        notice.start()
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        finally:
+            notice.cancel()
+
+
+def _log_lock_wait(engine: Engine) -> None:
+    log.warning("the database %s is locked by another process; waiting up to %g s for it", display_url(engine.url), sqlite_timeout(engine.url))
 
 
 def _create_tables(engine: Engine) -> None:
-    """CREATE TABLE IF NOT EXISTS, serialised so that many processes starting at once don't race."""
+    """CREATE TABLE IF NOT EXISTS, serialised so that many processes starting at once don't race.
+
+    A database whose schema is already complete is only read: readers then need no write lock
+    (so they neither wait for a writer nor fail on a read-only database).
+    """
 
     def create(session: Session) -> None:
         if engine.dialect.name == "postgresql":
@@ -186,10 +297,20 @@ def _create_tables(engine: Engine) -> None:
         Base.metadata.create_all(session.connection())
         _add_missing_columns(session)
 
-    try:
+    with database_errors(engine), engine.connect() as connection:
+        complete = not _missing_schema(inspect(connection))
+    if not complete:
         run_write(engine, create)
-    except OperationalError as exc:
-        raise LoraopsError(f"cannot open the registry database {engine.url.render_as_string(hide_password=True)}: {exc.orig}") from None
+
+
+def _missing_schema(inspector) -> list[str]:
+    """Tables and added columns the database lacks, as ``table`` or ``table.column``."""
+    tables = set(inspector.get_table_names())
+    missing = [name for name in Base.metadata.tables if name not in tables]
+    for table_name, column_name in _ADDED_COLUMNS:
+        if table_name in tables and column_name not in {column["name"] for column in inspector.get_columns(table_name)}:
+            missing.append(f"{table_name}.{column_name}")
+    return missing
 
 
 #: Columns added after the first release: (table, column). Databases created before get them on
@@ -213,8 +334,8 @@ def _add_missing_columns(session: Session) -> None:
 
 @contextmanager
 def read_session(engine: Engine) -> Iterator[Session]:
-    """A session for reading; objects stay usable after it closes."""
-    with Session(engine, expire_on_commit=False) as session:
+    """A session for reading; objects stay usable after it closes. Database failures: :class:`DatabaseError`."""
+    with database_errors(engine), Session(engine, expire_on_commit=False) as session:
         yield session
 
 
@@ -227,12 +348,16 @@ def write_transaction(engine: Engine) -> Iterator[Session]:
 
 
 def is_contention(exc: Exception) -> bool:
-    """True for failures that only mean another writer got there first (worth a retry)."""
+    """True for failures that only mean another writer got there first (worth a retry).
+
+    Not SQLite's "database is locked": writers take the lock with ``BEGIN IMMEDIATE`` and wait
+    for it up to the busy timeout, so that error means the whole wait has already been spent.
+    """
     if isinstance(exc, IntegrityError):
         return True
-    if isinstance(exc, DBAPIError):
+    if isinstance(exc, DBAPIError) and not isinstance(exc.orig, sqlite3.Error):
         message = str(exc.orig).lower()
-        return any(word in message for word in ("database is locked", "deadlock detected", "could not serialize", "busy"))
+        return any(word in message for word in ("deadlock detected", "could not serialize"))
     return False
 
 
@@ -240,21 +365,23 @@ def run_write(engine: Engine, work: Callable[[Session], T], attempts: int = WRIT
     """Run ``work`` in a write transaction, retrying (with backoff) when a concurrent writer collides.
 
     ``work`` must be safe to repeat: it runs from scratch in a fresh transaction each time.
+    Database failures (unreachable, read-only, locked too long) are a :class:`DatabaseError`.
     """
     for attempt in range(1, attempts + 1):
         try:
             with write_transaction(engine) as session:
                 return work(session)
-        except (IntegrityError, OperationalError, DBAPIError) as exc:
-            if attempt == attempts or not is_contention(exc):
-                raise
-            time.sleep(min(0.05 * 2**attempt, 2.0))
+        except DBAPIError as exc:
+            if attempt < attempts and is_contention(exc):
+                time.sleep(min(0.05 * 2**attempt, 2.0))
+                continue
+            raise failure(exc, engine) from None
     raise AssertionError("unreachable")
 
 
 def dispose_engine(url: str) -> None:
     """Close this process's pooled connections to ``url`` (e.g. before dropping that database)."""
     with _engines_lock:
-        engine = _engines.pop((os.getpid(), url), None)
+        engine = _engines.pop((os.getpid(), normalize_database_url(url)), None)
     if engine is not None:
         engine.dispose()

@@ -74,12 +74,19 @@ def verify_local(folder: str | os.PathLike, manifest: Manifest, label: str) -> N
         path = root / rel
         if not path.is_file():
             raise IntegrityError(f"{label}: file {rel} is missing from {root}")
-        actual = sha256_file(path)
-        if actual != expected["sha256"]:
-            raise IntegrityError(
-                f"{label}: checksum mismatch for file {rel} ({path}): expected sha256 {expected['sha256']}, "
-                f"found {actual}; the stored artifact was modified or corrupted"
-            )
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:  # e.g. permissions changed behind the registry's back
+            raise IntegrityError(f"{label}: file {rel} cannot be read ({path}): {exc.strerror or exc}") from None
+        _check_digest(label, rel, str(path), expected, actual)
+
+
+def _check_digest(label: str, rel: str, where: str, expected: dict[str, Any], actual: str) -> None:
+    if actual != expected["sha256"]:
+        raise IntegrityError(
+            f"{label}: checksum mismatch for file {rel} ({where}): expected sha256 {expected['sha256']}, "
+            f"found {actual}; the stored artifact was modified or corrupted"
+        )
 
 
 class ArtifactStore:
@@ -101,9 +108,13 @@ class ArtifactStore:
             # from_uri needs an absolute local path; a relative one is relative to the cwd.
             uri = str(Path(uri).expanduser().resolve())
         try:
-            return pafs.FileSystem.from_uri(uri)
+            filesystem, root = pafs.FileSystem.from_uri(uri)
         except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-            raise LoraopsError(f"cannot open artifact store {uri!r}: {exc}") from None
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LoraopsError(f"cannot open artifact store {uri!r}: {first_line}") from None
+        if not root.strip("/"):  # e.g. "s3://": pyarrow accepts it, every write then fails
+            raise LoraopsError(f"artifact store {uri!r} names no bucket or folder: use e.g. s3://BUCKET/PREFIX")
+        return filesystem, root
 
     @property
     def is_local(self) -> bool:
@@ -189,6 +200,27 @@ class ArtifactStore:
             log.warning("could not remove %s: %s", path, exc)
 
     # --- reading -------------------------------------------------------------------------------
+
+    def verify(self, path: str, manifest: Manifest, label: str) -> None:
+        """Re-hash the stored files under ``path`` in place (streamed, nothing kept) against ``manifest``.
+
+        Raises :class:`IntegrityError` naming the first file that is missing, unreadable or altered.
+        """
+        if self.is_local:
+            verify_local(path, manifest, label)
+            return
+        for rel, expected in sorted(manifest.items()):
+            where = self.uri_of(f"{path}/{rel}")
+            digest = hashlib.sha256()
+            try:
+                with self.fs.open_input_stream(f"{path}/{rel}") as reader:
+                    while chunk := reader.read(CHUNK):
+                        digest.update(chunk)
+            except FileNotFoundError:
+                raise IntegrityError(f"{label}: file {rel} is missing from {self.uri_of(path)}") from None
+            except OSError as exc:
+                raise IntegrityError(f"{label}: file {rel} cannot be read ({where}): {exc}") from None
+            _check_digest(label, rel, where, expected, digest.hexdigest())
 
     def download(self, path: str, manifest: Manifest, target: Path) -> Path:
         """Copy a stored version to a local folder: written beside it, renamed when complete."""

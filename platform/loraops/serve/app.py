@@ -4,13 +4,15 @@ Routes (OpenAPI docs at ``/docs``)::
 
     POST /v1/summarize        {"dialogue", "max_new_tokens"?, "temperature"?} -> Summary
     POST /v1/summarize/batch  {"dialogues": [...], "max_new_tokens"?, "temperature"?} -> [Summary, ...]
-    GET  /v1/models           what is served: adapter name, version, mode, limits
-    GET  /healthz             200 when a model replica answers, else 503
+    GET  /v1/models           what is served: adapter name, version, mode, limits, problem
+    GET  /healthz             200 {"status": "ok" | "degraded"} when a model replica answers, else 503
 
-Every error is JSON ``{"error": {"type", "message", "field"?}}``: 422 for invalid input (the field
-is named), 413 for a body over ``max_body_bytes``, 401 for a missing or wrong bearer token (only
-when the token variable is set), 404/405 for unknown routes and methods, 503 when no model
-replica can take the request (the client retries those), 500 for anything unexpected.
+Every error is JSON ``{"error": {"type", "message", "field"?, "request_id"?}}``: 422 for invalid
+input (the field is named), 413 for a body over ``max_body_bytes``, 408 for a body that does not
+arrive within ``body_timeout_s``, 401 for a missing or wrong bearer token (only when the token
+variable is set; checked before the body is read), 404/405 for unknown routes and methods, 503
+when no model replica can take the request (the client retries those), 500 "internal error" with
+a request id for anything unexpected (the details are in the log line with that id).
 
 ``build_app`` is the application builder for Ray's ``serve deploy`` / ``serve run``
 (``import_path: loraops.serve.app:build_app``); ``loraops serve`` calls :func:`deploy`.
@@ -20,44 +22,65 @@ replica can take the request (the client retries those), 500 for anything unexpe
 # FastAPI must see real classes in their signatures (with strings the body became a query parameter).
 
 import asyncio
-import hmac
 import json
 import logging
 import os
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraops import __version__
-from loraops.serve.replica import DialogueTooLong, SummarizerModel
+from loraops.errors import LoraopsError
+from loraops.serve.guard import ErrorResponse, RequestGuard, error_response, request_id_of
+from loraops.serve.replica import Rejection, SummarizerModel
 from loraops.serve.settings import API_DEPLOYMENT, MODEL_DEPLOYMENT, ServeSettings, validate_settings
 
 log = logging.getLogger("ray.serve")
 
 #: Seconds /healthz waits for a model replica.
 HEALTH_TIMEOUT_S = 5.0
+#: The lowest sampling temperature a request may ask for (0 is greedy). Far below it, at about 1e-35,
+#: logits / temperature overflow and sampling fails; 0.01 is already indistinguishable from greedy.
+MIN_TEMPERATURE = 0.01
 EXAMPLE_DIALOGUE = "#Person1#: Hi, I'd like to book a table for two tonight.\n#Person2#: Sure, what time?\n#Person1#: Eight, please."
 
 
 # --- request and response bodies ---------------------------------------------------------------
 
 
-def _not_blank(value: str) -> str:
+def _valid_text(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty or whitespace only")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON's "\ud800" escape: a lone surrogate no tokenizer can take
+        raise ValueError(f"invalid Unicode: lone surrogate {value[exc.start]!r} at character {exc.start}") from None
     return value
 
 
-Dialogue = Annotated[StrictStr, AfterValidator(_not_blank)]
+def _usable_temperature(value: float) -> float:
+    if 0.0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {value:g}")
+    return value
+
+
+Dialogue = Annotated[StrictStr, AfterValidator(_valid_text)]
 MaxNewTokens = Annotated[int, Field(strict=True, ge=1, description="Summary length limit in tokens (default and maximum: see /v1/models).")] | None
-Temperature = Annotated[float, Field(strict=True, ge=0.0, le=2.0, description="0 or absent: greedy decoding; above 0: sampling.")] | None
+Temperature = (
+    Annotated[
+        float,
+        Field(strict=True, ge=0.0, le=2.0, description=f"0 or absent: greedy decoding; {MIN_TEMPERATURE:g} to 2: sampling."),
+        AfterValidator(_usable_temperature),
+    ]
+    | None
+)
 
 
 class SummarizeRequest(BaseModel):
@@ -94,19 +117,15 @@ class Summary(BaseModel):
     usage: Usage
 
 
-class ErrorDetail(BaseModel):
-    type: str
-    message: str
-    field: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
-    for code, text in {401: "missing or wrong bearer token", 413: "body too large", 422: "invalid input", 503: "no model replica available; retry"}.items()
+    for code, text in {
+        401: "missing or wrong bearer token",
+        408: "the body did not arrive in time",
+        413: "body too large",
+        422: "invalid input",
+        503: "no model replica available; retry",
+    }.items()
 }
 
 
@@ -119,11 +138,6 @@ class ApiError(Exception):
     def __init__(self, status: int, type: str, message: str, field: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.type, self.message, self.field, self.headers = status, type, message, field, headers
-
-
-def error_response(status: int, type: str, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    detail = ErrorDetail(type=type, message=message, field=field).model_dump(exclude_none=True)
-    return JSONResponse({"error": detail}, status_code=status, headers=headers)
 
 
 def _field_of(loc: tuple | list) -> str:
@@ -140,6 +154,7 @@ app = FastAPI(
     description="Dialogue summaries from a base model plus the LoRA adapter a registry alias points to.",
 )
 app.state.max_body_bytes = ServeSettings().max_body_bytes
+app.state.body_timeout_s = ServeSettings().body_timeout_s
 app.state.auth_token = None
 
 
@@ -168,79 +183,35 @@ async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400:  # FastAPI's answer to a body json.loads cannot take: a client error like any invalid JSON
+        return error_response(422, "validation_error", f"body: {_unparsable(exc.__cause__)}", field="body")
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
     return error_response(exc.status_code, kind, message, headers=getattr(exc, "headers", None))
 
 
+def _unparsable(cause: BaseException | None) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return f"invalid UTF-8 (byte 0x{cause.object[cause.start]:02x} at position {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "invalid JSON (nested too deeply)"
+    return f"cannot be parsed as JSON ({type(cause).__name__ if cause else 'unknown error'})"
+
+
 @app.exception_handler(Exception)
-async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error")
-    return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The details (for Ray errors a remote traceback with paths, hosts and actor ids) go to the log
+    # only; the answer carries the id of that log line.
+    request_id = request_id_of(request.scope)
+    log.error("request %s (%s %s) failed: %s: %s", request_id, request.method, request.url.path, type(exc).__name__, exc, exc_info=exc)
+    return error_response(500, "internal_error", f"internal error; the server log has the details under request id {request_id}", request_id=request_id)
 
 
-class BodySizeLimit:
-    """Answer 413 to bodies over the app's ``state.max_body_bytes`` before anything parses them.
+app.add_middleware(RequestGuard)
 
-    A declared Content-Length is checked up front; a body without one (chunked) is read up to the
-    limit and then replayed to the application.
-    """
-
-    def __init__(self, inner: ASGIApp):
-        self.inner = inner
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.inner(scope, receive, send)
-            return
-        # scope["app"], not the module's `app`: Serve ships the ingress class with its own copy of the app.
-        limit = int(scope["app"].state.max_body_bytes)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(scope, receive, send, limit)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await self._reject(scope, receive, send, limit)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.inner(scope, replay, send)
-
-    @staticmethod
-    async def _reject(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-        response = error_response(413, "payload_too_large", f"the request body is over the limit of {limit} bytes", field="body")
-        await response(scope, receive, send)
-
-
-app.add_middleware(BodySizeLimit)
-
-
-async def require_token(request: Request) -> None:
-    """Bearer-token auth, on when the token environment variable is set in the API replicas."""
-    expected = request.app.state.auth_token
-    if not expected:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-        raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer TOKEN)", headers={"WWW-Authenticate": "Bearer"})
+#: Declares the bearer scheme in the OpenAPI document (the docs' "Authorize" button sends the
+#: token); the check itself is :class:`RequestGuard`'s, done before the body is read.
+bearer_token = HTTPBearer(auto_error=False, description="The token in the API replicas' environment variable `args.auth_token_env` (auth is off when unset).")
 
 
 def server_timing(results: list[dict[str, Any]]) -> str:
@@ -264,10 +235,11 @@ class SummarizerAPI:
         self.model = model
         self.settings = ServeSettings.model_validate(settings)
         app.state.max_body_bytes = self.settings.max_body_bytes
+        app.state.body_timeout_s = self.settings.body_timeout_s
         app.state.auth_token = os.environ.get(self.settings.auth_token_env) or None
         log.info("auth %s", f"on (bearer token from ${self.settings.auth_token_env})" if app.state.auth_token else "off")
 
-    @app.post("/v1/summarize", response_model=Summary, responses=ERROR_RESPONSES, dependencies=[Depends(require_token)])
+    @app.post("/v1/summarize", response_model=Summary, responses=ERROR_RESPONSES, dependencies=[Security(bearer_token)])
     async def summarize(self, body: SummarizeRequest, response: Response) -> dict[str, Any]:
         """Summarize one dialogue with the served adapter. The ``Server-Timing`` header gives the model's share of the time."""
         payload = self._payload(body.dialogue, body.max_new_tokens, body.temperature)
@@ -275,7 +247,7 @@ class SummarizerAPI:
         response.headers["Server-Timing"] = server_timing([result])
         return result
 
-    @app.post("/v1/summarize/batch", response_model=list[Summary], responses=ERROR_RESPONSES, dependencies=[Depends(require_token)])
+    @app.post("/v1/summarize/batch", response_model=list[Summary], responses=ERROR_RESPONSES, dependencies=[Security(bearer_token)])
     async def summarize_batch(self, body: BatchRequest, response: Response) -> list[dict[str, Any]]:
         """Summarize several dialogues; the answers come in the same order (``Server-Timing``: the slowest one's model time)."""
         if len(body.dialogues) > self.settings.max_batch_dialogues:
@@ -289,7 +261,7 @@ class SummarizerAPI:
         response.headers["Server-Timing"] = server_timing(results)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
 
-    @app.get("/v1/models", responses=ERROR_RESPONSES, dependencies=[Depends(require_token)])
+    @app.get("/v1/models", responses=ERROR_RESPONSES, dependencies=[Security(bearer_token)])
     async def models(self) -> dict[str, Any]:
         """What is served: adapter name and version, mode, base model and the request limits."""
         info = await self._call(self.model.info.remote(), timeout=HEALTH_TIMEOUT_S * 2)
@@ -301,11 +273,22 @@ class SummarizerAPI:
         }
         return {"models": [info | {"limits": limits}]}
 
-    @app.get("/healthz", responses={503: ERROR_RESPONSES[503]})
-    async def healthz(self) -> dict[str, Any]:
-        """200 when a model replica answers within a few seconds (no auth)."""
+    @app.api_route("/healthz", methods=["GET", "HEAD"], responses={503: ERROR_RESPONSES[503]})
+    async def healthz(self, strict: bool = False) -> JSONResponse:
+        """Health of the model replica that answers (no auth; HEAD works too).
+
+        200 ``{"status": "ok"}``: it serves its reference's target. 200 ``{"status": "degraded",
+        "problem"}``: it serves, but not that target (e.g. the target failed its checksums and an
+        earlier version is served): keep routing traffic, alert an operator. 503: no model replica
+        answered within a few seconds. ``?strict=true`` answers 503 for degraded too, for monitors
+        that only read status codes.
+        """
         info = await self._call(self.model.info.remote(), timeout=HEALTH_TIMEOUT_S)
-        return {"status": "ok", "model": {"name": info["name"], "version": info["version"], "mode": info["mode"]}}
+        model = {key: info[key] for key in ("name", "version", "mode", "adapter")}
+        body: dict[str, Any] = {"status": "degraded" if info.get("problem") else "ok", "model": model}
+        if info.get("problem"):
+            body["problem"] = info["problem"]
+        return JSONResponse(body, status_code=503 if strict and info.get("problem") else 200)
 
     def _payload(self, dialogue: str, max_new_tokens: int | None, temperature: float | None) -> dict[str, Any]:
         limit = self.settings.max_new_tokens_limit
@@ -314,12 +297,10 @@ class SummarizerAPI:
         return {"dialogue": dialogue, "max_new_tokens": max_new_tokens or self.settings.default_max_new_tokens, "temperature": float(temperature or 0.0)}
 
     async def _summarize(self, payload: dict[str, Any], field: str) -> dict[str, Any]:
-        try:
-            return await self._call(self.model.summarize.remote(payload), timeout=self.settings.request_timeout_s)
-        except DialogueTooLong as exc:
-            # Ray re-raises it wrapped (with the replica's traceback in str()); the cause has the figures.
-            cause = exc.cause if isinstance(getattr(exc, "cause", None), DialogueTooLong) else exc
-            raise ApiError(422, "context_length_exceeded", f"{field}: {cause}", field=field) from None
+        result = await self._call(self.model.summarize.remote(payload), timeout=self.settings.request_timeout_s)
+        if isinstance(result, Rejection):
+            raise ApiError(422, result.type, f"{field}: {result.message}", field=field)
+        return result
 
     async def _call(self, response, timeout: float) -> Any:
         """Await a model call; unavailability and overload become 503 (clients retry), its own errors pass."""
@@ -367,26 +348,66 @@ def build_app(args: dict[str, Any]):
     return build(validate_settings(args).with_absolute_paths())
 
 
-def deploy(config) -> str:
-    """Run a validated serve config (:class:`~loraops.serve.settings.ServeConfigFile`) on the connected Ray cluster.
+def target_version(config):
+    """The registered version a serve config's adapter reference names now, if it may be served here.
 
-    Starts Serve with the file's ``http_options`` (if Serve is not running yet), checks that the
-    adapter reference resolves before any replica starts, and returns the application's URL.
+    An unknown reference, an unreachable registry or a version trained with
+    ``model.trust_remote_code: true`` (unless ``args.allow_trust_remote_code``) is an error. Needs no
+    Ray: ``loraops serve`` calls it before starting a cluster, so such a mistake costs no cluster start.
     """
     from loraops.registry import Registry
+    from loraops.serve.replica import training_config
 
     settings = config.settings.with_absolute_paths()
     version = Registry(db_url=settings.db_url, artifact_uri=settings.artifact_uri, workspace=settings.workspace).get(settings.adapter)
+    training_config(version, str(settings.workspace), settings.allow_trust_remote_code)
+    return version
+
+
+def deploy(config) -> str:
+    """Run a validated serve config (:class:`~loraops.serve.settings.ServeConfigFile`) on the connected Ray cluster.
+
+    Starts Serve with the file's ``http_options`` (if Serve is not running yet), checks the adapter
+    reference (:func:`target_version`) before any replica starts, and returns the application's URL.
+    """
+    from ray.exceptions import RayTaskError
+
+    settings = config.settings.with_absolute_paths()
+    version = target_version(config)
     log.info("deploying %s: %s (%s mode)", config.app_name, version.ref, settings.mode)
-    serve.start(http_options=config.http_options or None)
-    serve.run(build(settings, config.deployment_options), name=config.app_name, route_prefix=config.route_prefix)
+    try:
+        serve.start(http_options=config.http_options or None)
+        serve.run(build(settings, config.deployment_options), name=config.app_name, route_prefix=config.route_prefix)
+    except RayTaskError as exc:
+        if "Failed to bind to address" not in str(exc):  # Serve's proxy could not listen
+            raise
+        raise LoraopsError(f"http_options: port {_port(config)} is in use on the cluster's head node: stop what listens there or pick another port") from None
     return app_url(config)
+
+
+def _host(config) -> str:
+    return str(config.http_options.get("host") or "127.0.0.1")
+
+
+def _port(config) -> int:
+    return int(config.http_options.get("port") or 8000)
 
 
 def app_url(config) -> str:
     """``http://HOST:PORT/PREFIX`` of a serve config's application (0.0.0.0 shown as 127.0.0.1)."""
-    host = str(config.http_options.get("host") or "127.0.0.1")
-    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    port = int(config.http_options.get("port") or 8000)
-    prefix = config.route_prefix.rstrip("/")
-    return f"http://{host}:{port}{prefix}"
+    host = "127.0.0.1" if _host(config) in ("0.0.0.0", "::") else _host(config)
+    return f"http://{host}:{_port(config)}{config.route_prefix.rstrip('/')}"
+
+
+def check_port_free(config) -> None:
+    """Refuse, in one line, to start a local Serve whose HTTP port is taken (Ray would fail with actor tracebacks)."""
+    import socket
+
+    host, port = _host(config), _port(config)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Serve's server does: TIME_WAIT leftovers don't count
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            reason = f"http_options: cannot listen on {host}:{port} ({exc.strerror})"
+            raise LoraopsError(f"{reason}: stop what uses it or pick another port with --set http_options.port=N") from None

@@ -9,7 +9,14 @@ leave the running batch between decode steps) over a KV cache whose shapes come 
 buckets (``batch_buckets`` x ``length_buckets``). The constructor runs every bucket shape once before
 the replica reports healthy (on a GPU in merged mode that compiles the decode step for each), so no
 request waits for a compilation. Greedy answers are the tokens evaluation's
-:func:`loraops.generate.generate_completions` produces.
+:func:`loraops.generate.generate_completions` produces. No request can fail its batch-mates: the
+engine retries the requests of a failed forward pass one at a time and fails only a request that
+fails alone, which is answered with a 422 when the model demonstrably works (:func:`reject_or_raise`).
+
+A replica that cannot load its alias's target (a corrupt artifact, a refused training config)
+starts on the version the alias pointed to most recently before that still verifies
+(:func:`fallback_order`) and reports the problem in ``info()`` (``/v1/models``, ``/healthz``
+"degraded"), so a bad version never keeps capacity from coming back.
 
 Adapter swaps without downtime: every ``registry_poll_s`` the replica asks the registry where its
 reference points; when the alias has moved it loads the new adapter next to the old one and
@@ -26,11 +33,14 @@ import contextlib
 import logging
 import re
 import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 
 from loraops.errors import LoraopsError
+from loraops.registry.refs import parse_ref
 from loraops.serve.settings import MODEL_DEPLOYMENT, LiveSettings, ServeSettings, validate_live
 
 log = logging.getLogger("ray.serve")
@@ -54,13 +64,60 @@ class DialogueTooLong(LoraopsError):
         )
 
 
-def training_config(version, workspace: str):
+@dataclass(frozen=True)
+class Rejection:
+    """A request the model deployment turns down because of its own input, answered as a 422.
+
+    Returned instead of raised: Serve logs every exception a replica method raises with its
+    traceback, and a client's mistake is not worth one.
+    """
+
+    type: str
+    message: str
+
+
+async def reject_or_raise(error: Exception, probe: Callable[[], Awaitable[Any]]) -> Rejection:
+    """The answer to a request that failed on its own (the engine already kept it from failing its batch-mates).
+
+    When the model demonstrably works (the known-good ``probe`` succeeds), the request's own input
+    was the cause: a :class:`Rejection` (422). When even the probe fails, the model is broken, not
+    the input: ``error`` is raised (a 500 for the request).
+    """
+    try:
+        await probe()
+    except Exception:  # noqa: BLE001
+        raise error from None
+    log.warning("a request failed on its own and is rejected: %s: %s", type(error).__name__, error)
+    return Rejection("generation_failed", f"no summary could be generated for this request ({type(error).__name__}); other requests were answered")
+
+
+def fallback_order(events: Sequence, failed: int) -> list[int]:
+    """Versions an alias has pointed to (its audit log's ``AliasEvent`` s), most recent first, without ``failed``."""
+    order: list[int] = []
+    for event in reversed(events):
+        for number in (event.to_version, event.from_version):
+            if number is not None and number != failed and number not in order:
+                order.append(number)
+    return order
+
+
+_PATH = re.compile(r"(?:\b[A-Za-z][A-Za-z0-9+.-]*://|(?<![\w.~])/)[^\s'\"(),;]+")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with local paths and URIs replaced by ``<path>``: what API callers may see of a problem."""
+    return _PATH.sub("<path>", text)
+
+
+def training_config(version, workspace: str, allow_trust_remote_code: bool = False):
     """The loraops :class:`~loraops.config.Config` a registered version was trained with, for serving.
 
     Only the sections serving needs are taken (base model, quantization, prompt and lengths), so
     unrelated training keys never stop a replica; ``workspace`` is the serving workspace, where
     ``builtin:tiny-phi`` lives. Versions registered without a config fall back to the columns
-    the registry always records and the default prompt.
+    the registry always records and the default prompt. A version trained with
+    ``model.trust_remote_code: true`` is refused unless ``allow_trust_remote_code``: the registry
+    would otherwise decide what code every replica runs.
     """
     from loraops.config import Config, validate
 
@@ -72,7 +129,13 @@ def training_config(version, workspace: str):
         data["quantization"] = version.quantization
     if not raw:
         log.warning("%s was registered without its training config: assuming the default prompt template", version.ref)
-    return validate(Config, data | {"workspace": workspace}, origin=f"training config of {version.ref}")
+    config = validate(Config, data | {"workspace": workspace}, origin=f"training config of {version.ref}")
+    if config.model.trust_remote_code and not allow_trust_remote_code:
+        raise LoraopsError(
+            f"{version.ref} was trained with model.trust_remote_code: true, which runs code from the model repository "
+            "in every replica; set args.allow_trust_remote_code: true in the serve config to serve it"
+        )
+    return config
 
 
 def swap_blocker(current, new) -> str | None:
@@ -108,21 +171,55 @@ class SummarizerModel:
         self._switch_lock = asyncio.Lock()
         self.problem: str | None = None
         self.engine = None
-        self.version = self.registry.get(self.live.adapter)
-        self.served = self._load(self.version)
+        target = self.registry.get(self.live.adapter)
+        self.version, self.served = self._load_or_fall_back(target)
+        self._probe = self._prompt("#Person1#: Hello.\n#Person2#: Hi.")
         latest = self.registry.get(self.live.adapter)
-        if latest.version != self.version.version:  # the alias moved while this replica was loading
-            self._switch(latest)
+        if latest.version != target.version:  # the alias moved while this replica was loading
+            try:
+                self._switch(latest)
+            except LoraopsError as exc:
+                self._report(f"cannot switch to {latest.ref}: {exc}; still serving {self.version.ref}")
         self.engine = self._start_engine(self.live.max_batch_size)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_registry())
 
     # --- loading and switching -----------------------------------------------------------------
 
+    def _load_or_fall_back(self, target):
+        """``(version, served)`` for ``target``, or, when it cannot be loaded and the reference is an
+        alias, for the version the alias pointed to most recently before that loads (checksums verified)."""
+        try:
+            return target, self._load(target)
+        except Exception as exc:  # noqa: BLE001 - whatever stops the target, an earlier version may serve
+            failure = exc
+        _, alias, _ = parse_ref(self.live.adapter)
+        if alias is None:  # a pinned NAME:VERSION means exactly that version
+            raise failure
+        for number in fallback_order(self.registry.audit_log(target.name, alias), target.version):
+            candidate = self.registry.get(f"{target.name}:{number}")
+            try:
+                served = self._load(candidate)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("cannot fall back to %s either: %s", candidate.ref, exc)
+                continue
+            self._report(
+                f"cannot load {target.ref}, the target of {self.live.adapter}: {failure}; serving {candidate.ref} instead, "
+                f"the version {alias} pointed to most recently before that loads (move the alias to a loadable version to recover)"
+            )
+            return candidate, served
+        raise LoraopsError(f"cannot load {target.ref}, the target of {self.live.adapter}, nor any earlier target of {alias}: {failure}") from failure
+
+    def _report(self, problem: str) -> None:
+        """Record why this replica does not serve its reference's target (``info()``, /healthz); log each new one once."""
+        if problem != self.problem:
+            log.error(problem)
+        self.problem = problem
+
     def _load(self, version):
         from loraops.generate import load_for_serving
 
-        config = training_config(version, self.settings.workspace)
-        path = self.registry.resolve(version.ref)
+        config = training_config(version, self.settings.workspace, self.settings.allow_trust_remote_code)
+        path = self.registry.resolve(version.ref)  # checksums verified before anything is loaded
         served = load_for_serving(
             config,
             path,
@@ -152,7 +249,7 @@ class SummarizerModel:
         log.info(
             "warm-up: %d shapes (batch %s x cache length %s, prefill batch %s) in %.1f s%s",
             shapes, list(buckets.batch), list(buckets.length), list(buckets.prefill_batch), seconds, ", decode step compiled" if engine.compiled else "",
-        )
+        )  # fmt: skip
         engine.start()
         return engine
 
@@ -161,17 +258,19 @@ class SummarizerModel:
         async with self._switch_lock:
             version = await asyncio.to_thread(self.registry.get, ref)
             if (version.name, version.version) == (self.version.name, self.version.version):
+                if self.problem:  # e.g. the alias was moved back to the version served here
+                    log.info("recovered: %s, the target of %s, is served", version.ref, ref)
+                    self.problem = None
                 return
             try:
                 await asyncio.to_thread(self._switch, version)
             except LoraopsError as exc:
-                self.problem = f"cannot switch to {version.ref}: {exc}; still serving {self.version.ref}"
-                log.error(self.problem)
+                self._report(f"cannot switch to {version.ref}: {exc}; still serving {self.version.ref}")
                 if strict:
                     raise
 
     def _switch(self, version) -> None:
-        config = training_config(version, self.settings.workspace)
+        config = training_config(version, self.settings.workspace, self.settings.allow_trust_remote_code)
         blocker = swap_blocker(self.served.config, config)
         if blocker:
             raise LoraopsError(f"{blocker}: redeploy the application to serve it")
@@ -181,6 +280,8 @@ class SummarizerModel:
             previous, self.version = self.version, version
             if self.engine is not None:
                 self.engine.label = version  # requests admitted from now on carry the new version
+        if self.problem:
+            log.info("recovered: %s is served", version.ref)
         self.problem = None
         log.info("switched from %s to %s", previous.ref, version.ref)
 
@@ -223,20 +324,23 @@ class SummarizerModel:
     def context_tokens(self) -> int:
         return self.settings.context_tokens or self.served.context_tokens
 
-    async def summarize(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One summary: ``{"dialogue", "max_new_tokens"?, "temperature"?}`` (validated by the API).
+    async def summarize(self, request: dict[str, Any]) -> dict[str, Any] | Rejection:
+        """One summary: ``{"dialogue", "max_new_tokens"?, "temperature"?}`` (validated by the API), or a :class:`Rejection`.
 
         ``usage.model_ms`` is the time the request spent in the model engine (waiting for a slot, which
         ``usage.queue_ms`` gives, plus generating): the rest of what a client measures is Serve's overhead.
         """
+        from loraops.engine import RowFailed
+
         max_new_tokens = request.get("max_new_tokens") or self.settings.default_max_new_tokens
-        prompt = await asyncio.to_thread(self._encode, request["dialogue"], max_new_tokens)
-        future = self.engine.submit(prompt, max_new_tokens, float(request.get("temperature") or 0.0))
         try:
-            generated = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            future.cancel()  # the engine drops the request at its next step
-            raise
+            prompt = await asyncio.to_thread(self._encode, request["dialogue"], max_new_tokens)
+        except DialogueTooLong as exc:
+            return Rejection("context_length_exceeded", str(exc))
+        try:
+            generated = await self._generate(prompt, max_new_tokens, float(request.get("temperature") or 0.0))
+        except RowFailed as exc:
+            return await reject_or_raise(exc, lambda: self._generate(self._probe, 1, 0.0))
         completion, version = generated.completion, generated.label
         return {
             "summary": completion.text,
@@ -249,12 +353,23 @@ class SummarizerModel:
             },
         }
 
-    def _encode(self, dialogue: str, max_new_tokens: int) -> list[int]:
-        """The training prompt for ``dialogue``, uncut: a dialogue that does not fit is an error, not truncated."""
+    async def _generate(self, prompt: list[int], max_new_tokens: int, temperature: float):
+        """The engine's :class:`~loraops.engine.Generated` for one request; a cancelled caller's request is dropped."""
+        future = self.engine.submit(prompt, max_new_tokens, temperature)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()  # the engine drops the request at its next step
+            raise
+
+    def _prompt(self, dialogue: str) -> list[int]:
         from loraops.data import prompt_ids
 
-        served = self.served
-        ids = prompt_ids(served.tokenizer, dialogue, served.config.data, budget=sys.maxsize)
+        return prompt_ids(self.served.tokenizer, dialogue, self.served.config.data, budget=sys.maxsize)
+
+    def _encode(self, dialogue: str, max_new_tokens: int) -> list[int]:
+        """The training prompt for ``dialogue``, uncut: a dialogue that does not fit is an error, not truncated."""
+        ids = self._prompt(dialogue)
         if len(ids) + max_new_tokens > self.context_tokens:
             raise DialogueTooLong(len(ids), max_new_tokens, self.context_tokens)
         return ids
@@ -278,11 +393,15 @@ class SummarizerModel:
             "batching": self.engine.policy,
             "buckets": {name: list(getattr(self.engine.buckets, name)) for name in ("batch", "length", "prefill_batch")},
             "warm_up": self.warm_up_report,
-            "problem": self.problem,
+            "problem": without_paths(self.problem) if self.problem else None,
         }
 
     def check_health(self) -> None:
-        """Serve's health check: a replica whose registry watch or engine died is restarted."""
+        """Serve's health check: a replica whose registry watch or engine died is restarted.
+
+        A degraded replica (serving a fallback version) passes: restarting it would only load the
+        same fallback again, and meanwhile serve nothing.
+        """
         if self._watch_task.done():
             raise RuntimeError(f"the registry watch stopped: {self._watch_task.exception() if not self._watch_task.cancelled() else 'cancelled'}")
         if not self.engine.alive:
@@ -292,4 +411,3 @@ class SummarizerModel:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.stop()
-

@@ -95,6 +95,12 @@ class ServeSettings(LiveSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body; bigger ones get 413.")
     context_tokens: int | None = Field(None, ge=16, description="Prompt + summary token limit; default the model's context window.")
     request_timeout_s: float = Field(300.0, gt=0.0, description="How long the API waits for the model before answering 503.")
+    body_timeout_s: float = Field(
+        10.0, gt=0.0, le=600.0, description="How long the API waits for a request's whole body before answering 408 (a stalled client holds an API slot)."
+    )
+    allow_trust_remote_code: bool = Field(
+        False, description="Serve versions trained with model.trust_remote_code: true (that runs code from the model repository in every replica)."
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per model replica; default what Ray sets from num_cpus.")
     auth_token_env: str = Field(
         "LORAOPS_API_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the bearer token; auth is on when it is set."
@@ -138,14 +144,27 @@ class ServeSettings(LiveSettings):
         return {key: getattr(self, key) for key in LIVE_KEYS}
 
     def with_absolute_paths(self) -> ServeSettings:
-        """Workspace and registry locations made absolute here: Ray workers run in another directory."""
+        """Workspace and registry locations made absolute here: Ray workers run in another directory.
+
+        A database URL with a password that comes from $LORAOPS_DATABASE_URL is not copied in:
+        these settings become the deployments' arguments, which Serve stores with the application,
+        so the replicas read the variable from their own environment instead.
+        """
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
         from loraops.config import artifact_uri, database_url
 
         workspace = resolve_workspace(self.workspace)
+        db_url: str | None = database_url(self.db_url, workspace)
+        try:
+            secret = self.db_url is None and make_url(db_url).password is not None
+        except ArgumentError:  # not a URL: the registry names the problem when it connects
+            secret = False
         return self.model_copy(
             update={
                 "workspace": str(workspace),
-                "db_url": _absolute_sqlite(database_url(self.db_url, workspace)),
+                "db_url": None if secret else _absolute_sqlite(db_url),
                 "artifact_uri": _absolute_uri(artifact_uri(self.artifact_uri, workspace)),
             }
         )
@@ -199,6 +218,9 @@ class ServeConfigFile:
 def load_serve_config(path: str | os.PathLike, overrides: list[str] | None = None, ray_schema: bool = True) -> ServeConfigFile:
     """Read a serve config file, apply ``--set`` overrides and validate it (Ray's schema, then ours).
 
+    Unknown keys are errors at every level (Ray's own schema ignores some, e.g. a misspelt
+    ``route_prefx`` next to ``route_prefix``).
+
     Override keys are relative to the loraops application: ``args.KEY``,
     ``deployments.<SummarizerModel|SummarizerAPI>.KEY...``, ``http_options.KEY``, ``name``, ``route_prefix``.
     ``ray_schema=False`` skips Ray's part (and so does not import Ray): for readers of ``args`` alone,
@@ -208,6 +230,7 @@ def load_serve_config(path: str | os.PathLike, overrides: list[str] | None = Non
     app = _loraops_application(raw, str(path))
     _apply_app_overrides(raw, app, list(overrides or []))
     if ray_schema:
+        _reject_unknown_keys(raw, app, str(path))
         _validate_ray_schema(raw, str(path))
     settings = validate_settings(app.get("args"), origin=f"{path}: args")
     options = {}
@@ -267,6 +290,21 @@ def _apply_app_overrides(raw: dict[str, Any], app: dict[str, Any], overrides: li
             app[key] = view[key]
     app["args"], raw["http_options"] = view["args"], view["http_options"]
     app["deployments"] = [dict(entry, name=name) for name, entry in view["deployments"].items()]
+
+
+def _reject_unknown_keys(raw: dict[str, Any], app: dict[str, Any], origin: str) -> None:
+    """Top-level, ``http_options`` and application keys that Ray's schema does not know (it silently drops them)."""
+    from ray.serve.schema import HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
+
+    index = raw["applications"].index(app)
+    for where, mapping, schema in (
+        ("", raw, ServeDeploySchema),
+        ("http_options.", raw.get("http_options"), HTTPOptionsSchema),
+        (f"applications.{index}.", app, ServeApplicationSchema),
+    ):
+        unknown = sorted(set(mapping) - set(schema.model_fields)) if isinstance(mapping, dict) else []
+        if unknown:
+            raise ConfigError(f"{origin}: {where}{unknown[0]}: unknown key (known: {', '.join(sorted(schema.model_fields))})")
 
 
 def _deployment_option_names() -> set[str]:

@@ -5,7 +5,9 @@ An experiment is the folder ``STORAGE/NAME`` (STORAGE: ``search.storage``, a fol
 URI, default ``WORKSPACE/experiments``). Besides Tune's own files it holds ``loraops.yaml``, the
 resolved config the experiment was started with (what ``--resume`` and ``--show`` read), and the
 results (see :mod:`loraops.tune.results`). The Optuna study of the same NAME lives in the project
-database (``search.database_url``).
+database (``search.database_url``). Nothing in the experiment folder holds the database URL (it
+may carry a password, and the folder may be a shared bucket): a resumed experiment finds its study
+through ``$LORAOPS_DATABASE_URL``, else the workspace's SQLite database.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from typing import Any
 import yaml
 
 from loraops import cluster
-from loraops.config import Config, ConfigError, database_url, dump_config, validate
+from loraops.config import Config, database_url, dump_config, validate
 from loraops.errors import LoraopsError
 from loraops.layout import BEST_CONFIG_FILE, BEST_TRIAL_FILE, EXPERIMENT_CONFIG_FILE, NAME_RULE, RESULTS_FILE, SEARCH_PLOT_FILE, is_valid_name
 from loraops.tune import results
 from loraops.tune.space import SearchSpace
+from loraops.tune.strategy import build_scheduler, build_searcher, check_search, trial_steps
 from loraops.tune.trainable import METRIC, MODE, STEP, build_trainable
 
 log = logging.getLogger(__name__)
@@ -99,10 +102,16 @@ class Outcome:
 # --- entry points ------------------------------------------------------------------------------
 
 
-def run_experiment(config: Config, name: str | None = None) -> Outcome:
-    """Start a new experiment from ``config`` (its ``search`` section) and run it to the end."""
-    space = SearchSpace.from_config(config)  # a bad space fails before Ray starts
-    check_scheduler(config)
+def run_experiment(
+    config: Config, name: str | None = None, callbacks: list[Any] | None = None, worker_logs: bool = False, stop: Any = None, trials: int | None = None
+) -> Outcome:
+    """Start a new experiment from ``config`` (its ``search`` section) and run it to the end.
+    ``callbacks``: extra Ray Tune callbacks (the console's trial events are always there);
+    ``worker_logs``: stream the trials' output to this terminal when this call starts Ray.
+    ``loraops bench search`` ends it with a Tune stopper ``stop`` at a trial-step budget, and may
+    run another number of ``trials`` than ``search.num_samples`` (which still sizes TPE's random
+    start-up); -1: until ``stop`` ends the search."""
+    space = check_search(config)  # a bad space fails before Ray starts
     base = base_config(config)
     location = Location(storage_root(config), check_name(name) if name else default_name(config))
     if location.exists():
@@ -114,9 +123,9 @@ def run_experiment(config: Config, name: str | None = None) -> Outcome:
 
     from ray import tune
 
-    from loraops.tune.searcher import StudySearch
+    from loraops.tune.events import TrialEvents, asha_rungs, column_labels, status_reporter
 
-    with cluster.session(config.search.ray_address, num_cpus=os.cpu_count()):
+    with cluster.session(config.search.ray_address, num_cpus=os.cpu_count(), **ray_logging(worker_logs)):
         resources = trial_resources(config)
         concurrency = config.search.max_concurrent_trials or default_concurrency(resources)
         log.info(
@@ -128,10 +137,10 @@ def run_experiment(config: Config, name: str | None = None) -> Outcome:
             build_trainable(base, space, resources),
             param_space=space.ray_param_space(),
             tune_config=tune.TuneConfig(
-                search_alg=StudySearch(database_url=db_url, study_name=location.name, seed=config.search.seed, num_samples=config.search.num_samples),
+                search_alg=build_searcher(config, db_url, location.name, concurrency),
                 scheduler=build_scheduler(config),
-                num_samples=config.search.num_samples,
-                max_concurrent_trials=concurrency,
+                num_samples=config.search.num_samples if trials is None else trials,
+                max_concurrent_trials=None if config.search.algorithm == "random" else concurrency,  # random: the generator's own limit
                 reuse_actors=False,  # one process per trial: its GPU memory is freed when it ends
                 trial_dirname_creator=trial_dirname,
             ),
@@ -142,27 +151,31 @@ def run_experiment(config: Config, name: str | None = None) -> Outcome:
                     num_to_keep=config.search.keep_checkpoints, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
                 ),
                 failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
-                progress_reporter=progress_reporter(space, config.search.num_samples),
-                verbose=1,  # the table; Tune's per-result lines would repeat every parameter
+                callbacks=[TrialEvents(asha_rungs(config.search.scheduler, trial_steps(config)), column_labels(space.keys)), *(callbacks or [])],
+                progress_reporter=status_reporter(column_labels(space.keys), config.search.num_samples),
+                verbose=1,  # the status table (to the log); Tune's per-result lines would repeat every parameter
+                stop=stop,
             ),
         )
         configure_driver(location)
         tuner.fit()
-    return finish(location, config, space)
+    return finish(location, config, space, db_url)
 
 
-def resume_experiment(path: str) -> Outcome:
+def resume_experiment(path: str, worker_logs: bool = False) -> Outcome:
     """Continue an interrupted experiment: finished trials stay as they are, unfinished ones go
     on from their latest checkpoint, and the search proposes the trials still missing."""
     location = Location.parse(path)
     config = read_experiment_config(location)
     space = SearchSpace.from_config(config)
     base = base_config(config)
+    db_url = database_url(config.search.database_url, config.workspace_path)
+    check_study_exists(db_url, location.name)
     prepare_model(config)
 
     from ray import tune
 
-    with cluster.session(config.search.ray_address, num_cpus=os.cpu_count()):
+    with cluster.session(config.search.ray_address, num_cpus=os.cpu_count(), **ray_logging(worker_logs)):
         if not tune.Tuner.can_restore(location.uri):
             raise LoraopsError(f"{location.uri} has no Tune experiment state to resume")
         tuner = tune.Tuner.restore(
@@ -174,14 +187,14 @@ def resume_experiment(path: str) -> Outcome:
         )
         configure_driver(location)
         tuner.fit()
-    return finish(location, config, space)
+    return finish(location, config, space, db_url)
 
 
 def show_experiment(path: str) -> Outcome:
     """The results of an experiment as they are now (finished, running or interrupted)."""
     location = Location.parse(path)
     config = read_experiment_config(location)
-    _, rows = results.load_trials(location.uri)
+    _, rows = results.load_trials(location.uri, config.search.metric)
     folder = location.local_dir(config.workspace_path)
     best = results.read_best(folder) if folder.is_dir() else None
     return Outcome(location, config, folder, rows, _all_finished(rows, config), best)
@@ -221,8 +234,10 @@ def default_name(config: Config) -> str:
 def base_config(config: Config) -> dict[str, Any]:
     """The config every trial starts from: the trial budget in ``training.max_steps``, and paths
     made absolute, because Ray workers run elsewhere (another cwd, maybe another machine sharing
-    the workspace) and without $LORAOPS_HOME."""
+    the workspace) and without $LORAOPS_HOME. Without the database URL: trials never use it, and
+    this config is written into the experiment folder (see the module's docstring)."""
     data = dump_config(config)
+    data["search"]["database_url"] = None
     data["training"]["max_steps"] = trial_steps(config)
     data["workspace"] = str(config.workspace_path)
     for section, key in (("data", "source"), ("model", "name")):
@@ -232,57 +247,14 @@ def base_config(config: Config) -> dict[str, Any]:
     return data
 
 
-def trial_steps(config: Config) -> int:
-    """Optimizer steps per trial: ``search.max_steps``, else ``training.max_steps``."""
-    return config.search.max_steps or config.training.max_steps
-
-
 def read_experiment_config(location: Location) -> Config:
     data = yaml.safe_load(location.read_text(EXPERIMENT_CONFIG_FILE))
     return validate(Config, data, origin=f"{location.uri}/{EXPERIMENT_CONFIG_FILE}")
 
 
-def check_scheduler(config: Config) -> None:
-    scheduler = config.search.scheduler
-    if scheduler.type == "asha" and scheduler.grace_period > trial_steps(config):
-        raise ConfigError(f"search.scheduler.grace_period: {scheduler.grace_period} is more than the {trial_steps(config)} steps of a trial")
-
-
-def build_scheduler(config: Config) -> Any:
-    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
-
-    scheduler = config.search.scheduler
-    if scheduler.type == "fifo":
-        return FIFOScheduler()
-    return AsyncHyperBandScheduler(
-        time_attr=STEP,  # rungs in optimizer steps, whatever eval_steps is
-        metric=METRIC,
-        mode=MODE,
-        max_t=trial_steps(config),
-        grace_period=scheduler.grace_period,
-        reduction_factor=scheduler.reduction_factor,
-    )
-
-
 def trial_dirname(trial: Any) -> str:
     """Short trial folders (Tune's default repeats every parameter in the name)."""
     return f"trial_{trial.trial_id}"
-
-
-def progress_reporter(space: SearchSpace, num_samples: int) -> Any:
-    """A readable live table: the searched values and the eval losses, nothing of Ray's internals."""
-    from ray.tune import CLIReporter
-
-    return CLIReporter(
-        parameter_columns={key: key.split(".")[-1] for key in space.keys},
-        metric_columns={STEP: "step", METRIC: "eval loss", "best_eval_loss": "best"},
-        total_samples=num_samples,
-        max_report_frequency=20,
-        max_column_length=36,  # room for a target-module set
-        metric="best_eval_loss",
-        mode=MODE,
-        sort_by_metric=True,
-    )
 
 
 def trial_resources(config: Config) -> dict[str, float]:
@@ -318,8 +290,29 @@ def prepare_model(config: Config) -> None:
 def ensure_new_study(db_url: str, name: str) -> None:
     import optuna
 
-    if name in optuna.study.get_all_study_names(storage=db_url):
+    from loraops.registry.db import database_errors
+
+    with database_errors(db_url):  # an unreachable database: one line, before Ray starts
+        names = optuna.study.get_all_study_names(storage=db_url)
+    if name in names:
         raise LoraopsError(f"the database {_safe_url(db_url)} already has an Optuna study named {name!r}: pick another --name")
+
+
+def check_study_exists(db_url: str, name: str) -> None:
+    import optuna
+
+    if name not in optuna.study.get_all_study_names(storage=db_url):
+        raise LoraopsError(
+            f"the database {_safe_url(db_url)} has no Optuna study named {name!r}: resume with the database the experiment "
+            "started with (set LORAOPS_DATABASE_URL; the experiment folder does not store its URL)"
+        )
+
+
+def ray_logging(worker_logs: bool) -> dict[str, bool]:
+    """How a search joins Ray: the workers' (trials') output streams to this terminal only with
+    ``worker_logs`` (it is in Ray's session logs either way), and the CLI's handlers, not Ray's,
+    decide where the driver's logs go."""
+    return {"log_to_driver": worker_logs, "configure_logging": False}
 
 
 def configure_driver(location: Location) -> None:
@@ -335,18 +328,24 @@ def configure_driver(location: Location) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress table already says it
 
 
-def finish(location: Location, config: Config, space: SearchSpace) -> Outcome:
-    """Write the results table, the plot and (when every trial is done) the best trial."""
-    analysis, rows = results.load_trials(location.uri)
+def finish(location: Location, config: Config, space: SearchSpace, db_url: str) -> Outcome:
+    """Write the results table, the plot and (when every trial is done) the best trial; close
+    the study's trials that a killed driver left behind."""
+    analysis, rows = results.load_trials(location.uri, config.search.metric)
     folder = location.local_dir(config.workspace_path)
     folder.mkdir(parents=True, exist_ok=True)
     written = [results.write_table(rows, folder / RESULTS_FILE)]
     x_key, x_log, color_key = plot_axes(space)
-    plot = results.plot_search(rows, x_key, x_log, color_key, folder / SEARCH_PLOT_FILE, title=location.name)
+    plot = results.plot_search(rows, x_key, x_log, color_key, folder / SEARCH_PLOT_FILE, title=location.name, metric=config.search.metric)
     written += [plot] if plot else []
     finished = _all_finished(rows, config)
+    if finished:
+        from loraops.tune.searcher import fail_orphans
+
+        if orphans := fail_orphans(db_url, location.name):
+            log.info("Optuna study %s: %d trial(s) proposed before a driver was killed and never run, marked failed", location.name, orphans)
     best = None
-    row = results.best_row(rows)
+    row = results.best_row(rows, config.search.metric)
     if finished and row is not None:
         best = best_record(analysis, row, location, folder, config, space)
         results.write_best(folder, best)
@@ -358,17 +357,21 @@ def finish(location: Location, config: Config, space: SearchSpace) -> Outcome:
 
 
 def best_record(analysis: Any, row: results.TrialRow, location: Location, folder: Path, config: Config, space: SearchSpace) -> dict[str, Any]:
-    """``best_trial.json`` for ``row``: its adapter is the trial's best checkpoint (by eval loss)."""
+    """``best_trial.json`` for ``row``: its adapter is the checkpoint the selection metric was
+    measured on: the trial's best by eval loss, or its last (where ROUGE-L was scored)."""
     from loraops.tune.space import trial_config, trial_name
 
     trial = next(trial for trial in analysis.trials if trial.trial_id == row.trial_id)
-    checkpoint = analysis.get_best_checkpoint(trial, metric=METRIC, mode=MODE)
+    if config.search.metric == METRIC:
+        checkpoint = analysis.get_best_checkpoint(trial, metric=METRIC, mode=MODE)
+    else:
+        checkpoint = analysis.get_best_checkpoint(trial, metric=STEP, mode="max")
     if checkpoint is None:
         raise LoraopsError(f"trial {row.trial_id} has no checkpoint in {location.uri}")
     adapter = Path(checkpoint.path) if location.is_local else Path(checkpoint.to_directory(str(folder / "best_adapter")))
     params = space.decode(row.params)
     full = trial_config(base_config(config), params, name=trial_name(location.name, row.trial_id))
-    return results.best_trial_record(row, location.name, location.uri, adapter.resolve(), dump_config(full), params)
+    return results.best_trial_record(row, location.name, location.uri, adapter.resolve(), dump_config(full), params, config.search.metric)
 
 
 def plot_axes(space: SearchSpace) -> tuple[str | None, bool, str | None]:

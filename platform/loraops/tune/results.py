@@ -5,7 +5,8 @@ Read from the experiment folder alone (Tune's experiment state and each trial's 
 
 Files written into the experiment folder (names in :mod:`loraops.layout`):
 
-    results.csv        trial, status, searched values, best eval loss (step), steps done, stop reason
+    results.csv        trial, status, searched values, best eval loss (step), ROUGE-L (when the search
+                       selects by it), steps done, stop reason
     search.png         eval loss over steps per trial | best eval loss against the main parameter
     best_trial.json    trial_id, experiment, experiment_path, adapter_path, config, metrics, params
     best_config.yaml   the best trial's full loraops config
@@ -26,7 +27,7 @@ import yaml
 
 from loraops.errors import LoraopsError
 from loraops.layout import BEST_CONFIG_FILE, BEST_TRIAL_FILE
-from loraops.tune.trainable import MAX_STEPS, METRIC, STEP
+from loraops.tune.trainable import MAX_STEPS, METRIC, ROUGE_METRIC, STEP
 
 FINISHED = ("TERMINATED", "ERROR")
 
@@ -44,6 +45,8 @@ class TrialRow:
     max_steps: int | None
     error: str | None = None
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss)
+    rougeL: float | None = None  # scored at the last step when the search selects by ROUGE-L
+    last_eval_loss: float | None = None  # of the last evaluation (the checkpoint ROUGE-L scores)
 
     @property
     def finished(self) -> bool:
@@ -60,8 +63,10 @@ class TrialRow:
         return "stopped early (ASHA)"
 
 
-def load_trials(experiment_uri: str) -> tuple[Any, list[TrialRow]]:
-    """Tune's analysis of an experiment folder (local path or URI) and its trials, best first."""
+def load_trials(experiment_uri: str, metric: str = METRIC) -> tuple[Any, list[TrialRow]]:
+    """Tune's analysis of an experiment folder (local path or URI) and its trials, best first by
+    ``metric`` (``eval_loss``: the lowest best eval loss; ``rougeL``: the highest ROUGE-L, then
+    the trials without one by eval loss)."""
     from ray.tune import ExperimentAnalysis
 
     # Tune warns about every trial that has not reported yet; here that is just "pending".
@@ -72,6 +77,8 @@ def load_trials(experiment_uri: str) -> tuple[Any, list[TrialRow]]:
         raise LoraopsError(f"{experiment_uri} is not a Tune experiment folder: {str(exc).splitlines()[0]}") from None
     rows = [_row(trial, analysis.trial_dataframes.get(trial.trial_id)) for trial in analysis.trials]
     rows.sort(key=lambda row: (row.best_eval_loss is None, row.best_eval_loss or 0.0, row.trial_id))
+    if metric == ROUGE_METRIC:
+        rows.sort(key=lambda row: -row.rougeL if row.rougeL is not None else math.inf)  # stable: ties stay by eval loss
     return analysis, rows
 
 
@@ -94,7 +101,13 @@ def _row(trial: Any, frame: Any) -> TrialRow:
         max_steps=int(last[MAX_STEPS]) if last.get(MAX_STEPS) else None,
         error=error_message(trial.get_error()) if trial.status == "ERROR" else None,
         history=history,
+        rougeL=_number(last.get(ROUGE_METRIC)),
+        last_eval_loss=history[-1][1] if history else None,
     )
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def error_message(text: str | None) -> str | None:
@@ -112,7 +125,8 @@ def error_message(text: str | None) -> str | None:
 
 def table_columns(rows: list[TrialRow]) -> list[str]:
     keys = list(dict.fromkeys(key for row in rows for key in row.params))
-    return ["trial", "status", *keys, "best_eval_loss", "best_step", "steps", "stop_reason"]
+    rouge = [ROUGE_METRIC] if any(row.rougeL is not None for row in rows) else []
+    return ["trial", "status", *keys, "best_eval_loss", "best_step", *rouge, "steps", "stop_reason"]
 
 
 def table_records(rows: list[TrialRow]) -> list[dict[str, Any]]:
@@ -120,14 +134,14 @@ def table_records(rows: list[TrialRow]) -> list[dict[str, Any]]:
     records = []
     for row in rows:
         record: dict[str, Any] = {"trial": row.trial_id, "status": row.status, **row.params}
-        record.update(best_eval_loss=row.best_eval_loss, best_step=row.best_step, steps=row.steps, stop_reason=row.stop_reason)
+        record.update(best_eval_loss=row.best_eval_loss, best_step=row.best_step, rougeL=row.rougeL, steps=row.steps, stop_reason=row.stop_reason)
         records.append(record)
     return records
 
 
 def write_table(rows: list[TrialRow], path: Path) -> Path:
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=table_columns(rows))
+        writer = csv.DictWriter(handle, fieldnames=table_columns(rows), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(table_records(rows))
     return path
@@ -153,6 +167,13 @@ def summary_line(rows: list[TrialRow]) -> str:
     return f"{len(rows)} trials: " + ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
 
 
+def best_line(best: dict[str, Any]) -> str:
+    """``ID: rougeL 28.10, eval loss 1.8123 at step 150`` (the selection metric first)."""
+    metrics = best["metrics"]
+    rouge = f"rougeL {metrics['rougeL']:.2f}, " if best.get("selected_by") == "rougeL" else ""
+    return f"{best['trial_id']}: {rouge}eval loss {metrics['eval_loss']:.4f} at step {metrics['step']}"
+
+
 def _format_value(value: Any) -> str:
     if value is None:
         return ""
@@ -174,22 +195,34 @@ def _clip(text: str, width: int) -> str:
 # --- best trial --------------------------------------------------------------------------------
 
 
-def best_row(rows: list[TrialRow]) -> TrialRow | None:
+def best_row(rows: list[TrialRow], metric: str = METRIC) -> TrialRow | None:
+    """The best trial by ``metric``: the lowest best eval loss, or the highest ROUGE-L (which only
+    trials that ran all their steps have)."""
+    if metric == ROUGE_METRIC:
+        scored = [row for row in rows if row.rougeL is not None and row.stop_reason == "completed"]
+        return max(scored, key=lambda row: row.rougeL) if scored else None
     scored = [row for row in rows if row.best_eval_loss is not None and math.isfinite(row.best_eval_loss)]
     return min(scored, key=lambda row: row.best_eval_loss) if scored else None
 
 
 def best_trial_record(
-    row: TrialRow, experiment: str, experiment_path: str, adapter_path: Path, config: dict[str, Any], params: dict[str, Any]
+    row: TrialRow, experiment: str, experiment_path: str, adapter_path: Path, config: dict[str, Any], params: dict[str, Any], metric: str = METRIC
 ) -> dict[str, Any]:
-    """The ``best_trial.json`` contract that ``loraops registry`` reads."""
+    """The ``best_trial.json`` contract that ``loraops registry`` reads: ``metrics`` describe the
+    adapter at ``adapter_path`` (the best eval loss, or the last step's eval loss and ROUGE-L),
+    ``selected_by`` names the metric that chose it."""
+    if metric == ROUGE_METRIC:
+        metrics = {"eval_loss": row.last_eval_loss, ROUGE_METRIC: row.rougeL, "step": row.steps, "steps": row.steps}
+    else:
+        metrics = {"eval_loss": row.best_eval_loss, "step": row.best_step, "steps": row.steps}
     return {
         "trial_id": row.trial_id,
         "experiment": experiment,
         "experiment_path": experiment_path,
         "adapter_path": str(adapter_path),
         "config": config,
-        "metrics": {"eval_loss": row.best_eval_loss, "step": row.best_step, "steps": row.steps},
+        "metrics": metrics,
+        "selected_by": metric,
         "params": params,
     }
 
@@ -207,7 +240,7 @@ def read_best(folder: Path) -> dict[str, Any] | None:
 # --- plot --------------------------------------------------------------------------------------
 
 
-def plot_search(rows: list[TrialRow], x_key: str | None, x_log: bool, color_key: str | None, path: Path, title: str) -> Path | None:
+def plot_search(rows: list[TrialRow], x_key: str | None, x_log: bool, color_key: str | None, path: Path, title: str, metric: str = METRIC) -> Path | None:
     """Left: eval loss over steps per trial (the best one bold). Right: best eval loss against
     ``x_key`` (log axis when ``x_log``), colored by ``color_key``; x = early-stopped trials."""
     import matplotlib
@@ -218,7 +251,7 @@ def plot_search(rows: list[TrialRow], x_key: str | None, x_log: bool, color_key:
     scored = [row for row in rows if row.history]
     if not scored:
         return None
-    best = best_row(rows)
+    best = best_row(rows, metric)
     fig, (curves, params) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in scored:
         steps, losses = zip(*row.history, strict=False)

@@ -1,33 +1,47 @@
-"""Optuna TPE behind Ray Tune, its study kept in the project database.
+"""Optuna TPE behind Ray Tune's public ``Searcher`` interface, its study kept in the project database.
 
-Ray's ``OptunaSearch`` samples; :class:`StudySearch` adds what a persistent, resumable study needs:
+:class:`StudySearch` drives an Optuna study with Optuna's ask-and-tell API:
 
-- every Optuna trial records its Tune trial (user attribute ``tune_trial_id``) and the eval loss
-  at each optimizer step (intermediate values), so Optuna's own tools show the curves;
-- outcomes: a trial that ran to ``training.max_steps`` is COMPLETE with its best eval loss (the
-  adapter it keeps), a trial ASHA stopped early is PRUNED (Optuna stores its last eval loss as its
-  value, and TPE ranks it below the complete ones), a trial that raised is FAIL;
-- resume after a killed driver: Tune restores this object from its last experiment snapshot, so
-  the study is reopened from the database (never from the pickled cache), and the trials that
-  the killed driver had asked Optuna for but Tune never recorded (left RUNNING) are handed to the
-  next new Tune trials instead of being asked again. A trial that finished again after the
-  restart (Tune's snapshot predates its end) keeps its first result in the study.
+- ``suggest``: ``study.ask`` samples a point (seeded TPE; constant liar, so concurrent trials do
+  not get the same point); the Optuna trial records its Tune trial (user attribute ``tune_trial_id``);
+- ``on_trial_result``: each evaluation's eval loss becomes an intermediate value at its optimizer
+  step, so Optuna's own tools show the curves;
+- ``on_trial_complete``: ``study.tell``: a trial that ran all its steps is COMPLETE with its value
+  (the best eval loss, or the last rung's ROUGE-L when ``search.metric`` is ``rougeL``), a trial
+  ASHA stopped early is PRUNED (TPE ranks it by how far it got, then by its last eval loss), a
+  trial that raised is FAIL;
+- ``save``/``restore``: Tune snapshots this object with the experiment and restores it when a
+  killed driver is resumed. The snapshot (and ``tuner.pkl``, which pickles the searcher too) holds
+  the study name, the sampler with its random state, the space and which Optuna trial each Tune
+  trial is, never the database URL: it may carry a password and experiment storage may be a shared
+  bucket. After a restore the study is reopened in the database the driver resolves now (see
+  :func:`loraops.config.database_url`).
+
+A resumed driver restores a snapshot that can be up to a second old: trials the killed driver
+had asked Optuna for but Tune never recorded (left RUNNING) are handed to the next new Tune
+trials instead of asking again, and a trial whose end the study already has keeps that first end.
+Everything goes through public APIs: ``Study.ask``/``tell`` (``tell`` takes a trial number) and
+the storage methods of :class:`optuna.storages.BaseStorage` for the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import warnings
+import math
+import pickle
 from typing import Any
 
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
 
-from loraops.tune.trainable import BEST_METRIC, MAX_STEPS, METRIC, MODE, STEP
+from loraops.tune.trainable import BEST_METRIC, MAX_STEPS, METRIC, STEP
 
 log = logging.getLogger(__name__)
 
 #: Optuna user attribute naming the Tune trial of a study trial.
 TUNE_TRIAL_ATTR = "tune_trial_id"
+#: Metrics a search may select trials by, and their direction.
+MODES = {"eval_loss": "min", "rougeL": "max"}
 
 
 def startup_trials(num_samples: int) -> int:
@@ -36,86 +50,165 @@ def startup_trials(num_samples: int) -> int:
     return min(10, max(2, num_samples // 2))
 
 
-class StudySearch(OptunaSearch):
-    """TPE (seeded, constant liar for concurrent trials) over an Optuna RDB study named ``study_name``."""
+class StudySearch(Searcher):
+    """Seeded TPE over the Optuna study ``study_name`` in the database at ``database_url``.
 
-    def __init__(self, *, database_url: str, study_name: str, seed: int, num_samples: int):
+    ``space``: searched key -> Optuna distribution (:meth:`SearchSpace.optuna_distributions`),
+    the same keys as the Tuner's ``param_space``. ``objective``: the metric the study optimizes
+    (``eval_loss`` or ``rougeL``, see :data:`MODES`); to Tune this searcher's ``metric`` is always
+    ``eval_loss``, the one every result carries (Tune checks that), while ``rougeL`` only comes with
+    a trial's last result. ``workspace`` locates the default SQLite database when the driver that
+    restores this searcher has no ``$LORAOPS_DATABASE_URL``.
+    """
+
+    def __init__(self, *, database_url: str, workspace: str, study_name: str, space: dict[str, Any], seed: int, num_samples: int, objective: str = METRIC):
         import optuna
 
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(num_samples), constant_liar=True)
-        super().__init__(metric=METRIC, mode=MODE, study_name=study_name, storage=optuna.storages.RDBStorage(database_url), sampler=sampler)
-        self._database_url = database_url
-        #: Storage ids of study trials left RUNNING by a killed driver, to be reused.
+        super().__init__(metric=METRIC, mode=MODES[METRIC])
+        self._objective = objective
+        self._study_name = study_name
+        self._workspace = workspace
+        self._space = dict(space)
+        self._sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(num_samples), constant_liar=True)
+        #: Tune trial id -> Optuna trial number.
+        self._numbers: dict[str, int] = {}
+        #: Tune trials told to the study.
+        self._told: set[str] = set()
+        #: Numbers of study trials a killed driver left RUNNING without a Tune trial, reused first.
         self._orphans: list[int] = []
+        self._database_url: str | None = database_url  # never pickled
+        self._connection: tuple[Any, Any, int] | None = None  # (study, storage, study id), never pickled
+
+    # --- Tune's Searcher interface -------------------------------------------------------------
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any) -> bool:
+        """Tune hands over its ``param_space``: it must name the keys this searcher samples."""
+        same_metric = (not metric or metric == self._metric) and (not mode or mode == self._mode)  # the study's direction is fixed
+        return set(config) == set(self._space) and same_metric
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        import optuna
-
-        if trial_id not in self._ot_trials and self._orphans:
-            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
-            log.info("Tune trial %s runs the point Optuna proposed before the driver stopped (trial #%d)", trial_id, self._ot_trials[trial_id].number)
-        config = super().suggest(trial_id)
-        self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
-        return config
+        study, storage, study_id = self._connect()
+        if self._orphans:
+            number = self._orphans.pop(0)
+            params = next(trial.params for trial in study.get_trials(deepcopy=False) if trial.number == number)
+            log.info("Tune trial %s runs the point Optuna proposed before the driver stopped (trial #%d)", trial_id, number)
+        else:
+            trial = study.ask(fixed_distributions=self._space)
+            number, params = trial.number, trial.params
+        storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, number), TUNE_TRIAL_ATTR, trial_id)
+        self._numbers[trial_id] = number
+        return dict(params)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         import optuna
 
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials or self.metric not in result:
+        number = self._numbers.get(trial_id)
+        value = result.get(METRIC)
+        if number is None or trial_id in self._told or not _finite(value):
             return
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a step reported again after a resume is ignored, as it should be
-                ot_trial.report(result[self.metric], step=int(result.get(STEP, 0)))
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # the study recorded this trial's end before the driver was killed
+        _, storage, study_id = self._connect()
+        # The study records eval losses in its own direction: a rougeL study (maximize) stores
+        # them negated, so that TPE ranks trials stopped early by how far they got, then by loss.
+        value = float(value) if MODES[self._objective] == "min" else -float(value)
+        # UpdateFinishedTrialError: the study recorded this trial's end before the driver was killed.
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            storage.set_trial_intermediate_value(storage.get_trial_id_from_study_id_trial_number(study_id, number), int(result.get(STEP, 0)), value)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials:
+        number = self._numbers.get(trial_id)
+        if number is None or trial_id in self._told:
             return
         if result and not error:
             # Tune hands a trial's last result (the one that ended it) only to this hook.
             self.on_trial_result(trial_id, result)
-        state, value = trial_outcome(result, error)
-        self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
-        self._completed_trials.add(trial_id)
+        study, _, _ = self._connect()
+        state, value = trial_outcome(result, error, self._objective)
+        study.tell(number, value, state=state, skip_if_finished=True)
+        self._told.add(trial_id)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(self.__getstate__(), handle)
 
     def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        self._reopen_study()
+        with open(checkpoint_path, "rb") as handle:
+            self.__setstate__(pickle.load(handle))
+        self._find_orphans()
 
-    def _reopen_study(self) -> None:
-        import optuna
+    # --- pickling without the database ---------------------------------------------------------
 
-        study = optuna.load_study(
-            study_name=self._study_name,
-            storage=optuna.storages.RDBStorage(self._database_url),
-            sampler=self._sampler,  # the restored TPE, random state included
-            pruner=optuna.pruners.NopPruner(),
-        )
-        known = {ot_trial._trial_id for ot_trial in self._ot_trials.values()}
-        self._ot_trials = {
-            trial_id: optuna.trial.Trial(study, ot_trial._trial_id)
-            for trial_id, ot_trial in self._ot_trials.items()
-            if trial_id not in self._completed_trials
-        }
-        self._ot_study = study
-        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        self._orphans = [trial._trial_id for trial in running if trial._trial_id not in known]
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_database_url"] = None
+        state["_connection"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # --- the study -----------------------------------------------------------------------------
+
+    def _connect(self) -> tuple[Any, Any, int]:
+        """The study, its storage and the study's storage id, opened on first use."""
+        if self._connection is None:
+            import optuna
+
+            from loraops.config import database_url
+
+            url = self._database_url or database_url(None, self._workspace)
+            storage = optuna.storages.RDBStorage(url)
+            study = optuna.load_study(study_name=self._study_name, storage=storage, sampler=self._sampler, pruner=optuna.pruners.NopPruner())
+            self._database_url = url
+            self._connection = (study, storage, storage.get_study_id_from_name(self._study_name))
+        return self._connection
+
+    def _find_orphans(self) -> None:
+        """Study trials still RUNNING that no Tune trial of the snapshot knows: the killed driver
+        asked for them after its last snapshot."""
+        from optuna.trial import TrialState
+
+        study, _, _ = self._connect()
+        known = set(self._numbers.values())
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        self._orphans = sorted(trial.number for trial in running if trial.number not in known)
         if self._orphans:
             log.info("Optuna study %s: %d proposed trial(s) never reached Tune; they run next", self._study_name, len(self._orphans))
 
 
-def trial_outcome(result: dict[str, Any] | None, error: bool) -> tuple[Any, float | None]:
+def create_study(database_url: str, name: str, metric: str) -> None:
+    """A new, empty study for an experiment (the searcher opens it by name)."""
+    import optuna
+
+    optuna.create_study(study_name=name, storage=database_url, direction="minimize" if MODES[metric] == "min" else "maximize")
+
+
+def fail_orphans(database_url: str, name: str) -> int:
+    """Tell FAIL to every study trial still RUNNING once the experiment has finished (a trial the
+    killed driver asked for and no resumed trial took); returns how many."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=name, storage=database_url)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in running:
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    return len(running)
+
+
+def trial_outcome(result: dict[str, Any] | None, error: bool, metric: str = METRIC) -> tuple[Any, float | None]:
     """The Optuna state and value of a finished Tune trial."""
     from optuna.trial import TrialState
 
     if error:
         return TrialState.FAIL, None
-    if not result or METRIC not in result:
-        return TrialState.PRUNED, None
-    if result.get(STEP, 0) < result.get(MAX_STEPS, 0):
-        return TrialState.PRUNED, None  # stopped early by ASHA; Optuna keeps its last eval loss
-    return TrialState.COMPLETE, float(result.get(BEST_METRIC, result[METRIC]))
+    if not result or METRIC not in result or result.get(STEP, 0) < result.get(MAX_STEPS, 0):
+        return TrialState.PRUNED, None  # stopped early by ASHA; Optuna keeps its last intermediate value
+    if metric == METRIC:
+        return TrialState.COMPLETE, float(result.get(BEST_METRIC, result[METRIC]))
+    if not _finite(result.get(metric)):
+        return TrialState.FAIL, None  # ran to the end but the selection metric is missing
+    return TrialState.COMPLETE, float(result[metric])
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

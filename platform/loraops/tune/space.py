@@ -10,8 +10,8 @@ Each entry maps a dotted config key to one distribution::
     training:               {choice: [{per_device_train_batch_size: 16, gradient_accumulation_steps: 1},
                                       {per_device_train_batch_size: 8, gradient_accumulation_steps: 2}]}
 
-The Ray domains are the experiment's ``param_space``; Ray's ``OptunaSearch`` turns them into the
-Optuna distributions that TPE samples (:meth:`SearchSpace.optuna_distributions` shows them).
+The Ray domains are the experiment's ``param_space`` (what Tune records and shows); the searcher
+samples the matching Optuna distributions (:meth:`SearchSpace.optuna_distributions`).
 Optuna's categorical distribution only takes scalars, so a list or mapping option travels as a
 readable label (its YAML flow form, e.g. ``[q_proj, v_proj]``) and :meth:`SearchSpace.decode`
 turns it back into the value. A mapping option sets several keys of the section at once.
@@ -67,6 +67,18 @@ class Dimension:
             return tune.randint(low, high + 1)  # YAML bounds are inclusive, Ray's upper bound is not
         return tune.choice([label for label, _ in self.options])
 
+    def optuna_distribution(self) -> Any:
+        """The Optuna distribution TPE samples: the same values as :meth:`ray_domain`."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.kind == "choice":
+            return CategoricalDistribution([label for label, _ in self.options])
+        if self.kind == "randint":
+            return IntDistribution(int(self.bounds[0]), int(self.bounds[1]))
+        if self.kind == "quniform":
+            return FloatDistribution(self.bounds[0], self.bounds[1], step=self.bounds[2])
+        return FloatDistribution(self.bounds[0], self.bounds[1], log=self.log)
+
     def decode(self, sampled: Any) -> Any:
         """The config value for a value Ray/Optuna sampled (a choice label becomes its option)."""
         if self.kind == "choice":
@@ -109,10 +121,8 @@ class SearchSpace:
         return {dimension.key: dimension.ray_domain() for dimension in self.dimensions}
 
     def optuna_distributions(self) -> dict[str, Any]:
-        """The Optuna distributions TPE samples: Ray's own conversion of :meth:`ray_param_space`."""
-        from ray.tune.search.optuna import OptunaSearch
-
-        return OptunaSearch.convert_search_space(self.ray_param_space())
+        """Searched key -> the Optuna distribution TPE samples, in the order of the space."""
+        return {dimension.key: dimension.optuna_distribution() for dimension in self.dimensions}
 
     def decode(self, sampled: dict[str, Any]) -> dict[str, Any]:
         """Dotted key -> config value for a sampled point (Tune's trial config)."""
