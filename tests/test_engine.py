@@ -308,3 +308,15 @@ def test_a_new_engine_takes_over_the_requests_waiting_in_the_old_one(served):
 
     assert not old._pending
     assert [f.result().completion.token_ids for f in futures] == _reference(served, prompts, [8, 8])
+
+
+@pytest.mark.slow
+def test_an_idle_engine_starts_over_wherever_the_last_request_ended(served):
+    """Back-to-back long requests in a cache of one 256-token bucket: each starts at column 0, not where the previous one ended."""
+    _merged_only(served)
+    prompts = sorted(_prompts(served, 8), key=len)[-2:]  # the two longest: over 200 tokens each
+    engine = _engine(served, length=(256,))
+
+    answers = [engine.generate([prompt], 256 - len(prompt))[0].token_ids for prompt in prompts]
+
+    assert answers == _reference(served, prompts, [256 - len(p) for p in prompts])

@@ -283,7 +283,9 @@ class Engine:
         if self._pending[0].solo:
             return [self._pending.popleft()]
         free = self.max_batch_size - len(self._rows)
-        column = self._column - min((row.start for row in self._rows), default=0)  # once the columns before every row are dropped
+        # The column the joiners align to once the columns before every running row are dropped; an
+        # idle engine starts over at column 0, wherever the last request ended.
+        column = self._column - min(row.start for row in self._rows) if self._rows else 0
         need = max((row.remaining for row in self._rows), default=0)
         joiners: list[_Request] = []
         longest = 0
