@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from loraops.bench.search import BudgetLedger
 from loraops.bench.search_report import best_so_far, steps_to, summarize, value_at
+
+REPO = Path(__file__).resolve().parents[1]
 
 #: Trials of 20 steps (an eval every 10) on 4-row batches: a few seconds each.
 SMALL = [

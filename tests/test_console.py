@@ -14,7 +14,11 @@ LIBRARIES = ("", "ray", "ray.serve", "optuna", "transformers")
 @pytest.fixture
 def restored_logging():
     """Undo what the console module does to the process's loggers."""
+    import optuna
+
     saved = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).propagate, logging.getLogger(name).level) for name in LIBRARIES}
+    # A search run earlier in this process lowers Optuna's verbosity to WARNING; start from its default.
+    optuna.logging.set_verbosity(optuna.logging.INFO)
     yield
     for name, (handlers, propagate, level) in saved.items():
         logger = logging.getLogger(name)

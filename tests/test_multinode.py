@@ -28,10 +28,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO, cli_env
-
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
+REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 WORKER_IP = "127.0.0.2"
 #: Only the worker node has this resource; the serve config asks for it, so the replica can only land there.
@@ -161,7 +160,7 @@ def _wait_for(condition, what: str, nodes, logs: Path, timeout: float = 180) -> 
     pytest.fail(f"timed out waiting for {what}: {tails}")
 
 
-def test_tune_and_serve_across_two_nodes_with_token_auth(cluster, workspace, tmp_path):
+def test_tune_and_serve_across_two_nodes_with_token_auth(cluster, workspace, tmp_path, cli_env):
     env = {**cli_env(workspace), **cluster.env}
     nodes = json.loads(ray_python(cluster, "print(json.dumps({n['NodeManagerAddress']: n['Resources'] for n in ray.nodes() if n['Alive']}))"))
     head_ip = next(ip for ip, resources in nodes.items() if WORKER_RESOURCE not in resources)

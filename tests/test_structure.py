@@ -111,3 +111,15 @@ def test_readme_layout_lists_every_package_module_and_nothing_else():
     listed = readme_layout_paths()
     assert sorted(actual - listed) == [], "modules missing from README's Repository layout"
     assert sorted(listed - actual) == [], "README's Repository layout lists modules that do not exist"
+
+
+def test_no_test_imports_conftest():
+    """Shared helpers are fixtures: importing conftest as a module depends on pytest's import mode."""
+    tests = Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if "conftest" in names:
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
