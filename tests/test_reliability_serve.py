@@ -103,7 +103,7 @@ def test_deploy_on_a_cluster_whose_http_port_is_taken_is_one_line(ray_address, h
     from ray import serve
 
     from loraops.errors import LoraopsError
-    from loraops.serve.app import deploy
+    from loraops.serve.deploy import deploy
     from loraops.serve.settings import load_serve_config
 
     if any(actor["name"] == "SERVE_CONTROLLER_ACTOR" for actor in ray.util.list_named_actors(all_namespaces=True)):
@@ -126,7 +126,7 @@ def url(ray_address, home):
     """Deploy the application through the code path of `loraops serve`; yields its URL."""
     from ray import serve
 
-    from loraops.serve.app import deploy
+    from loraops.serve.deploy import deploy
     from loraops.serve.settings import load_serve_config
 
     port = _free_port()

@@ -48,7 +48,7 @@ def serve_urls(ray_address, serving_home):
     """Deploy both applications from serve/tiny.yaml through the code path of `loraops serve`; yields their URLs."""
     from ray import serve
 
-    from loraops.serve.app import deploy
+    from loraops.serve.deploy import deploy
     from loraops.serve.settings import load_serve_config
 
     port = _free_port()

@@ -115,7 +115,7 @@ def _register_and_promote(config: Config, outcome) -> tuple[int, bool]:
 
 
 def _serve(config: Config, serve_path: Path, overrides: list[str] | None) -> str:
-    from loraops.serve.app import deploy
+    from loraops.serve.deploy import deploy
     from loraops.serve.settings import load_serve_config
 
     _banner("3/4 serve the production adapter (Ray Serve, autoscaling)")

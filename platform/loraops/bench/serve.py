@@ -124,7 +124,7 @@ def benchmark(
     from ray import serve
 
     from loraops import cluster
-    from loraops.serve.app import deploy
+    from loraops.serve.deploy import deploy
     from loraops.serve.settings import MODEL_DEPLOYMENT, load_serve_config
 
     load_at_start = round(os.getloadavg()[0], 2)
@@ -190,10 +190,12 @@ def _serve_floor(config, items: Sequence[WorkItem], body, duration_s: float) -> 
     the proxy, the ingress and one handle call cost on this machine, the floor under Serve's overhead."""
     from ray import serve
 
-    from loraops.serve.app import SummarizerAPI, app_url
+    from loraops.serve.app import SummarizerAPI
+    from loraops.serve.deploy import app_url
     from loraops.serve.settings import API_DEPLOYMENT, MODEL_DEPLOYMENT
 
-    answer = {"summary": "", "model": {"name": "echo", "version": 0}, "usage": {"prompt_tokens": 0, "completion_tokens": 1, "model_ms": 0.0, "queue_ms": 0.0}}
+    usage = {"prompt_tokens": 0, "completion_tokens": 1, "model_ms": 0.0, "queue_ms": 0.0}
+    answer = {"summary": "", "model": {"name": "echo", "version": 0}, "usage": usage, "finish_reason": "stop"}
 
     @serve.deployment(name=MODEL_DEPLOYMENT)
     class EchoModel:

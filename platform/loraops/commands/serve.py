@@ -42,7 +42,7 @@ def _add_serve(sub: SubParsers) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from loraops import cluster
-    from loraops.serve.app import check_port_free, deploy, target_version
+    from loraops.serve.deploy import check_port_free, deploy, target_version
     from loraops.serve.settings import load_serve_config
 
     config = load_serve_config(args.config, args.overrides)

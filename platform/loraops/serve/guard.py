@@ -2,7 +2,8 @@
 
 :class:`RequestGuard` checks the bearer token, the body size and the time the body takes to
 arrive; :func:`error_response` is the ``{"error": {"type", "message", "field"?, "request_id"?}}``
-body of every error answer; :func:`request_id_of` is the id that ties an answer to its log line.
+body of every error answer (on the OpenAI-compatible routes OpenAI's ``{"error": {"message", "type",
+"param", "code"}}``); :func:`request_id_of` is the id that ties an answer to its log line.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 #: Paths that answer without the bearer token: health checks and the API docs.
 OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+#: Routes whose errors take OpenAI's shape, so that OpenAI clients read them.
+OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+#: OpenAI's error ``type`` for a status; loraops' own type goes into ``code``.
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "invalid_request_error",
+                      413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}  # fmt: skip
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -33,10 +39,34 @@ class ErrorResponse(BaseModel):
 
 
 def error_response(
-    status: int, type: str, message: str, field: str | None = None, headers: dict[str, str] | None = None, request_id: str | None = None
+    status: int,
+    type: str,
+    message: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+    request_id: str | None = None,
+    openai: bool = False,
 ) -> JSONResponse:
-    detail = ErrorDetail(type=type, message=message, field=field, request_id=request_id).model_dump(exclude_none=True)
+    """The error answer; ``openai``: in OpenAI's shape (``type`` its category, ``code`` loraops' type, ``param`` the field)."""
+    if openai:
+        detail = {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "server_error"), "param": field, "code": type}
+        if request_id:
+            detail["request_id"] = request_id
+    else:
+        detail = ErrorDetail(type=type, message=message, field=field, request_id=request_id).model_dump(exclude_none=True)
     return JSONResponse({"error": detail}, status_code=status, headers=headers)
+
+
+def route_of(scope: Scope) -> str:
+    """The request's path inside the application (without Serve's route prefix)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
+
+
+def is_openai_route(scope: Scope) -> bool:
+    return route_of(scope) in OPENAI_PATHS
 
 
 def request_id_of(scope: Scope) -> str:
@@ -112,10 +142,7 @@ def _authorized(scope: Scope, expected: str | None) -> bool:
     """True when auth is off, the path is open (health, docs) or the request carries the bearer token."""
     if not expected:
         return True
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):] or "/"
-    if path in OPEN_PATHS:
+    if route_of(scope) in OPEN_PATHS:
         return True
     header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
     scheme, _, given = header.partition(" ")
@@ -126,7 +153,7 @@ async def _answer(scope: Scope, send: Send, status: int, type: str, message: str
     async def nothing() -> Message:  # the response never reads the request
         return {"type": "http.disconnect"}
 
-    await error_response(status, type, message, field=field, headers=headers)(scope, nothing, send)
+    await error_response(status, type, message, field=field, headers=headers, openai=is_openai_route(scope))(scope, nothing, send)
 
 
 async def _too_large(scope: Scope, send: Send, limit: int) -> None:

@@ -1,0 +1,86 @@
+"""The ingress's view of traffic: which adapter version answers a request, and what each version did.
+
+A request that names no model (or the bare adapter name) goes to the deployment's default reference,
+except the running canary's share, which goes to the candidate (:class:`~loraops.serve.canary.CanaryRouter`:
+deterministic per request id, so a retry with the same ``X-Request-Id`` lands on the same version).
+Every answer and failure is recorded per version: Ray metrics, and while a canary runs the
+figures ``loraops canary status`` reads from the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from loraops.errors import LoraopsError
+from loraops.registry.refs import parse_ref
+
+log = logging.getLogger("ray.serve")
+
+
+class Traffic:
+    """Routing and records of one ingress replica for its deployment's default reference (``settings.adapter``)."""
+
+    def __init__(self, settings):
+        from loraops.registry import Registry
+        from loraops.serve.canary import CanaryRouter
+
+        self.default_ref = settings.adapter
+        self.name, alias, _ = parse_ref(settings.adapter)
+        registry = Registry(db_url=settings.db_url, artifact_uri=settings.artifact_uri, workspace=settings.workspace)
+        # Only an alias can have a canary: a pinned NAME:VERSION means exactly that version.
+        self.router = CanaryRouter(registry, self.name, alias) if alias else None
+        self._default_version: int | None = None
+
+    @property
+    def canary(self) -> dict[str, Any] | None:
+        """The running canary as this replica last read it (for /v1/models), or None."""
+        state = self.router.state if self.router is not None else None
+        if state is None or state.state != "running":
+            return None
+        return {"name": state.name, "candidate": state.candidate, "baseline": state.baseline, "percent": state.percent, "id": state.id}
+
+    def choose(self, model: str | None, request_id: str) -> str | None:
+        """The reference the model replica serves the request with (None: its default)."""
+        if model is not None and model != self.name:
+            return model
+        return self.router.route(request_id) if self.router is not None else None
+
+    def record(self, model: str | None, result: dict[str, Any], seconds: float) -> None:
+        """An answer to a request sent with ``model``: the version that gave it, its latency and length."""
+        version = int(result["model"]["version"])
+        if model is None:
+            self._default_version = version
+        if self.router is not None and result["model"]["name"] == self.name:
+            self.router.record(version, seconds, error=False, completion_tokens=int(result["usage"]["completion_tokens"]))
+
+    def record_failure(self, model: str | None, seconds: float, server_side: bool) -> None:
+        """A request sent with ``model`` that got no answer; the version's error when the server side failed (not the client's input)."""
+        if not server_side or self.router is None:
+            return
+        version = self._version_of(model)
+        if version is not None:
+            self.router.record(version, seconds, error=True, completion_tokens=0)
+
+    def _version_of(self, model: str | None) -> int | None:
+        """The version a failed request was meant for: a pinned one, or the default's latest answer."""
+        if model is None:
+            return self._default_version
+        try:
+            name, _, version = parse_ref(model)
+        except LoraopsError:
+            return None
+        return version if name == self.name else None
+
+    async def run(self, poll_s: float) -> None:
+        """Re-read the canary every ``poll_s`` seconds and write this replica's figures (never stops serving on a registry hiccup)."""
+        if self.router is None:
+            return
+        while True:
+            try:
+                await asyncio.to_thread(self.router.refresh)
+                await asyncio.to_thread(self.router.flush)
+            except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop the API
+                log.warning("canary check for %s failed: %s", self.name, exc)
+            await asyncio.sleep(poll_s or 1.0)

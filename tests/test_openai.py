@@ -1,0 +1,178 @@
+"""Several adapters on one base and the OpenAI-compatible routes, for real: a Serve application on the
+session's local Ray serving ``tiny@production`` (v1) and ``tiny:2`` at once, real HTTP, and the
+official ``openai`` Python package as the client (non-streaming and streaming, completions and chat).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "openai-test-token"
+TOKEN_ENV = "LORAOPS_TEST_OPENAI_TOKEN"
+DIALOGUE = "#Person1#: Is the shop open on Sunday?\n#Person2#: Yes, from ten until four.\n#Person1#: Great, I'll come then."
+OTHER = "#Person1#: Can you send me the report?\n#Person2#: Sure, I will email it tonight."
+TOKENS = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(ray_address, serving_home):
+    """One application serving the production alias (v1) and a pinned v2 on one base, bearer auth on."""
+    from ray import serve
+
+    from loraops.serve.deploy import deploy
+    from loraops.serve.settings import load_serve_config
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = load_serve_config(
+        REPO / "serve" / "tiny.yaml",
+        [
+            f"http_options.port={port}",
+            f"args.workspace={serving_home}",
+            "args.adapters=[tiny@production, 'tiny:2']",
+            "args.registry_poll_s=1",
+            f"args.auth_token_env={TOKEN_ENV}",
+            f"deployments.SummarizerAPI.ray_actor_options.runtime_env.env_vars.{TOKEN_ENV}={TOKEN}",
+            "deployments.SummarizerModel.autoscaling_config=null",
+            "deployments.SummarizerModel.num_replicas=1",
+            "deployments.SummarizerModel.ray_actor_options.num_cpus=0.25",
+            "deployments.SummarizerAPI.ray_actor_options.num_cpus=0.05",
+        ],
+    )
+    try:
+        yield deploy(config)
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(url):
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=120)
+
+
+def _summary(http, dialogue: str, model: str | None = None) -> dict:
+    body = {"dialogue": dialogue, "max_new_tokens": TOKENS} | ({"model": model} if model else {})
+    response = http.post("/v1/summarize", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_two_versions_are_served_at_once_each_request_by_the_one_it_names(http):
+    listed = http.get("/v1/models").json()
+    assert {entry["id"] for entry in listed["data"]} >= {"tiny", "tiny@production", "tiny:2"}
+    names = [("tiny@production", 1), ("tiny:2", 2), (None, 1), ("tiny", 1)] * 3
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:  # concurrent: the engine mixes adapters in its batches
+        answers = list(pool.map(lambda named: _summary(http, DIALOGUE if named[1] == 1 else OTHER, named[0]), names))
+    for (_, version), answer in zip(names, answers, strict=True):
+        assert answer["model"] == {"name": "tiny", "version": version}
+    # Greedy: the same request gives the same tokens whichever batch-mates it had.
+    assert len({a["summary"] for a, (_, v) in zip(answers, names, strict=True) if v == 1}) == 1
+    assert len({a["summary"] for a, (_, v) in zip(answers, names, strict=True) if v == 2}) == 1
+
+
+def test_a_model_that_is_not_served_is_a_404_naming_the_served_ones(http, client):
+    response = http.post("/v1/summarize", json={"dialogue": DIALOGUE, "model": "tiny:9"})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["type"] == "model_not_found" and error["field"] == "model"
+    assert "tiny@production" in error["message"] and "tiny:2" in error["message"]
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.completions.create(model="other@production", prompt=DIALOGUE, max_tokens=TOKENS)
+    assert raised.value.code == "model_not_found" and raised.value.param == "model"
+
+
+def test_openai_completions_and_chat_answer_what_summarize_answers(http, client):
+    expected = _summary(http, DIALOGUE)
+    completion = client.completions.create(model="tiny", prompt=DIALOGUE, max_tokens=TOKENS, temperature=0)
+    assert completion.choices[0].text == expected["summary"]
+    assert completion.model == "tiny:1" and completion.choices[0].finish_reason == expected["finish_reason"]
+    assert completion.usage.completion_tokens == expected["usage"]["completion_tokens"]
+    assert completion.usage.total_tokens == expected["usage"]["prompt_tokens"] + expected["usage"]["completion_tokens"]
+
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "system", "content": "Summarize the dialogue."}, {"role": "user", "content": DIALOGUE}],
+        max_tokens=TOKENS,
+    )
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == expected["summary"]
+
+    pinned = client.chat.completions.create(model="tiny:2", messages=[{"role": "user", "content": OTHER}], max_completion_tokens=TOKENS)
+    assert pinned.model == "tiny:2" and pinned.choices[0].message.content == _summary(http, OTHER, "tiny:2")["summary"]
+    assert {model.id for model in client.models.list()} >= {"tiny", "tiny:2"}
+
+
+def test_openai_streams_give_the_same_text_chunk_by_chunk(http, client):
+    expected = _summary(http, DIALOGUE)["summary"]
+    chunks = list(client.completions.create(model="tiny", prompt=DIALOGUE, max_tokens=TOKENS, stream=True))
+    texts = [chunk.choices[0].text for chunk in chunks if chunk.choices]
+    assert "".join(texts) == expected
+    assert sum(1 for text in texts if text) > 1  # token by token, not one piece at the end
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": DIALOGUE}], max_tokens=TOKENS, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert content == expected
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_summarize_streams_server_sent_events(http):
+    expected = _summary(http, DIALOGUE)
+    with http.stream("POST", "/v1/summarize", params={"stream": "true"}, json={"dialogue": DIALOGUE, "max_new_tokens": TOKENS}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = _events(response)
+    assert events[-1] == "[DONE]"
+    final = events[-2]
+    assert final["summary"] == expected["summary"] and final["model"] == {"name": "tiny", "version": 1}
+    assert "".join(event["text"] for event in events[:-2]) == expected["summary"]
+
+
+def test_openai_routes_refuse_bad_input_in_openai_shape(url, client):
+    with pytest.raises(openai.UnprocessableEntityError) as raised:
+        client.completions.create(model="tiny", prompt=DIALOGUE, n=2)
+    assert raised.value.param == "n" and "n=1" in raised.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as raised:
+        client.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "Be brief."}])
+    assert raised.value.param == "messages" and "user message" in raised.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as raised:
+        client.completions.create(model="tiny", prompt=DIALOGUE, max_tokens=100_000)
+    assert raised.value.param == "max_tokens"
+    with pytest.raises(openai.AuthenticationError) as raised:
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).completions.create(model="tiny", prompt=DIALOGUE)
+    assert raised.value.body["type"] == "authentication_error"
