@@ -243,11 +243,14 @@ class SummarizerAPI:
         if max_new_tokens is not None and max_new_tokens > limit:
             raise ApiError(422, "validation_error", f"{limit_field}: must be at most {limit}, got {max_new_tokens}", field=limit_field)
         request_id = request_id_of(request.scope) + (f"/{part}" if part else "")
+        chosen = self.traffic.choose(model, request_id)
         return {
             "dialogue": dialogue,
             "max_new_tokens": max_new_tokens or self.settings.default_max_new_tokens,
             "temperature": float(temperature or 0.0),
-            "model": self.traffic.choose(model, request_id),
+            "model": chosen,
+            # The canary's share: a replica that has not loaded the candidate yet answers with its default.
+            "canary": chosen is not None and model in (None, self.traffic.name),
         }
 
     async def _summarize(self, payload: dict[str, Any], field: str) -> dict[str, Any]:

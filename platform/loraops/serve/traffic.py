@@ -25,18 +25,20 @@ class Traffic:
     def __init__(self, settings):
         from loraops.registry import Registry
         from loraops.serve.canary import CanaryRouter
+        from loraops.serve.metrics import VersionMetrics
 
         self.default_ref = settings.adapter
         self.name, alias, _ = parse_ref(settings.adapter)
+        self.metrics = VersionMetrics()
         registry = Registry(db_url=settings.db_url, artifact_uri=settings.artifact_uri, workspace=settings.workspace)
         # Only an alias can have a canary: a pinned NAME:VERSION means exactly that version.
-        self.router = CanaryRouter(registry, self.name, alias) if alias else None
+        self.router = CanaryRouter(registry, self.name, alias, metrics=self.metrics) if alias else None
         self._default_version: int | None = None
 
     @property
     def canary(self) -> dict[str, Any] | None:
         """The running canary as this replica last read it (for /v1/models), or None."""
-        state = self.router.state if self.router is not None else None
+        state = self.router.canary if self.router is not None else None
         if state is None or state.state != "running":
             return None
         return {"name": state.name, "candidate": state.candidate, "baseline": state.baseline, "percent": state.percent, "id": state.id}
@@ -49,29 +51,32 @@ class Traffic:
 
     def record(self, model: str | None, result: dict[str, Any], seconds: float) -> None:
         """An answer to a request sent with ``model``: the version that gave it, its latency and length."""
-        version = int(result["model"]["version"])
+        name, version, tokens = result["model"]["name"], int(result["model"]["version"]), int(result["usage"]["completion_tokens"])
         if model is None:
             self._default_version = version
-        if self.router is not None and result["model"]["name"] == self.name:
-            self.router.record(version, seconds, error=False, completion_tokens=int(result["usage"]["completion_tokens"]))
+        self._count(name, version, seconds, False, tokens)
 
     def record_failure(self, model: str | None, seconds: float, server_side: bool) -> None:
         """A request sent with ``model`` that got no answer; the version's error when the server side failed (not the client's input)."""
-        if not server_side or self.router is None:
-            return
-        version = self._version_of(model)
-        if version is not None:
-            self.router.record(version, seconds, error=True, completion_tokens=0)
+        target = self._version_of(model) if server_side else None
+        if target is not None:
+            self._count(*target, seconds, True, 0)
 
-    def _version_of(self, model: str | None) -> int | None:
-        """The version a failed request was meant for: a pinned one, or the default's latest answer."""
+    def _count(self, name: str, version: int, seconds: float, error: bool, tokens: int) -> None:
+        if self.router is not None and name == self.name:  # the router also keeps the canary's figures
+            self.router.record(version, seconds, error=error, completion_tokens=tokens)
+        else:
+            self.metrics.record(name, version, seconds, error, tokens)
+
+    def _version_of(self, model: str | None) -> tuple[str, int] | None:
+        """(name, version) a failed request was meant for: a pinned version, or the default's latest answer."""
         if model is None:
-            return self._default_version
+            return (self.name, self._default_version) if self._default_version is not None else None
         try:
             name, _, version = parse_ref(model)
         except LoraopsError:
             return None
-        return version if name == self.name else None
+        return (name, version) if version is not None else None
 
     async def run(self, poll_s: float) -> None:
         """Re-read the canary every ``poll_s`` seconds and write this replica's figures (never stops serving on a registry hiccup)."""
