@@ -1,0 +1,185 @@
+"""A canary on a live Serve application: the session's local Ray, the tiny model, the ``serving_home``
+registry (``tiny`` v1 in production, v2 the candidate), real HTTP, the real ``loraops canary`` CLI.
+
+The share of requests, the figures ``canary status`` reads, promote and abort, the state surviving
+the replicas' restart, and the per-version Ray metrics on Ray's Prometheus endpoint.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[1]
+DIALOGUE = "#Person1#: Is the shop open on Sunday?\n#Person2#: Yes, from ten until four."
+REQUESTS = 100
+PERCENT = 30.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def registry(serving_home):
+    from loraops.registry import Registry
+
+    registry = Registry(workspace=serving_home)
+    yield registry
+    # Leave the shared registry as the other serving tests expect it: no canary, v1 in production.
+    if registry.canary("tiny") is not None:
+        registry.abort_canary("tiny", reason="test cleanup")
+    if registry.get("tiny@production").version != 1:
+        registry.promote("tiny", 1, reason="test cleanup")
+
+
+@pytest.fixture(scope="module")
+def url(ray_address, serving_home, registry):
+    from ray import serve
+
+    from loraops.serve.deploy import deploy
+    from loraops.serve.settings import load_serve_config
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = load_serve_config(
+        REPO / "serve" / "tiny.yaml",
+        [
+            f"http_options.port={port}",
+            f"args.workspace={serving_home}",
+            "args.registry_poll_s=1",
+            "args.auth_token_env=LORAOPS_TEST_NO_TOKEN",
+            "deployments.SummarizerModel.autoscaling_config=null",
+            "deployments.SummarizerModel.num_replicas=1",
+            "deployments.SummarizerModel.ray_actor_options.num_cpus=0.25",
+            "deployments.SummarizerAPI.ray_actor_options.num_cpus=0.05",
+        ],
+    )
+    try:
+        yield deploy(config)
+    finally:
+        serve.shutdown()
+
+
+def _cli(cli_env, home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loraops", *args], env=cli_env(home), capture_output=True, text=True, timeout=120)
+
+
+def _versions(http: httpx.Client, ids: list[str]) -> dict[str, int]:
+    """Which version answered each request id (short answers: the share is what is measured)."""
+    answered = {}
+    for request_id in ids:
+        response = http.post("/v1/summarize", json={"dialogue": DIALOGUE, "max_new_tokens": 4}, headers={"X-Request-Id": request_id})
+        assert response.status_code == 200, response.text
+        answered[request_id] = response.json()["model"]["version"]
+    return answered
+
+
+def _wait(condition, what: str, deadline_s: float = 60.0):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _serving(http: httpx.Client, canary_running: bool, candidate_loaded: bool) -> bool:
+    body = http.get("/v1/models").json()
+    loaded = {adapter["ref"] for adapter in body["models"][0].get("adapters", [])}
+    return (("canary" in body) == canary_running) and (("tiny:2" in loaded) == candidate_loaded)
+
+
+def _restart_replicas() -> None:
+    """Kill every replica of the application; Serve starts new ones (the canary must come back from the registry)."""
+    import ray
+
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if "SERVE_REPLICA" in actor["name"] and ("SummarizerModel" in actor["name"] or "SummarizerAPI" in actor["name"]):
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+
+
+def test_canary_share_status_restart_abort_and_promote(url, registry, serving_home, cli_env):
+    from loraops.serve.canary import bucket
+
+    ids = [f"canary-test-{i}" for i in range(REQUESTS)]
+    http = httpx.Client(base_url=url, timeout=120)
+    started = _cli(cli_env, serving_home, "canary", "start", "tiny:2", "--percent", str(PERCENT), "--reason", "test")
+    assert started.returncode == 0, started.stderr
+    canary = registry.canary("tiny")
+    _wait(lambda: _serving(http, canary_running=True, candidate_loaded=True), "the replicas to load the candidate")
+
+    answered = _versions(http, ids)
+    to_candidate = {i for i in ids if bucket(canary.id, i) < PERCENT}
+    assert 20 <= len(to_candidate) <= 40
+    assert {i for i, version in answered.items() if version == 2} == to_candidate  # deterministic per request id
+    assert _versions(http, ids[:20]) == {i: answered[i] for i in ids[:20]}  # a retry lands on the same version
+
+    sent = collections.Counter(answered.values()) + collections.Counter(answered[i] for i in ids[:20])
+
+    def counted() -> dict[int, int]:
+        status = registry.canary_status("tiny")
+        return {status.baseline.version: status.baseline.requests, status.candidate.version: status.candidate.requests}
+
+    _wait(lambda: counted() == dict(sent), f"canary status to count {dict(sent)}")
+    shown = _cli(cli_env, serving_home, "canary", "status", "tiny", "--json")
+    assert shown.returncode == 0, shown.stderr
+    versions = {entry["version"]: entry for entry in json.loads(shown.stdout)["versions"]}
+    assert versions[2]["requests"] == sent[2] and versions[1]["requests"] == sent[1] and versions[2]["errors"] == 0
+    assert versions[2]["p50_s"] > 0 and versions[2]["mean_completion_tokens"] > 0
+
+    _restart_replicas()  # the state lives in the registry: new replicas pick it up
+    _wait(lambda: _alive(http) and _serving(http, canary_running=True, candidate_loaded=True), "new replicas with the canary")
+    assert _versions(http, ids) == answered
+
+    _metrics_show_versions({1, 2})
+
+    aborted = _cli(cli_env, serving_home, "canary", "abort", "tiny", "--reason", "test abort")
+    assert aborted.returncode == 0, aborted.stderr
+    _wait(lambda: _serving(http, canary_running=False, candidate_loaded=False), "the replicas to drop the candidate")
+    assert set(_versions(http, ids[:30]).values()) == {1}
+    assert registry.get("tiny@production").version == 1
+
+    assert _cli(cli_env, serving_home, "canary", "start", "tiny:2", "--percent", "50").returncode == 0
+    promoted = _cli(cli_env, serving_home, "canary", "promote", "tiny")
+    assert promoted.returncode == 0, promoted.stderr
+    assert registry.get("tiny@production").version == 2
+    assert registry.audit_log("tiny", "production")[-1].action == "canary-promote"
+    _wait(lambda: set(_versions(http, ids[:10]).values()) == {2}, "every request to go to the promoted version")
+
+
+def _alive(http: httpx.Client) -> bool:
+    try:
+        return http.get("/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _metrics_show_versions(versions: set[int]) -> None:
+    """Ray's Prometheus endpoint carries loraops_requests_total per version (exported every few seconds)."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+
+    def exported() -> bool:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return False
+        lines = [line for line in text.splitlines() if line.startswith("ray_loraops_requests_total{")]
+        return all(any(f'version="{v}"' in line and 'adapter="tiny"' in line for line in lines) for v in versions)
+
+    _wait(exported, "Ray's metrics endpoint to export loraops_requests_total per version", deadline_s=90)
