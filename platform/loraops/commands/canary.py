@@ -11,7 +11,6 @@ import math
 
 from loraops.commands.common import SubParsers
 from loraops.commands.registry import _common_options, _print_json, _registry, _table, _when
-from loraops.registry.canary import LATENCY_BOUNDS_S
 from loraops.registry.refs import DEFAULT_ALIAS
 
 _ABORT_RULE = (
@@ -129,6 +128,8 @@ def _percent(rate: float | None) -> str:
 
 
 def _seconds(value: float | None) -> str:
+    from loraops.registry.canary import LATENCY_BOUNDS_S  # not at import time: it loads SQLAlchemy
+
     if value is None:
         return "-"
     return f"> {LATENCY_BOUNDS_S[-1]:.0f} s" if math.isinf(value) else f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
