@@ -85,6 +85,23 @@ def test_start_refusals_abort_and_promote_audited(registry):
         registry.promote_canary(NAME)
 
 
+def test_concurrent_starts_leave_one_running_canary(registry):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def start(ref: str):
+        try:
+            return reopen(registry).start_canary(ref, 10)
+        except LoraopsError as exc:
+            return exc
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(start, [f"{NAME}:2", f"{NAME}:3"]))
+    started = [r for r in results if not isinstance(r, Exception)]
+    assert len(started) == 1, results
+    assert "already has a running canary" in str(next(r for r in results if isinstance(r, Exception)))
+    assert registry.canary(NAME).id == started[0].id
+
+
 def test_a_version_with_corrupt_files_cannot_be_a_canary(registry):
     stored = Path(registry.store.version_path(NAME, 2)) / "adapter_model.safetensors"
     data = bytearray(stored.read_bytes())
