@@ -10,11 +10,11 @@ import argparse
 import sys
 
 from loraops import __version__, console
-from loraops.commands import bench, demo, evaluate, registry, serve, train, tune
+from loraops.commands import bench, canary, demo, evaluate, registry, serve, train, tune
 from loraops.errors import LoraopsError
 
 #: In the order ``loraops --help`` lists them.
-GROUPS = [train, evaluate, demo, registry, tune, serve, bench]
+GROUPS = [train, evaluate, demo, registry, canary, tune, serve, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

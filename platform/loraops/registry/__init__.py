@@ -21,6 +21,8 @@ __all__ = [
     "AliasChange",
     "AliasEvent",
     "ArtifactStore",
+    "CanaryState",
+    "CanaryStatus",
     "IntegrityError",
     "Lineage",
     "ModelVersion",
@@ -39,6 +41,8 @@ _EXPORTS = {
     "AliasChange": "loraops.registry.records",
     "AliasEvent": "loraops.registry.records",
     "ArtifactStore": "loraops.registry.store",
+    "CanaryState": "loraops.registry.canary",
+    "CanaryStatus": "loraops.registry.canary",
     "IntegrityError": "loraops.registry.store",
     "Lineage": "loraops.registry.lineage",
     "ModelVersion": "loraops.registry.records",
@@ -57,6 +61,7 @@ if TYPE_CHECKING:
     from loraops.layout import validate_name
     from loraops.registry.aliases import PromotionRefused
     from loraops.registry.api import Registry
+    from loraops.registry.canary import CanaryState, CanaryStatus
     from loraops.registry.lineage import Lineage, read_best_trial, read_run_folder
     from loraops.registry.records import AdapterInfo, AliasChange, AliasEvent, ModelVersion
     from loraops.registry.refs import lower_is_better, parse_ref

@@ -11,6 +11,9 @@ Concepts (close to MLflow's model registry with aliases):
 - An **alias** (``production``, ``staging``, ...) points at one version; serving follows an alias.
   Every alias change is appended to an audit log (when, who, from, to, why).
 
+- A **canary** sends a share of an alias's traffic to a candidate version until it is promoted
+  or aborted (:mod:`loraops.registry.canary`).
+
 References and the ``--if-better`` direction: :mod:`loraops.registry.refs`; alias moves, the rollback
 stack and the ``--if-better`` comparison inside a transaction: :mod:`loraops.registry.aliases`.
 """
@@ -32,8 +35,9 @@ from sqlalchemy.orm import Session
 from loraops import config as lconfig
 from loraops.errors import LoraopsError
 from loraops.layout import NOT_ADAPTER_FILES, check_adapter_dir, validate_name
-from loraops.registry import aliases, db
+from loraops.registry import aliases, canary, db
 from loraops.registry.aliases import PromotionRefused
+from loraops.registry.canary import CanaryState, CanaryStatus, Totals
 from loraops.registry.db import AdapterRow, AliasEventRow, AliasRow, VersionRow
 from loraops.registry.lineage import Lineage, read_best_trial, read_run_folder
 from loraops.registry.records import AdapterInfo, AliasChange, AliasEvent, ModelVersion, utc
@@ -379,3 +383,54 @@ class Registry:
             if change is not None:
                 return change
         raise LoraopsError(f"{name}@{alias} kept changing during the rollback; try again")
+
+    # --- canaries (the logic is in loraops.registry.canary) -----------------------------------------
+
+    def start_canary(
+        self,
+        ref: str,
+        percent: float,
+        alias: str = DEFAULT_ALIAS,
+        max_error_margin: float = canary.DEFAULT_MAX_ERROR_MARGIN,
+        min_requests: int = canary.DEFAULT_MIN_REQUESTS,
+        actor: str | None = None,
+        reason: str | None = None,
+    ) -> CanaryState:
+        """Send ``percent``% of ``NAME@alias``'s traffic to ``ref`` (``NAME:VERSION``), whose files must verify."""
+        name, ref_alias, number = parse_ref(ref)
+        if ref_alias is not None or number is None:
+            raise LoraopsError(f"a canary needs a NAME:VERSION reference, got {ref!r}")
+        validate_name(alias, "alias")
+        canary.check_settings(percent, max_error_margin, min_requests)
+        self._verified_target(name, number, f"refusing to start a canary of {name}:{number}")
+        actor = actor or default_actor()
+        return db.run_write(self.engine, lambda s: canary.start(s, name, number, alias, percent, max_error_margin, min_requests, actor, reason))
+
+    def canary(self, name: str) -> CanaryState | None:
+        """The running canary of ``name``, or None."""
+        validate_name(name)
+        with db.read_session(self.engine) as session:
+            return canary.current(session, name)
+
+    def canary_status(self, name: str) -> CanaryStatus:
+        """The running canary of ``name`` (else the last one that ended) with both versions' figures."""
+        validate_name(name)
+        with db.read_session(self.engine) as session:
+            return canary.status(session, name)
+
+    def promote_canary(self, name: str, actor: str | None = None, reason: str | None = None) -> AliasChange:
+        """Move the canary's alias to its candidate (audited as ``canary-promote``) and end the canary as promoted."""
+        running = self.canary(name)
+        if running is None:
+            raise canary.no_running_canary(name)
+        self._verified_target(name, running.candidate, f"refusing to promote {name}:{running.candidate}")
+        return db.run_write(self.engine, lambda s: canary.promote(s, running, actor or default_actor(), reason))
+
+    def abort_canary(self, name: str, actor: str | None = None, reason: str | None = None, canary_id: int | None = None) -> CanaryState | None:
+        """End the running canary of ``name`` as aborted. With ``canary_id``, only that one (None when it already ended)."""
+        validate_name(name)
+        return db.run_write(self.engine, lambda s: canary.abort(s, name, actor or default_actor(), reason, canary_id))
+
+    def record_canary_stats(self, canary_id: int, reporter: str, version: int, totals: Totals) -> None:
+        """Upsert one reporter's cumulative totals of one version (idempotent: a repeated flush counts once)."""
+        db.run_write(self.engine, lambda s: canary.upsert_stats(s, canary_id, reporter, version, totals))

@@ -1,8 +1,8 @@
 """The registry's metadata: SQLAlchemy 2.0 tables, engines and transactions.
 
-One database holds adapters, their versions, the aliases that point at versions and an
-append-only audit log of alias changes. It is a SQLite file in the workspace by default and a
-PostgreSQL server (``postgresql://...``, through psycopg2) on a cluster; the tables carry a
+One database holds adapters, their versions, the aliases that point at versions, an
+append-only audit log of alias changes, and canaries with their per-version statistics. It is a
+SQLite file in the workspace by default and a PostgreSQL server (``postgresql://...``, through psycopg2) on a cluster; the tables carry a
 ``registry_`` prefix so the same database can also hold Optuna's study tables.
 
 Tables are created on first use. Writers go through :func:`write_transaction`, which serialises
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, DateTime, Engine, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event, inspect, text
+from sqlalchemy import JSON, DateTime, Engine, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
@@ -138,6 +138,47 @@ class AliasEventRow(Base):
     from_version: Mapped[int | None] = mapped_column(Integer)
     to_version: Mapped[int] = mapped_column(Integer, nullable=False)
     reason: Mapped[str | None] = mapped_column(Text)
+
+
+class CanaryRow(Base):
+    """A canary: a candidate version taking ``percent``% of an alias's traffic (see :mod:`loraops.registry.canary`).
+
+    The row is its own audit record: who started and ended it, when and why.
+    """
+
+    __tablename__ = "registry_canaries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("registry_adapters.id"), nullable=False, index=True)
+    candidate: Mapped[int] = mapped_column(Integer, nullable=False)
+    baseline: Mapped[int] = mapped_column(Integer, nullable=False)
+    alias: Mapped[str] = mapped_column(String(128), nullable=False)
+    percent: Mapped[float] = mapped_column(Float, nullable=False)
+    max_error_margin: Mapped[float] = mapped_column(Float, nullable=False)
+    min_requests: Mapped[int] = mapped_column(Integer, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)  # "running", "promoted" or "aborted"
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    actor: Mapped[str | None] = mapped_column(String(128))
+    reason: Mapped[str | None] = mapped_column(Text)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ended_by: Mapped[str | None] = mapped_column(String(128))
+    end_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class CanaryStatsRow(Base):
+    """One reporter's (serving process's) cumulative totals for one version during a canary, overwritten on each flush."""
+
+    __tablename__ = "registry_canary_stats"
+
+    canary_id: Mapped[int] = mapped_column(ForeignKey("registry_canaries.id"), primary_key=True)
+    reporter: Mapped[str] = mapped_column(String(256), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer, nullable=False)
+    errors: Mapped[int] = mapped_column(Integer, nullable=False)
+    completion_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
+    #: Counts per latency bucket over :data:`loraops.registry.canary.LATENCY_BOUNDS_S` (one more for the overflow).
+    latency_counts: Mapped[list[int]] = mapped_column(JSON, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
 
 
 # --- engines -----------------------------------------------------------------------------------

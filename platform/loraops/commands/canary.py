@@ -1,0 +1,139 @@
+"""``loraops canary start|status|promote|abort``: a candidate version takes a share of an alias's traffic.
+
+The canary lives in the registry database, so every serving replica and every CLI sees the same
+one; the commands take the registry's ``--db`` / ``--store`` options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from loraops.commands.common import SubParsers
+from loraops.commands.registry import _common_options, _print_json, _registry, _table, _when
+from loraops.registry.refs import DEFAULT_ALIAS
+
+_ABORT_RULE = (
+    "The serving endpoint aborts a canary by itself (actor 'auto') once both versions have at least --min-requests requests "
+    "and the candidate's error rate exceeds the baseline's by more than --max-error-margin."
+)
+
+
+def add_commands(sub: SubParsers) -> None:
+    """Add the ``canary`` group to the ``loraops`` parser."""
+    common = _common_options()
+    parser = sub.add_parser(
+        "canary",
+        help="send a share of traffic to a candidate version, then promote or abort it",
+        description="Canary releases: a candidate version answers a share of the requests that name no model, "
+        "is compared with the alias's version on the same traffic, and is promoted or aborted. " + _ABORT_RULE,
+    )
+    actions = parser.add_subparsers(dest="canary_command", metavar="ACTION", required=True)
+
+    start = actions.add_parser(
+        "start",
+        parents=[common],
+        help="start a canary of NAME:VERSION",
+        description="Send PERCENT% of the requests to NAME@ALIAS that name no model to NAME:VERSION (deterministic per request id). "
+        "Refused while another canary of NAME runs, when the alias already points to VERSION, or when VERSION's files fail verification. " + _ABORT_RULE,
+    )
+    start.add_argument("ref", metavar="NAME:VERSION", help="the candidate, e.g. tiny:7")
+    start.add_argument("--percent", type=float, required=True, help="share of the traffic for the candidate, above 0 and at most 100")
+    start.add_argument("--alias", default=DEFAULT_ALIAS, help=f"the alias whose traffic is shared; its version is the baseline (default: {DEFAULT_ALIAS})")
+    start.add_argument(
+        "--max-error-margin", type=float, default=0.05, help="abort when the candidate's error rate exceeds the baseline's by more (default: 0.05 = 5 points)"
+    )
+    start.add_argument("--min-requests", type=int, default=20, help="requests each version needs before the error rates are compared (default: 20)")
+    _add_audit_options(start)
+    start.set_defaults(handler=_run_start)
+
+    status = actions.add_parser(
+        "status",
+        parents=[common],
+        help="per-version figures of the running (or last) canary",
+        description="The running canary of NAME, else its last one: per version, requests, errors, error rate, latency p50/p99 "
+        "and mean generated tokens, merged over every serving process. Latency quantiles are the upper bound of a "
+        "log-spaced bucket (at most 19% above the true figure).",
+    )
+    status.add_argument("name", metavar="NAME")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.set_defaults(handler=_run_status)
+
+    promote = actions.add_parser(
+        "promote",
+        parents=[common],
+        help="move the alias to the candidate and end the canary",
+        description="Point the canary's alias at its candidate (recorded in the audit log as 'canary-promote', undone by `loraops rollback`) "
+        "and end the canary as promoted.",
+    )
+    promote.add_argument("name", metavar="NAME")
+    _add_audit_options(promote)
+    promote.set_defaults(handler=_run_promote)
+
+    abort = actions.add_parser(
+        "abort", parents=[common], help="end the canary; the alias stays where it is", description="End the running canary of NAME as aborted."
+    )
+    abort.add_argument("name", metavar="NAME")
+    _add_audit_options(abort)
+    abort.set_defaults(handler=_run_abort)
+
+
+def _add_audit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", help="why, for the record")
+    parser.add_argument("--actor", help="who, for the record (default: the OS user)")
+
+
+def _run_start(args: argparse.Namespace) -> int:
+    canary = _registry(args).start_canary(
+        args.ref, args.percent, alias=args.alias, max_error_margin=args.max_error_margin, min_requests=args.min_requests, actor=args.actor, reason=args.reason
+    )
+    print(
+        f"canary {canary.id}: {canary.name}:{canary.candidate} takes {canary.percent:g}% of {canary.name}@{canary.alias} "
+        f"(baseline v{canary.baseline}); auto-abort above +{canary.max_error_margin * 100:g} points of errors after {canary.min_requests} requests each"
+    )
+    return 0
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    status = _registry(args).canary_status(args.name)
+    if args.json:
+        return _print_json(status.to_dict())
+    canary = status.canary
+    ended = f", {canary.state} {_when(canary.ended_at)} by {canary.ended_by or '-'}" if canary.ended_at else ""
+    head = f"canary {canary.id} of {canary.name}@{canary.alias}: {canary.state}, {canary.percent:g}% to v{canary.candidate}"
+    print(f"{head}, started {_when(canary.started_at)}{ended}")
+    if canary.end_reason:
+        print(f"reason: {canary.end_reason}")
+    rows = [
+        [v.version, v.role, v.requests, v.errors, _percent(v.error_rate), _seconds(v.p50_s), _seconds(v.p99_s), _number(v.mean_completion_tokens)]
+        for v in (status.baseline, status.candidate)
+    ]
+    print(_table(["VERSION", "ROLE", "REQUESTS", "ERRORS", "ERROR RATE", "P50", "P99", "MEAN TOKENS"], rows))
+    return 0
+
+
+def _run_promote(args: argparse.Namespace) -> int:
+    print(_registry(args).promote_canary(args.name, actor=args.actor, reason=args.reason).message)
+    return 0
+
+
+def _run_abort(args: argparse.Namespace) -> int:
+    canary = _registry(args).abort_canary(args.name, actor=args.actor, reason=args.reason)
+    print(f"canary {canary.id} of {canary.name}:{canary.candidate} aborted; {canary.name}@{canary.alias} was not moved")
+    return 0
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.1%}"
+
+
+def _seconds(value: float | None) -> str:
+    from loraops.registry.canary import LATENCY_BOUNDS_S  # not at import time: it loads SQLAlchemy
+
+    if value is None:
+        return "-"
+    return f"> {LATENCY_BOUNDS_S[-1]:.0f} s" if math.isinf(value) else f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
