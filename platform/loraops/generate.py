@@ -102,7 +102,7 @@ class TextStream:
         if self.ids and self.ids[-1] == self.tokenizer.eos_token_id:
             return ""
         self.ids.append(token)
-        stable = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip().rstrip("\ufffd")
+        stable = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip()
         if not stable.startswith(self.sent):  # decoding more tokens changed earlier text: wait for the end
             return ""
         piece, self.sent = stable[len(self.sent) :], stable
