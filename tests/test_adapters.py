@@ -133,6 +133,26 @@ def test_a_request_for_an_unloaded_adapter_fails_alone(two):
     assert good.result().adapter == both.adapter_name
 
 
+@pytest.mark.slow
+def test_swapping_one_of_several_adapters_keeps_the_others(two, serving_home):
+    """A mixed swap (the alias of one of several references moved): the replaced rows get the new adapter, the others are untouched."""
+    from loraops.serve.replica import adapter_slot
+
+    both, alone = two
+    served, registry = _load(serving_home, 1, both.mode)
+    v1, v2 = adapter_slot(ADAPTER, 1), adapter_slot(ADAPTER, 2)
+    served.add(registry.resolve(f"{ADAPTER}:2"), v2)
+    served.swap(registry.resolve(f"{ADAPTER}:1"), "v1_again", replace=v2)  # v1's weights under a new name
+    prompts = _prompts(served, 2)
+    engine = _engine(served)
+    futures = [engine.submit(prompts[0], 10, adapter=v1), engine.submit(prompts[1], 10, adapter="v1_again")]
+    while not all(f.done() for f in futures):
+        engine.run_once(wait=False)
+
+    assert served.adapters == [v1, "v1_again"] and list(served.model.peft_config) == [v1, "v1_again"]
+    assert [f.result().completion.token_ids for f in futures] == [_alone(alone[v1], p, 10) for p in prompts]
+
+
 # --- settings ------------------------------------------------------------------------------------
 
 
@@ -176,6 +196,31 @@ def test_references_share_the_version_they_serve_and_unknown_ones_are_not_found(
     assert [adapters.find(m) for m in ("tiny:7", "tiny@candidate", "other", "not a ref!")] == [None] * 4
     with pytest.raises(LoraopsError, match=r"already serves max_adapters \(3\) references: tiny@production, tiny:2, tiny:1"):
         adapters.load(f"{ADAPTER}@candidate")
+
+
+def test_a_reference_follows_its_alias_between_shared_and_own_adapters(serving_home):
+    """An alias moving onto a version another reference serves shares its adapter (back to one: merged again); moving off loads its own."""
+    import contextlib
+
+    from loraops.registry import Registry
+    from loraops.serve.adapters import AdapterSet
+    from loraops.serve.settings import validate_settings
+
+    registry = Registry(workspace=serving_home)
+    adapters = AdapterSet(registry, validate_settings({"workspace": str(serving_home), "adapters": [ADAPTER, f"{ADAPTER}:2"], "mode": "merged"}))
+    for ref in (ADAPTER + "@production", f"{ADAPTER}:2"):
+        adapters.load(ref)
+    production = adapters.default
+
+    moved = adapters.follow(production, registry.get(f"{ADAPTER}:2"), contextlib.nullcontext)
+    merged = lambda: any(getattr(m, "merged", False) for m in adapters.served.model.modules())  # noqa: E731
+    shared = (list(adapters.served.adapters), merged(), adapters.adapter_of(production))
+    adapters.follow(production, registry.get(f"{ADAPTER}:1"), contextlib.nullcontext)
+
+    assert moved and shared == (["tiny_v2"], True, "tiny_v2")  # one adapter left: merged again
+    assert adapters.served.mixed and not merged()  # two again: both unmerged
+    assert adapters.served.adapters == ["tiny_v2", "tiny_v1"] and adapters.adapter_of(production) == "tiny_v1"
+    assert not adapters.follow(production, registry.get(f"{ADAPTER}:1"), contextlib.nullcontext)  # already there
 
 
 # --- a replica on Ray Serve ----------------------------------------------------------------------

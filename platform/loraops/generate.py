@@ -223,17 +223,16 @@ class ServingModel:
             raise LoraopsError(f"adapter {adapter_name} is already loaded")
         # Load first: a broken adapter folder fails here and leaves the served model untouched.
         self.model.load_adapter(str(check_adapter_dir(adapter_dir)), adapter_name=adapter_name, is_trainable=False)
-        if self.mode == "merged" and not self.mixed:
+        merge = self.mode == "merged" and not self.mixed
+        if merge:
             self.model.unmerge_adapter()
             self._restore_pristine_weights()
             self._keep_pristine_weights()  # layers that only the new adapter targets
-            self.model.set_adapter(adapter_name)
-            self.model.merge_adapter()
-        else:
-            self.model.set_adapter(adapter_name)
-        self.model.delete_adapter(old)
         self.adapters[self.adapters.index(old)] = adapter_name
-        self.model.set_adapter(self.adapters[0])
+        self.model.set_adapter(self.adapters[0])  # before merging: PEFT's set_adapter unmerges a merged model
+        self.model.delete_adapter(old)
+        if merge:
+            self.model.merge_adapter()
         self.model.eval()
 
     def add(self, adapter_dir: str | Path, adapter_name: str) -> None:
