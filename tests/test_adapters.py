@@ -45,10 +45,17 @@ def _engine(served, **options):
     return Engine(served, Buckets((1, 2, 4), (256, 512), (1, 2)), **options)
 
 
+_ALONE: dict[tuple, list[int]] = {}
+
+
 def _alone(served, prompt, limit) -> list[int]:
+    """The prompt through generate_completions with ``served``'s one adapter (computed once per mode, adapter, prompt and limit)."""
     from loraops.generate import generate_completions
 
-    return generate_completions(served.model, served.tokenizer, [prompt], limit)[0].token_ids
+    key = (served.mode, served.adapter_name, tuple(prompt), limit)
+    if key not in _ALONE:
+        _ALONE[key] = generate_completions(served.model, served.tokenizer, [prompt], limit)[0].token_ids
+    return _ALONE[key]
 
 
 # --- the serving model and the engine ------------------------------------------------------------
@@ -193,7 +200,7 @@ def test_references_share_the_version_they_serve_and_unknown_ones_are_not_found(
     assert [adapters.find(m).ref for m in (None, "tiny", " tiny@production", "tiny:2", "tiny:1")] == [
         "tiny@production", "tiny@production", "tiny@production", "tiny:2", "tiny:1",
     ]  # fmt: skip
-    assert [adapters.find(m) for m in ("tiny:7", "tiny@candidate", "other", "not a ref!")] == [None] * 4
+    assert [adapters.find(m) for m in ("tiny:7", "tiny@candidate", "other", "not a ref!", "", 3)] == [None] * 6
     with pytest.raises(LoraopsError, match=r"already serves max_adapters \(3\) references: tiny@production, tiny:2, tiny:1"):
         adapters.load(f"{ADAPTER}@candidate")
 

@@ -136,6 +136,8 @@ class AdapterSet:
 
         if model is None:
             return self.default
+        if not isinstance(model, str):
+            return None
         try:
             ref = normalize_ref(model.strip())
         except LoraopsError:
