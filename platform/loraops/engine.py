@@ -18,6 +18,10 @@ go and that lets the window use a smaller length bucket, they shift left. Active
 lowest slots (a finished row's slot takes the last row), so a step over ``n`` rows runs at
 ``Buckets.batch_for(n)``.
 
+Several adapters: each request names its adapter (None: the default); requests for different adapters
+share batches, every pass naming each row's adapter (:meth:`loraops.generate.ServingModel.adapter_rows`).
+Streaming: a request's ``on_token`` callback receives each new token id from the engine's thread.
+
 Greedy rows produce the tokens :func:`loraops.generate.generate_completions` produces for the same
 prompt and limit (tested on the built-in test dialogues, both serving modes). A row whose sampling
 fails fails alone; if a forward pass raises, its rows are retried one at a time, so only a request
@@ -54,14 +58,14 @@ Policy = Literal["continuous", "static"]
 
 @dataclass(frozen=True)
 class Generated:
-    """One finished request: its completion, the engine's label when it started, and its times."""
+    """One finished request: its completion, its times, the adapter that generated it."""
 
     completion: Completion
-    label: Any
     #: Seconds from :meth:`Engine.submit` until its prefill began (waiting for a slot).
     queue_s: float
     #: Seconds from :meth:`Engine.submit` until its last token: the model's share of the request's time.
     model_s: float
+    adapter: str | None = None  # the adapter (PEFT name) that generated it
 
 
 class RowFailed(LoraopsError):
@@ -75,6 +79,8 @@ class _Request:
     temperature: float
     future: Future
     submitted: float
+    adapter: Any = None  # resolved to a loaded adapter name when it starts
+    on_token: Callable[[int], None] | None = None
     solo: bool = False  # retried alone after a forward pass that included it failed
 
 
@@ -82,8 +88,8 @@ class _Request:
 class _Row:
     request: _Request
     start: int  # cache column of its first prompt token
-    label: Any
     admitted: float
+    adapter: str | None = None
     tokens: list[int] = field(default_factory=list)
 
     @property
@@ -94,37 +100,26 @@ class _Row:
 class Engine:
     """Batched generation for one :class:`~loraops.generate.ServingModel` at fixed shapes (see the module docstring).
 
-    ``label`` is attached to every request admitted while it is set (the replica sets the adapter
-    version it serves, inside :meth:`exclusive`). ``observer``, if given, is called with
-    ``(phase, batch, length)`` before every forward pass (tests record the shapes with it).
+    ``observer``, if given, is called with ``(phase, batch, length)`` before every forward pass (tests
+    record the shapes with it). ``resolve_adapter`` maps a request's ``adapter`` to a loaded adapter's
+    name when the request starts, so one waiting while its adapter is replaced runs with the replacement.
     """
 
     def __init__(
-        self,
-        served,
-        buckets: Buckets,
-        policy: Policy = "continuous",
-        max_batch_size: int | None = None,
-        batch_wait_s: float = 0.0,
-        compile: bool = False,
-        label: Any = None,
-        observer: Callable[[str, int, int], None] | None = None,
-    ):
+        self, served, buckets: Buckets, policy: Policy = "continuous", max_batch_size: int | None = None, batch_wait_s: float = 0.0,
+        compile: bool = False, observer: Callable[[str, int, int], None] | None = None, resolve_adapter: Callable | None = None,
+    ):  # fmt: skip
         if policy not in POLICIES:
             raise LoraopsError(f"policy {policy!r}: expected one of {', '.join(POLICIES)}")
-        self.served = served
-        self.buckets = buckets
-        self.policy = policy
-        self.label = label
+        self.served, self.buckets, self.policy = served, buckets, policy
+        self._resolve_adapter = resolve_adapter or (lambda key: key)
         self.slots = SlotModel(served, buckets, compile=compile, observer=observer)
         self._eos = served.tokenizer.eos_token_id
         self._column = 0  # the cache column the next decode step writes
         self._rows: list[_Row] = []  # slot i holds _rows[i]
         self._pending: deque[_Request] = deque()
         self._cond = threading.Condition()
-        self._paused = 0
-        self._busy = False
-        self._stopping = False
+        self._paused, self._busy, self._stopping = 0, False, False
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
         self.set_limits(max_batch_size or buckets.max_batch, batch_wait_s)
@@ -143,8 +138,11 @@ class Engine:
             self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
             self._cond.notify_all()
 
-    def submit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0) -> Future:
-        """Queue one request; the future resolves to a :class:`Generated` (or raises :class:`RowFailed`). Thread-safe."""
+    def submit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, adapter: Any = None, on_token=None) -> Future:
+        """Queue one request; the future resolves to a :class:`Generated` (or raises :class:`RowFailed`). Thread-safe.
+
+        ``adapter``: a loaded adapter's name, or a key ``resolve_adapter`` maps to one (None: the default).
+        ``on_token(token_id)`` is called from the engine's thread for each new token, before the future resolves."""
         if not prompt:
             raise ValueError("empty prompt")
         if max_new_tokens < 1:
@@ -155,7 +153,7 @@ class Engine:
         with self._cond:
             if self.failure is not None:
                 raise LoraopsError(f"the engine stopped after an error: {self.failure}")
-            self._pending.append(_Request(list(prompt), max_new_tokens, float(temperature), future, time.perf_counter()))
+            self._pending.append(_Request(list(prompt), max_new_tokens, float(temperature), future, time.perf_counter(), adapter, on_token))
             self._cond.notify_all()
         return future
 
@@ -230,8 +228,7 @@ class Engine:
             with self._cond:
                 self.failure = exc
                 waiting = [row.request for row in self._rows] + list(self._pending)
-                self._rows.clear()
-                self._pending.clear()
+                self._rows, self._pending = [], deque()
                 self._cond.notify_all()
             for request in waiting:
                 _fail(request, RowFailed(f"the engine stopped: {exc}"))
@@ -307,9 +304,19 @@ class Engine:
         for first in range(0, len(joiners), chunk):
             self._join_chunk(joiners[first : first + chunk])
 
-    def _join_chunk(self, joiners: list[_Request]) -> None:
+    def _join_chunk(self, requests: list[_Request]) -> None:
+        joiners, adapters = [], []
+        for request in requests:
+            adapter = self._resolve_adapter(request.adapter) if request.adapter is not None else None
+            if adapter is not None and adapter not in self.served.adapters:
+                _fail(request, RowFailed(f"adapter {adapter} is not loaded (loaded: {', '.join(self.served.adapters)})"))
+                continue
+            joiners.append(request)
+            adapters.append(adapter)
+        if not joiners:
+            return
         try:
-            first_logits, scratch, width = self.slots.prefill([r.prompt for r in joiners])
+            first_logits, scratch, width = self.slots.prefill([r.prompt for r in joiners], adapters)
         except Exception as exc:  # noqa: BLE001 - retried alone; only a request that fails alone gets the error
             self._retry_alone(joiners, exc)
             return
@@ -324,9 +331,9 @@ class Engine:
             if longest > self._column:
                 self._shift_columns(longest - self._column)
         for j, request in enumerate(joiners):
-            row = _Row(request, start=self._column - len(request.prompt), label=self.label, admitted=now)
+            row = _Row(request, start=self._column - len(request.prompt), admitted=now, adapter=adapters[j])
             try:
-                row.tokens.append(self._pick(first_logits[j], request.temperature))
+                self._append(row, self._pick(first_logits[j], request.temperature))
             except RowFailed as exc:
                 _fail(request, exc)
                 continue
@@ -348,7 +355,8 @@ class Engine:
         self._compact_columns()
         rows = self._rows
         try:
-            logits = self.slots.decode([row.tokens[-1] for row in rows], [self._column - row.start for row in rows], [row.start for row in rows], self._column)
+            positions, starts = [self._column - row.start for row in rows], [row.start for row in rows]
+            logits = self.slots.decode([row.tokens[-1] for row in rows], positions, starts, self._column, [row.adapter for row in rows])
         except Exception as exc:  # noqa: BLE001 - retried alone; only a request that fails alone gets the error
             self._rows = []
             self._retry_alone([row.request for row in rows], exc)
@@ -357,7 +365,7 @@ class Engine:
         done: list[int] = []
         for i, row in enumerate(rows):
             try:
-                row.tokens.append(self._pick(logits[i], row.request.temperature))
+                self._append(row, self._pick(logits[i], row.request.temperature))
             except RowFailed as exc:
                 _fail(row.request, exc)
                 done.append(i)
@@ -378,6 +386,15 @@ class Engine:
             raise RowFailed("sampling failed: the next-token probabilities are not finite")
         return int(torch.multinomial(probs, 1))
 
+    @staticmethod
+    def _append(row: _Row, token: int) -> None:
+        row.tokens.append(token)
+        if row.request.on_token is not None:
+            try:
+                row.request.on_token(token)
+            except Exception as exc:  # noqa: BLE001 - a listener that went away must not stop generation
+                log.warning("a token listener failed (%s: %s); generation goes on", type(exc).__name__, exc)
+
     def _finished(self, row: _Row) -> bool:
         return row.tokens[-1] == self._eos or row.remaining <= 0
 
@@ -386,7 +403,8 @@ class Engine:
         completion = completion_from_ids(self.served.tokenizer, row.tokens, len(request.prompt))
         if not request.future.done():
             now = time.perf_counter()
-            request.future.set_result(Generated(completion, row.label, queue_s=row.admitted - request.submitted, model_s=now - request.submitted))
+            times = {"queue_s": row.admitted - request.submitted, "model_s": now - request.submitted}
+            request.future.set_result(Generated(completion, **times, adapter=row.adapter or self.served.adapter_name))
 
     def _retry_alone(self, requests: list[_Request], exc: Exception) -> None:
         """After a failed forward pass: a request that was alone gets the error, the others are retried one at a time."""

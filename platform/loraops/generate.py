@@ -1,5 +1,5 @@
 """Text generation, shared by evaluation and serving: batched left-padded ``generate`` calls, and the
-serving model (a base model with one swappable adapter, 4-bit or dequantized and merged).
+serving model (a base model with swappable adapters, 4-bit or dequantized and merged, several at once unmerged).
 
 Evaluation (:mod:`loraops.evaluate`) and the serving replicas (:mod:`loraops.serve.replica`) both
 generate through :func:`generate_completions`, so the endpoint answers what evaluation scored.
@@ -7,6 +7,7 @@ generate through :func:`generate_completions`, so the endpoint answers what eval
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,38 @@ def completion_from_ids(tokenizer, ids: list[int], prompt_tokens: int) -> Comple
     return Completion(text=tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=list(ids), prompt_tokens=prompt_tokens)
 
 
+class TextStream:
+    """The text of tokens as they are generated, handed out in pieces whose concatenation is the completion's text.
+
+    Each :meth:`add` decodes all tokens so far as :func:`completion_from_ids` does (up to end-of-text,
+    special tokens skipped, stripped) and hands out only what can no longer change: trailing whitespace
+    (the final text is stripped) and an unfinished multi-byte character wait for the next token.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> str:
+        """The new text after ``token`` ("" while nothing new is certain)."""
+        if self.ids and self.ids[-1] == self.tokenizer.eos_token_id:
+            return ""
+        self.ids.append(token)
+        stable = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip()
+        if not stable.startswith(self.sent):  # decoding more tokens changed earlier text: wait for the end
+            return ""
+        piece, self.sent = stable[len(self.sent) :], stable
+        return piece
+
+    def finish(self, text: str) -> str:
+        """What is left of the final ``text`` after the pieces handed out."""
+        if not text.startswith(self.sent):
+            raise LoraopsError(f"streamed text {self.sent!r} is not a prefix of the completion {text!r}")
+        rest, self.sent = text[len(self.sent) :], text
+        return rest
+
+
 # --- the serving model -------------------------------------------------------------------------
 
 #: How a serving replica holds the model: ``nf4`` is the training graph (4-bit base + unmerged
@@ -105,7 +138,7 @@ def dequantize_base(model, dtype: torch.dtype):
 
 
 class ServingModel:
-    """A base model plus one active adapter, ready to generate, whose adapter can be swapped in place.
+    """A base model plus one or more loaded adapters, ready to generate; adapters can be added, removed and swapped in place.
 
     ``nf4`` keeps the 4-bit base and runs the adapter unmerged, as training did. ``merged``
     dequantizes the base once and merges the adapter into the dequantized weights; before the
@@ -115,7 +148,13 @@ class ServingModel:
     which drifts by rounding in 16-bit). The copies cost the dense size of the LoRA-targeted
     weights (for Phi-2 with q/k/v/dense: about 1.7 GB in 16-bit), kept in host memory.
 
-    Not thread-safe: the caller serialises :meth:`swap` with generation.
+    Several adapters (:meth:`add`): none is merged (a merged delta would apply to every row), so
+    the base weights are the pristine ones (restored from the copies in merged mode) and each
+    forward pass names the adapter of every row (:meth:`adapter_rows`, PEFT's mixed-batch LoRA
+    forward). Back to one adapter (:meth:`remove`), merged mode merges it again. ``adapters[0]`` is
+    the default adapter.
+
+    Not thread-safe: the caller serialises :meth:`swap`, :meth:`add` and :meth:`remove` with generation.
     """
 
     def __init__(self, model, tokenizer, config: Config, mode: str, adapter_name: str, static_cache: bool = False):
@@ -125,12 +164,22 @@ class ServingModel:
         self.tokenizer = tokenizer
         self.config = config
         self.mode = mode
-        self.adapter_name = adapter_name
+        self.adapters: list[str] = [adapter_name]
         self.static_cache = static_cache
         self._pristine: dict[str, torch.Tensor] = {}
         if mode == "merged":
             self._keep_pristine_weights()
             model.merge_adapter()
+
+    @property
+    def adapter_name(self) -> str:
+        """The default adapter (the first loaded)."""
+        return self.adapters[0]
+
+    @property
+    def mixed(self) -> bool:
+        """Whether several adapters are loaded: every forward pass then names each row's adapter."""
+        return len(self.adapters) > 1
 
     @property
     def context_tokens(self) -> int:
@@ -143,29 +192,74 @@ class ServingModel:
 
     def generate_options(self) -> dict:
         """Extra ``generate`` arguments: on a GPU the merged model decodes with a static, compiled KV cache."""
-        if self.mode == "merged" and self.static_cache and device().type == "cuda":
+        if self.mode == "merged" and not self.mixed and self.static_cache and device().type == "cuda":
             # transformers compiles the decoding step when the cache is static (see its
             # _valid_auto_compile_criteria); the 4-bit graph does not compile usefully.
             return {"cache_implementation": "static"}
         return {}
 
-    def swap(self, adapter_dir: str | Path, adapter_name: str) -> None:
-        """Make the adapter in ``adapter_dir`` (named ``adapter_name``) the active one; the base stays loaded."""
-        if adapter_name == self.adapter_name:
+    def adapter_rows(self, names: Sequence[str | None] | None):
+        """A context for forward passes of the base model whose row i uses adapter ``names[i]`` (None: the default).
+
+        With one adapter loaded it does nothing (the adapter is active, or merged). With several, PEFT's
+        forward hooks hand each LoRA layer the per-row names (its mixed-batch forward), the mechanism
+        ``PeftModel.generate(adapter_names=...)`` uses.
+        """
+        if not self.mixed or names is None:
+            return contextlib.nullcontext()
+        unknown = sorted({name for name in names if name is not None} - set(self.adapters))
+        if unknown:
+            raise LoraopsError(f"adapter {unknown[0]} is not loaded (loaded: {', '.join(self.adapters)})")
+        return self.model._enable_peft_forward_hooks(adapter_names=[name or self.adapters[0] for name in names])
+
+    def swap(self, adapter_dir: str | Path, adapter_name: str, replace: str | None = None) -> None:
+        """Load the adapter in ``adapter_dir`` (named ``adapter_name``) in place of ``replace`` (default: the default adapter); the base stays loaded."""
+        old = replace or self.adapters[0]
+        if adapter_name == old:
             return
-        old = self.adapter_name
+        if old not in self.adapters:
+            raise LoraopsError(f"adapter {old} is not loaded (loaded: {', '.join(self.adapters)})")
+        if adapter_name in self.adapters:
+            raise LoraopsError(f"adapter {adapter_name} is already loaded")
         # Load first: a broken adapter folder fails here and leaves the served model untouched.
         self.model.load_adapter(str(check_adapter_dir(adapter_dir)), adapter_name=adapter_name, is_trainable=False)
-        if self.mode == "merged":
+        merge = self.mode == "merged" and not self.mixed
+        if merge:
             self.model.unmerge_adapter()
             self._restore_pristine_weights()
             self._keep_pristine_weights()  # layers that only the new adapter targets
-            self.model.set_adapter(adapter_name)
-            self.model.merge_adapter()
-        else:
-            self.model.set_adapter(adapter_name)
+        self.adapters[self.adapters.index(old)] = adapter_name
+        self.model.set_adapter(self.adapters[0])  # before merging: PEFT's set_adapter unmerges a merged model
         self.model.delete_adapter(old)
-        self.adapter_name = adapter_name
+        if merge:
+            self.model.merge_adapter()
+        self.model.eval()
+
+    def add(self, adapter_dir: str | Path, adapter_name: str) -> None:
+        """Load one more adapter next to the loaded ones (merged mode unmerges: several adapters run unmerged)."""
+        if adapter_name in self.adapters:
+            return
+        self.model.load_adapter(str(check_adapter_dir(adapter_dir)), adapter_name=adapter_name, is_trainable=False)
+        if self.mode == "merged" and not self.mixed:
+            self.model.unmerge_adapter()
+            self._restore_pristine_weights()  # exactly the dequantized base, not base + delta - delta
+            self._keep_pristine_weights()
+        self.adapters.append(adapter_name)
+        self.model.set_adapter(self.adapters[0])
+        self.model.eval()
+
+    def remove(self, adapter_name: str) -> None:
+        """Unload an adapter; with one left, merged mode merges it again (the fast path)."""
+        if adapter_name not in self.adapters:
+            return
+        if not self.mixed:
+            raise LoraopsError(f"adapter {adapter_name} is the only one loaded: swap it instead")
+        self.model.delete_adapter(adapter_name)
+        self.adapters.remove(adapter_name)
+        self.model.set_adapter(self.adapters[0])
+        if self.mode == "merged" and not self.mixed:
+            self._keep_pristine_weights()
+            self.model.merge_adapter()
         self.model.eval()
 
     def _lora_layers(self):

@@ -12,6 +12,10 @@ Each row's positions count from its own first token, whatever column it sits at,
 lets a row see only its own columns: a row computes exactly what it computes alone. Moving rows between
 slots and shifting columns therefore changes no numbers. Decode steps are compiled (``compile=True``),
 one graph per (batch, length) bucket, all during :meth:`SlotModel.warm_up`.
+
+With several adapters loaded (:attr:`~loraops.generate.ServingModel.mixed`) both passes take each row's
+adapter name and run eagerly: the per-row names are Python data that a compiled graph would guard on
+(a recompilation per mix of adapters), so compiled decode steps are used only while one adapter is loaded.
 """
 
 from __future__ import annotations
@@ -102,8 +106,10 @@ class SlotModel:
     # --- prefill -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prefill(self, prompts: Sequence[Sequence[int]]):
-        """One pass over left-padded ``prompts`` at their bucket shape; returns (next-token logits per prompt, its cache, its width)."""
+    def prefill(self, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None):
+        """One pass over left-padded ``prompts`` at their bucket shape; returns (next-token logits per prompt, its cache, its width).
+
+        ``adapters``: each prompt's adapter name (None or absent: the default adapter), used when several are loaded."""
         from transformers import DynamicCache
 
         rows, width = self.buckets.prefill_batch_for(len(prompts)), self.buckets.length_for(max(len(p) for p in prompts))
@@ -120,14 +126,15 @@ class SlotModel:
         allowed = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool)[None]
         self._observe("prefill", rows, width)
         cache = DynamicCache()
-        out = self._model(
-            input_ids=input_ids.to(self._device),
-            attention_mask=self._mask(allowed[:, None]),
-            position_ids=positions.to(self._device),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with self.served.adapter_rows(_pad_rows(adapters, len(prompts), rows)):
+            out = self._model(
+                input_ids=input_ids.to(self._device),
+                attention_mask=self._mask(allowed[:, None]),
+                position_ids=positions.to(self._device),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         if not self._keys:
             self._allocate(cache)
         return out.logits[: len(prompts), -1].float(), cache, width
@@ -153,9 +160,11 @@ class SlotModel:
     # --- decode --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def decode(self, tokens: Sequence[int], positions: Sequence[int], starts: Sequence[int], column: int) -> torch.Tensor:
-        """One step for the first ``len(tokens)`` slots: slot i feeds ``tokens[i]`` at ``positions[i]``, sees columns ``starts[i]..column``
-        and writes at ``column``. Returns their next-token logits."""
+    def decode(
+        self, tokens: Sequence[int], positions: Sequence[int], starts: Sequence[int], column: int, adapters: Sequence[str | None] | None = None
+    ) -> torch.Tensor:
+        """One step for the first ``len(tokens)`` slots: slot i feeds ``tokens[i]`` at ``positions[i]`` with adapter ``adapters[i]``, sees
+        columns ``starts[i]..column`` and writes at ``column``. Returns their next-token logits."""
         if not self._keys:
             raise LoraopsError("decode before any prefill: the slot buffers are sized from the first prefill")
         rows = len(tokens)
@@ -170,13 +179,15 @@ class SlotModel:
         self._window.rows, self._window.length = batch, length
         self._window.column.fill_(column)
         self._observe("decode", batch, length)
-        out = self._decode_forward(
-            input_ids=input_ids.to(self._device),
-            attention_mask=self._mask(allowed[:, None, None, :]),
-            position_ids=position_ids.to(self._device),
-            cache=self._cache,
-            use_cache=True,
-        )
+        forward = self._model if self.served.mixed else self._decode_forward  # compiled graphs serve one adapter only
+        with self.served.adapter_rows(_pad_rows(adapters, rows, batch)):
+            out = forward(
+                input_ids=input_ids.to(self._device),
+                attention_mask=self._mask(allowed[:, None, None, :]),
+                position_ids=position_ids.to(self._device),
+                cache=self._cache,
+                use_cache=True,
+            )
         return out.logits[:rows, -1].float()
 
     def _compiled_forward(self):
@@ -214,3 +225,11 @@ class SlotModel:
     def _observe(self, phase: str, batch: int, length: int) -> None:
         if self.observer is not None:
             self.observer(phase, batch, length)
+
+
+def _pad_rows(adapters: Sequence[str | None] | None, rows: int, batch: int) -> list[str | None]:
+    """Per-row adapter names for a pass of ``batch`` rows whose first ``rows`` are real: padding rows take the default adapter."""
+    names = list(adapters) if adapters is not None else [None] * rows
+    if len(names) != rows:
+        raise LoraopsError(f"{len(names)} adapter names for {rows} rows")
+    return names + [None] * (batch - rows)

@@ -1,8 +1,11 @@
-"""The model deployment: each replica holds the base model and the adapter a registry reference names.
+"""The model deployment: each replica holds the base model and the adapters of a set of registry references.
 
-A replica loads the version that ``adapter`` (``NAME@production`` by default, or a pinned
-``NAME:VERSION``) points to, rebuilt from the training config recorded with that version, in the
-configured mode (``nf4`` or ``merged``, see :func:`loraops.generate.load_for_serving`).
+A replica serves the references of ``adapters`` (default ``[adapter]``: ``NAME@production`` or a pinned
+``NAME:VERSION``) on one base model, rebuilt from the training config recorded with the first one, in
+the configured mode (``nf4`` or ``merged``, see :func:`loraops.generate.load_for_serving`). A request
+may name one in ``model`` (default: the first); one adapter loaded runs the fast path (merged mode:
+merged into the dequantized base), several run unmerged with per-row adapters in shared batches
+(:mod:`loraops.serve.adapters`, :meth:`loraops.generate.ServingModel.adapter_rows`).
 
 Requests go to the replica's :class:`~loraops.engine.Engine`: continuous batching (requests join and
 leave the running batch between decode steps) over a KV cache whose shapes come from a fixed set of
@@ -12,18 +15,20 @@ request waits for a compilation. Greedy answers are the tokens evaluation's
 :func:`loraops.generate.generate_completions` produces. No request can fail its batch-mates: the
 engine retries the requests of a failed forward pass one at a time and fails only a request that
 fails alone, which is answered with a 422 when the model demonstrably works (:func:`reject_or_raise`).
+:meth:`SummarizerModel.summarize_stream` hands out the text as it is generated.
 
-A replica that cannot load its alias's target (a corrupt artifact, a refused training config)
-starts on the version the alias pointed to most recently before that still verifies
+A replica that cannot load an alias's target (a corrupt artifact, a refused training config)
+serves the version the alias pointed to most recently before that still verifies
 (:func:`fallback_order`) and reports the problem in ``info()`` (``/v1/models``, ``/healthz``
 "degraded"), so a bad version never keeps capacity from coming back.
 
 Adapter swaps without downtime: every ``registry_poll_s`` the replica asks the registry where its
-reference points; when the alias has moved it loads the new adapter next to the old one and
-switches while no request is decoding (:meth:`loraops.engine.Engine.exclusive`,
-:meth:`loraops.generate.ServingModel.swap`), so no request fails and the base model is never
-reloaded. Serve's ``user_config`` (``reconfigure``) can change the reference, the batch settings
-and the poll interval the same way. Every response names the version that generated it.
+alias references point; when one has moved it loads the new adapter and switches while no request is
+decoding (:meth:`loraops.engine.Engine.exclusive`), so no request fails and the base model is never
+reloaded. Serve's ``user_config`` (``reconfigure``) can change the default reference, the batch
+settings and the poll interval the same way (the set of ``adapters`` changes with a redeploy, or
+one reference at a time with :meth:`SummarizerModel.load_extra`). Every response names the version
+that generated it.
 """
 
 from __future__ import annotations
@@ -33,20 +38,30 @@ import contextlib
 import logging
 import re
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 
 from loraops.errors import LoraopsError
-from loraops.registry.refs import parse_ref
+from loraops.serve.adapters import AdapterSet, adapter_slot, fallback_order, swap_blocker, training_config
 from loraops.serve.settings import MODEL_DEPLOYMENT, LiveSettings, ServeSettings, validate_live
 
-log = logging.getLogger("ray.serve")
+# The serving helpers moved to loraops.serve.adapters stay importable from here.
+__all__ = [
+    "DialogueTooLong",
+    "Rejection",
+    "SummarizerModel",
+    "adapter_slot",
+    "fallback_order",
+    "reject_or_raise",
+    "swap_blocker",
+    "training_config",
+    "without_paths",
+]
 
-#: Training-config sections a replica needs: the base model, how it was quantized, the prompt.
-CONFIG_SECTIONS = ("model", "quantization", "data")
+log = logging.getLogger("ray.serve")
 
 
 class DialogueTooLong(LoraopsError):
@@ -66,14 +81,20 @@ class DialogueTooLong(LoraopsError):
 
 @dataclass(frozen=True)
 class Rejection:
-    """A request the model deployment turns down because of its own input, answered as a 422.
+    """A request the model deployment turns down because of its own input: an HTTP ``status`` (422, 404), a ``type``, the ``field`` at fault.
 
     Returned instead of raised: Serve logs every exception a replica method raises with its
     traceback, and a client's mistake is not worth one.
     """
 
+    status: int
     type: str
     message: str
+    field: str | None = None
+
+    def event(self) -> dict[str, Any]:
+        """The one event of a refused stream."""
+        return {"rejection": {"status": self.status, "type": self.type, "message": self.message, "field": self.field}}
 
 
 async def reject_or_raise(error: Exception, probe: Callable[[], Awaitable[Any]]) -> Rejection:
@@ -88,17 +109,7 @@ async def reject_or_raise(error: Exception, probe: Callable[[], Awaitable[Any]])
     except Exception:  # noqa: BLE001
         raise error from None
     log.warning("a request failed on its own and is rejected: %s: %s", type(error).__name__, error)
-    return Rejection("generation_failed", f"no summary could be generated for this request ({type(error).__name__}); other requests were answered")
-
-
-def fallback_order(events: Sequence, failed: int) -> list[int]:
-    """Versions an alias has pointed to (its audit log's ``AliasEvent`` s), most recent first, without ``failed``."""
-    order: list[int] = []
-    for event in reversed(events):
-        for number in (event.to_version, event.from_version):
-            if number is not None and number != failed and number not in order:
-                order.append(number)
-    return order
+    return Rejection(422, "generation_failed", f"no summary could be generated for this request ({type(error).__name__}); other requests were answered")
 
 
 _PATH = re.compile(r"(?:\b[A-Za-z][A-Za-z0-9+.-]*://|(?<![\w.~])/)[^\s'\"(),;]+")
@@ -109,54 +120,9 @@ def without_paths(text: str) -> str:
     return _PATH.sub("<path>", text)
 
 
-def training_config(version, workspace: str, allow_trust_remote_code: bool = False):
-    """The loraops :class:`~loraops.config.Config` a registered version was trained with, for serving.
-
-    Only the sections serving needs are taken (base model, quantization, prompt and lengths), so
-    unrelated training keys never stop a replica; ``workspace`` is the serving workspace, where
-    ``builtin:tiny-phi`` lives. Versions registered without a config fall back to the columns
-    the registry always records and the default prompt. A version trained with
-    ``model.trust_remote_code: true`` is refused unless ``allow_trust_remote_code``: the registry
-    would otherwise decide what code every replica runs.
-    """
-    from loraops.config import Config, validate
-
-    raw = version.config or {}
-    data: dict[str, Any] = {key: raw[key] for key in CONFIG_SECTIONS if isinstance(raw.get(key), dict)}
-    if "model" not in data and version.base_model:
-        data["model"] = {"name": version.base_model}
-    if "quantization" not in data and version.quantization:
-        data["quantization"] = version.quantization
-    if not raw:
-        log.warning("%s was registered without its training config: assuming the default prompt template", version.ref)
-    config = validate(Config, data | {"workspace": workspace}, origin=f"training config of {version.ref}")
-    if config.model.trust_remote_code and not allow_trust_remote_code:
-        raise LoraopsError(
-            f"{version.ref} was trained with model.trust_remote_code: true, which runs code from the model repository "
-            "in every replica; set args.allow_trust_remote_code: true in the serve config to serve it"
-        )
-    return config
-
-
-def swap_blocker(current, new) -> str | None:
-    """Why a replica serving ``current`` (a Config) cannot switch to an adapter trained as ``new``, or None."""
-    if current.model != new.model:
-        return f"base model {new.model.name!r} differs from the loaded {current.model.name!r}"
-    if current.quantization != new.quantization:
-        return "quantization settings differ from the loaded base model's"
-    if current.data.prompt_template != new.data.prompt_template:
-        return "its prompt template differs"
-    return None
-
-
-def adapter_slot(name: str, version: int) -> str:
-    """The PEFT adapter name of a version (PEFT names may not contain dots)."""
-    return f"{re.sub(r'[^A-Za-z0-9_]', '_', name)}_v{version}"
-
-
 @serve.deployment(name=MODEL_DEPLOYMENT, max_ongoing_requests=32, health_check_period_s=10)
 class SummarizerModel:
-    """One model replica: base model + the adapter of a registry reference, batched generation, live swaps."""
+    """One model replica: base model + the adapters of its registry references, batched generation, live swaps."""
 
     def __init__(self, settings: dict[str, Any]):
         import torch
@@ -169,66 +135,33 @@ class SummarizerModel:
         self.live = LiveSettings.model_validate(self.settings.live())
         self.registry = Registry(db_url=self.settings.db_url, artifact_uri=self.settings.artifact_uri, workspace=self.settings.workspace)
         self._switch_lock = asyncio.Lock()
-        self.problem: str | None = None
         self.engine = None
-        target = self.registry.get(self.live.adapter)
-        self.version, self.served = self._load_or_fall_back(target)
+        self.adapters = AdapterSet(self.registry, self.settings)
+        for ref in self.settings.adapters:
+            self.adapters.load(ref)
+        self.served = self.adapters.served
         self._probe = self._prompt("#Person1#: Hello.\n#Person2#: Hi.")
-        latest = self.registry.get(self.live.adapter)
-        if latest.version != target.version:  # the alias moved while this replica was loading
-            try:
-                self._switch(latest)
-            except LoraopsError as exc:
-                self._report(f"cannot switch to {latest.ref}: {exc}; still serving {self.version.ref}")
+        for reference in self.adapters.references:
+            latest = self.registry.get(reference.ref)
+            if reference.problem is None and latest.version != reference.version.version:  # the alias moved while this replica was loading
+                try:
+                    self.adapters.follow(reference, latest, contextlib.nullcontext)
+                except LoraopsError as exc:
+                    self.adapters.report(reference, f"cannot switch to {latest.ref}: {exc}; still serving {reference.version.ref}")
         self.engine = self._start_engine(self.live.max_batch_size)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_registry())
 
-    # --- loading and switching -----------------------------------------------------------------
+    @property
+    def version(self):
+        """The version the default reference serves."""
+        return self.adapters.default.version
 
-    def _load_or_fall_back(self, target):
-        """``(version, served)`` for ``target``, or, when it cannot be loaded and the reference is an
-        alias, for the version the alias pointed to most recently before that loads (checksums verified)."""
-        try:
-            return target, self._load(target)
-        except Exception as exc:  # noqa: BLE001 - whatever stops the target, an earlier version may serve
-            failure = exc
-        _, alias, _ = parse_ref(self.live.adapter)
-        if alias is None:  # a pinned NAME:VERSION means exactly that version
-            raise failure
-        for number in fallback_order(self.registry.audit_log(target.name, alias), target.version):
-            candidate = self.registry.get(f"{target.name}:{number}")
-            try:
-                served = self._load(candidate)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("cannot fall back to %s either: %s", candidate.ref, exc)
-                continue
-            self._report(
-                f"cannot load {target.ref}, the target of {self.live.adapter}: {failure}; serving {candidate.ref} instead, "
-                f"the version {alias} pointed to most recently before that loads (move the alias to a loadable version to recover)"
-            )
-            return candidate, served
-        raise LoraopsError(f"cannot load {target.ref}, the target of {self.live.adapter}, nor any earlier target of {alias}: {failure}") from failure
+    @property
+    def problem(self) -> str | None:
+        return self.adapters.problem
 
-    def _report(self, problem: str) -> None:
-        """Record why this replica does not serve its reference's target (``info()``, /healthz); log each new one once."""
-        if problem != self.problem:
-            log.error(problem)
-        self.problem = problem
-
-    def _load(self, version):
-        from loraops.generate import load_for_serving
-
-        config = training_config(version, self.settings.workspace, self.settings.allow_trust_remote_code)
-        path = self.registry.resolve(version.ref)  # checksums verified before anything is loaded
-        served = load_for_serving(
-            config,
-            path,
-            self.settings.mode,
-            adapter_name=adapter_slot(version.name, version.version),
-            dtype=self.settings.dtype,
-        )
-        log.info("serving %s (%s mode, %s) from %s", version.ref, self.settings.mode, served.dtype, path)
-        return served
+    def _hold(self):
+        return self.engine.exclusive() if self.engine is not None else contextlib.nullcontext()
 
     def _start_engine(self, max_batch_size: int):
         """The decode engine for the served model: buckets from the settings, every shape run once (warm-up), its loop started."""
@@ -242,7 +175,7 @@ class SummarizerModel:
             max_batch_size=max_batch_size,
             batch_wait_s=self.live.batch_wait_timeout_s,
             compile=self.settings.compiles(self.served),
-            label=self.version,
+            resolve_adapter=self.adapters.adapter_of,
         )
         shapes, seconds = engine.warm_up()
         self.warm_up_report = {"shapes": shapes, "seconds": round(seconds, 2), "compiled": engine.compiled}
@@ -250,54 +183,67 @@ class SummarizerModel:
             "warm-up: %d shapes (batch %s x cache length %s, prefill batch %s) in %.1f s%s",
             shapes, list(buckets.batch), list(buckets.length), list(buckets.prefill_batch), seconds, ", decode step compiled" if engine.compiled else "",
         )  # fmt: skip
+        if engine.compiled and self.served.mixed:
+            log.info("several adapters are loaded: decode steps run uncompiled until one is left")
         engine.start()
         return engine
 
-    async def _follow(self, ref: str, strict: bool = False) -> None:
-        """Switch to the version ``ref`` names now, if it is not the one being served."""
+    # --- following aliases, changing the set ---------------------------------------------------
+
+    async def _follow(self, reference, ref: str | None = None, strict: bool = False) -> None:
+        """Make ``reference`` serve what ``ref`` (default: its own reference) names now; on success it is ``ref``."""
+        ref = ref or reference.ref
         async with self._switch_lock:
             version = await asyncio.to_thread(self.registry.get, ref)
-            if (version.name, version.version) == (self.version.name, self.version.version):
-                if self.problem:  # e.g. the alias was moved back to the version served here
-                    log.info("recovered: %s, the target of %s, is served", version.ref, ref)
-                    self.problem = None
-                return
             try:
-                await asyncio.to_thread(self._switch, version)
+                await asyncio.to_thread(self.adapters.follow, reference, version, self._hold)
             except LoraopsError as exc:
-                self._report(f"cannot switch to {version.ref}: {exc}; still serving {self.version.ref}")
+                self.adapters.report(reference, f"cannot switch to {version.ref}: {exc}; still serving {reference.version.ref}")
                 if strict:
                     raise
-
-    def _switch(self, version) -> None:
-        config = training_config(version, self.settings.workspace, self.settings.allow_trust_remote_code)
-        blocker = swap_blocker(self.served.config, config)
-        if blocker:
-            raise LoraopsError(f"{blocker}: redeploy the application to serve it")
-        path = self.registry.resolve(version.ref)  # verified checksums, before the engine is held
-        with self.engine.exclusive() if self.engine is not None else contextlib.nullcontext():
-            self.served.swap(path, adapter_slot(version.name, version.version))
-            previous, self.version = self.version, version
-            if self.engine is not None:
-                self.engine.label = version  # requests admitted from now on carry the new version
-        if self.problem:
-            log.info("recovered: %s is served", version.ref)
-        self.problem = None
-        log.info("switched from %s to %s", previous.ref, version.ref)
+                return
+            reference.ref = ref
+            self.adapters.report(reference, None)
+            if self.engine.compiled and self.served.mixed:
+                log.info("several adapters are loaded: decode steps run uncompiled until one is left")
 
     async def _watch_registry(self) -> None:
-        """Follow the reference's alias: poll the registry and switch when it points elsewhere."""
+        """Follow the alias references: poll the registry and switch a reference when its alias points elsewhere."""
         while True:
             await asyncio.sleep(self.live.registry_poll_s or 1.0)
-            if not self.live.registry_poll_s or ":" in self.live.adapter:
-                continue  # watching is off, or the reference is pinned to one version
-            try:
-                await self._follow(self.live.adapter)
-            except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop serving
-                log.warning("registry check for %s failed: %s", self.live.adapter, exc)
+            if not self.live.registry_poll_s:
+                continue  # watching is off
+            for reference in list(self.adapters.references):
+                if reference.pinned:
+                    continue
+                try:
+                    await self._follow(reference)
+                except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop serving
+                    log.warning("registry check for %s failed: %s", reference.ref, exc)
+
+    async def load_extra(self, ref: str) -> dict[str, Any]:
+        """Serve ``ref`` too (e.g. a canary candidate), next to the configured references, up to ``max_adapters``; its listing."""
+        from loraops.serve.settings import normalize_ref
+
+        ref = normalize_ref(ref.strip())
+        async with self._switch_lock:
+            reference = await asyncio.to_thread(self.adapters.load, ref, self._hold, True)
+        if self.engine.compiled and self.served.mixed:
+            log.info("several adapters are loaded: decode steps run uncompiled until one is left")
+        return reference.listing()
+
+    async def unload_extra(self, ref: str) -> bool:
+        """Stop serving a reference added with :meth:`load_extra` (requests waiting for it get the default); False if it was not served."""
+        from loraops.serve.settings import normalize_ref
+
+        ref = normalize_ref(ref.strip())
+        if ref in self.settings.adapters:
+            raise LoraopsError(f"{ref} is one of the configured adapters: redeploy to stop serving it")
+        async with self._switch_lock:
+            return await asyncio.to_thread(self.adapters.unload, ref, self._hold)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve's lightweight update: new adapter reference, batch settings or poll interval, in place.
+        """Serve's lightweight update: new default reference, batch settings or poll interval, in place.
 
         A ``max_batch_size`` above the largest warmed batch bucket builds and warms a new engine first
         (requests wait meanwhile, then the new engine takes them), so no request meets an unwarmed shape.
@@ -309,7 +255,7 @@ class SummarizerModel:
             await asyncio.to_thread(self._replace_engine, live.max_batch_size)
         self.engine.set_limits(live.max_batch_size, live.batch_wait_timeout_s)
         if moved:
-            await self._follow(live.adapter, strict=True)
+            await self._follow(self.adapters.default, live.adapter, strict=True)
 
     def _replace_engine(self, max_batch_size: int) -> None:
         old = self.engine
@@ -325,23 +271,67 @@ class SummarizerModel:
         return self.settings.context_tokens or self.served.context_tokens
 
     async def summarize(self, request: dict[str, Any]) -> dict[str, Any] | Rejection:
-        """One summary: ``{"dialogue", "max_new_tokens"?, "temperature"?}`` (validated by the API), or a :class:`Rejection`.
+        """One summary: ``{"dialogue", "max_new_tokens"?, "temperature"?, "model"?}`` (validated by the API), or a :class:`Rejection`.
 
         ``usage.model_ms`` is the time the request spent in the model engine (waiting for a slot, which
         ``usage.queue_ms`` gives, plus generating): the rest of what a client measures is Serve's overhead.
         """
         from loraops.engine import RowFailed
 
+        prepared = await self._prepare(request)
+        if isinstance(prepared, Rejection):
+            return prepared
+        try:
+            generated = await self._generate(*prepared)
+        except RowFailed as exc:
+            return await reject_or_raise(exc, lambda: self._generate(self._probe, 1, 0.0, None))
+        return self._answer(generated)
+
+    async def summarize_stream(self, request: dict[str, Any]):
+        """:meth:`summarize` as events: ``{"text"}`` as tokens are generated, then ``{"done": True, ...the answer}``;
+        or one ``{"rejection": {...}}``. Concatenated, the texts are the summary."""
+        from loraops.engine import RowFailed
+        from loraops.generate import TextStream
+
+        prepared = await self._prepare(request)
+        if isinstance(prepared, Rejection):
+            yield prepared.event()
+            return
+        loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
+        future = self.engine.submit(*prepared, on_token=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token))
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
+        text = TextStream(self.served.tokenizer)
+        try:
+            while (token := await tokens.get()) is not None:
+                if piece := text.add(token):
+                    yield {"text": piece}
+            generated = future.result()
+        except RowFailed as exc:
+            yield (await reject_or_raise(exc, lambda: self._generate(self._probe, 1, 0.0, None))).event()
+            return
+        finally:
+            future.cancel()  # a caller that went away: the engine drops the request (no-op once it is done)
+        answer = self._answer(generated)
+        if rest := text.finish(answer["summary"]):
+            yield {"text": rest}
+        yield {"done": True, **answer}
+
+    async def _prepare(self, request: dict[str, Any]):
+        """``(prompt, max_new_tokens, temperature, reference)`` for the engine, or a :class:`Rejection`."""
+        reference = self.adapters.find(request.get("model"))
+        if reference is None:
+            return Rejection(404, "model_not_found", f"model {request.get('model')!r} is not served here; loaded: {', '.join(self.adapters.refs())}", "model")
         max_new_tokens = request.get("max_new_tokens") or self.settings.default_max_new_tokens
         try:
             prompt = await asyncio.to_thread(self._encode, request["dialogue"], max_new_tokens)
         except DialogueTooLong as exc:
-            return Rejection("context_length_exceeded", str(exc))
-        try:
-            generated = await self._generate(prompt, max_new_tokens, float(request.get("temperature") or 0.0))
-        except RowFailed as exc:
-            return await reject_or_raise(exc, lambda: self._generate(self._probe, 1, 0.0))
-        completion, version = generated.completion, generated.label
+            return Rejection(422, "context_length_exceeded", str(exc), "dialogue")
+        return prompt, max_new_tokens, float(request.get("temperature") or 0.0), reference
+
+    def _answer(self, generated) -> dict[str, Any]:
+        completion = generated.completion
+        version = self.adapters.versions[generated.adapter]
+        ended = bool(completion.token_ids) and completion.token_ids[-1] == self.served.tokenizer.eos_token_id
         return {
             "summary": completion.text,
             "model": {"name": version.name, "version": version.version},
@@ -351,11 +341,12 @@ class SummarizerModel:
                 "model_ms": round(generated.model_s * 1000, 2),
                 "queue_ms": round(generated.queue_s * 1000, 2),
             },
+            "finish_reason": "stop" if ended else "length",
         }
 
-    async def _generate(self, prompt: list[int], max_new_tokens: int, temperature: float):
+    async def _generate(self, prompt: list[int], max_new_tokens: int, temperature: float, reference):
         """The engine's :class:`~loraops.engine.Generated` for one request; a cancelled caller's request is dropped."""
-        future = self.engine.submit(prompt, max_new_tokens, temperature)
+        future = self.engine.submit(prompt, max_new_tokens, temperature, adapter=reference)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -375,13 +366,15 @@ class SummarizerModel:
         return ids
 
     async def info(self) -> dict[str, Any]:
-        """What this replica serves."""
+        """What this replica serves (``name``, ``version``, ``adapter``: the default reference; ``adapters``: every one)."""
         served = self.served
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "name": self.version.name,
             "version": self.version.version,
-            "adapter": self.live.adapter,
+            "adapter": self.adapters.default.ref,
+            "adapters": [reference.listing() for reference in self.adapters.references],
+            "max_adapters": self.settings.max_adapters,
             "mode": served.mode,
             "base_model": served.config.model.name,
             "dtype": str(served.dtype).removeprefix("torch."),

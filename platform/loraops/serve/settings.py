@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from loraops.config import ConfigError, Section, apply_overrides, format_validation_error, read_yaml, resolve_workspace
 from loraops.registry.refs import DEFAULT_ALIAS, parse_ref
@@ -66,6 +66,13 @@ class LiveSettings(Section):
 
 class ServeSettings(LiveSettings):
     """The ``args`` of the loraops application in a serve config."""
+
+    adapters: list[Annotated[str, AfterValidator(_check_ref)]] | None = Field(
+        None,
+        min_length=1,
+        description="Registry references served at once (a request picks one with model); the first is the default and is adapter. Default: [adapter].",
+    )
+    max_adapters: int = Field(4, ge=1, le=64, description="Most references a replica serves at once: adapters plus those loaded on demand (canary candidate).")
 
     mode: Literal["nf4", "merged"] = Field(
         "merged", description="nf4: 4-bit base + unmerged adapter (least memory). merged: base dequantized, adapter merged (fast, same numerics)."
@@ -122,6 +129,22 @@ class ServeSettings(LiveSettings):
     def _default_within_limit(self) -> ServeSettings:
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError(f"default_max_new_tokens ({self.default_max_new_tokens}) is above max_new_tokens_limit ({self.max_new_tokens_limit})")
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_set(self) -> ServeSettings:
+        """``adapters`` defaults to ``[adapter]``; when given, ``adapter`` is its first entry (the default reference)."""
+        if self.adapters is None:
+            self.__dict__["adapters"] = [self.adapter]  # direct: assignment would validate the model again
+            return self
+        repeated = next((ref for i, ref in enumerate(self.adapters) if ref in self.adapters[:i]), None)
+        if repeated:
+            raise ValueError(f"adapters: {repeated} is listed twice")
+        if len(self.adapters) > self.max_adapters:
+            raise ValueError(f"adapters: {len(self.adapters)} references, more than max_adapters ({self.max_adapters})")
+        if "adapter" in self.model_fields_set and self.adapter != self.adapters[0]:
+            raise ValueError(f"adapter: {self.adapter} differs from the first of adapters ({self.adapters[0]}); set one of them")
+        self.__dict__["adapter"] = self.adapters[0]
         return self
 
     def buckets(self, max_batch_size: int, context_tokens: int):

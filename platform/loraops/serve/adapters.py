@@ -1,0 +1,269 @@
+"""The registry references a model replica serves on its one base model, and which version each one serves.
+
+A replica serves the references of ``adapters`` (``adapters[0]`` is the default, what a request that
+names no ``model`` gets) plus any loaded on demand (:meth:`AdapterSet.load_extra`, e.g. a canary
+candidate), at most ``max_adapters`` in all. Each reference serves one registry version; two references
+naming the same version share its adapter. An alias reference follows its alias
+(:meth:`AdapterSet.follow`); one whose target cannot be loaded at start falls back to the version the
+alias pointed to most recently before that which loads (:func:`fallback_order`), and says so in
+:attr:`AdapterSet.problem`.
+
+Every change of the loaded adapters happens while the engine holds no request (``hold``, the engine's
+:meth:`~loraops.engine.Engine.exclusive`), after the new version's files are fetched and verified, so
+running requests never fail; requests still waiting for a reference's adapter run with whatever it serves when they start
+(the engine resolves the adapter then, :meth:`AdapterSet.adapter_of`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from loraops.errors import LoraopsError
+from loraops.registry.refs import parse_ref
+
+log = logging.getLogger("ray.serve")
+
+#: Training-config sections a replica needs: the base model, how it was quantized, the prompt.
+CONFIG_SECTIONS = ("model", "quantization", "data")
+
+
+def adapter_slot(name: str, version: int) -> str:
+    """The PEFT adapter name of a version (PEFT names may not contain dots)."""
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', name)}_v{version}"
+
+
+def fallback_order(events: Sequence, failed: int) -> list[int]:
+    """Versions an alias has pointed to (its audit log's ``AliasEvent`` s), most recent first, without ``failed``."""
+    order: list[int] = []
+    for event in reversed(events):
+        for number in (event.to_version, event.from_version):
+            if number is not None and number != failed and number not in order:
+                order.append(number)
+    return order
+
+
+def training_config(version, workspace: str, allow_trust_remote_code: bool = False):
+    """The loraops :class:`~loraops.config.Config` a registered version was trained with, for serving.
+
+    Only the sections serving needs are taken (base model, quantization, prompt and lengths), so
+    unrelated training keys never stop a replica; ``workspace`` is the serving workspace, where
+    ``builtin:tiny-phi`` lives. Versions registered without a config fall back to the columns
+    the registry always records and the default prompt. A version trained with
+    ``model.trust_remote_code: true`` is refused unless ``allow_trust_remote_code``: the registry
+    would otherwise decide what code every replica runs.
+    """
+    from loraops.config import Config, validate
+
+    raw = version.config or {}
+    data: dict[str, Any] = {key: raw[key] for key in CONFIG_SECTIONS if isinstance(raw.get(key), dict)}
+    if "model" not in data and version.base_model:
+        data["model"] = {"name": version.base_model}
+    if "quantization" not in data and version.quantization:
+        data["quantization"] = version.quantization
+    if not raw:
+        log.warning("%s was registered without its training config: assuming the default prompt template", version.ref)
+    config = validate(Config, data | {"workspace": workspace}, origin=f"training config of {version.ref}")
+    if config.model.trust_remote_code and not allow_trust_remote_code:
+        raise LoraopsError(
+            f"{version.ref} was trained with model.trust_remote_code: true, which runs code from the model repository "
+            "in every replica; set args.allow_trust_remote_code: true in the serve config to serve it"
+        )
+    return config
+
+
+def swap_blocker(current, new) -> str | None:
+    """Why a replica serving ``current`` (a Config) cannot switch to an adapter trained as ``new``, or None."""
+    if current.model != new.model:
+        return f"base model {new.model.name!r} differs from the loaded {current.model.name!r}"
+    if current.quantization != new.quantization:
+        return "quantization settings differ from the loaded base model's"
+    if current.data.prompt_template != new.data.prompt_template:
+        return "its prompt template differs"
+    return None
+
+
+@dataclass
+class Reference:
+    """One served reference: as configured (normalized), the version it serves now, and why not its target, if so."""
+
+    ref: str
+    version: Any
+    extra: bool = False
+    problem: str | None = None
+
+    @property
+    def slot(self) -> str:
+        return adapter_slot(self.version.name, self.version.version)
+
+    @property
+    def pinned(self) -> bool:
+        return parse_ref(self.ref)[2] is not None
+
+    def listing(self) -> dict[str, Any]:
+        return {"ref": self.ref, "name": self.version.name, "version": self.version.version}
+
+
+Hold = Callable[[], contextlib.AbstractContextManager]
+
+
+class AdapterSet:
+    """The served references of one replica and its :class:`~loraops.generate.ServingModel` (created by the first load).
+
+    ``hold`` holds the engine idle while the loaded adapters change. Not thread-safe: the replica serialises changes.
+    """
+
+    def __init__(self, registry, settings):
+        self.registry, self.settings = registry, settings
+        self.served = None
+        self.references: list[Reference] = []
+        #: Every version this replica has loaded, by adapter name: what an answer's adapter was.
+        self.versions: dict[str, Any] = {}
+
+    # --- lookups -------------------------------------------------------------------------------
+
+    @property
+    def default(self) -> Reference:
+        return self.references[0]
+
+    def find(self, model: str | None) -> Reference | None:
+        """The reference serving ``model`` (None: the default): the same reference, else a ``NAME:VERSION`` whose version is served."""
+        from loraops.serve.settings import normalize_ref
+
+        if model is None:
+            return self.default
+        if not isinstance(model, str):
+            return None
+        try:
+            ref = normalize_ref(model.strip())
+        except LoraopsError:
+            return None
+        for reference in self.references:
+            if reference.ref == ref:
+                return reference
+        name, _, number = parse_ref(ref)
+        return next((r for r in self.references if number is not None and (r.version.name, r.version.version) == (name, number)), None)
+
+    def adapter_of(self, reference: Reference) -> str:
+        """The adapter a request for ``reference`` runs with when it starts: the version it serves then, or the default's once it is unloaded."""
+        return reference.slot if any(r is reference for r in self.references) else self.default.slot
+
+    def refs(self) -> list[str]:
+        return [reference.ref for reference in self.references]
+
+    @property
+    def problem(self) -> str | None:
+        return "; ".join(r.problem for r in self.references if r.problem) or None
+
+    def report(self, reference: Reference, problem: str | None) -> None:
+        """Record why ``reference`` does not serve its target (None: it does again); log each new problem once."""
+        if problem and problem != reference.problem:
+            log.error(problem)
+        elif reference.problem and not problem:
+            log.info("recovered: %s, the target of %s, is served", reference.version.ref, reference.ref)
+        reference.problem = problem
+
+    # --- loading -------------------------------------------------------------------------------
+
+    def load(self, ref: str, hold: Hold = contextlib.nullcontext, extra: bool = False) -> Reference:
+        """Start serving ``ref``: its target, or for an alias whose target does not load, an earlier target (with a problem)."""
+        known = next((r for r in self.references if r.ref == ref), None)
+        if known is not None:
+            return known
+        if len(self.references) >= self.settings.max_adapters:
+            raise LoraopsError(f"{ref}: this replica already serves max_adapters ({self.settings.max_adapters}) references: {', '.join(self.refs())}")
+        target = self.registry.get(ref)
+        try:
+            self._attach(target, hold)
+            reference = Reference(ref, target, extra=extra)
+        except Exception as exc:  # noqa: BLE001 - whatever stops the target, an earlier version may serve
+            reference = self._fall_back(ref, target, exc, hold, extra)
+        self.references.append(reference)
+        return reference
+
+    def _fall_back(self, ref: str, target, failure: Exception, hold: Hold, extra: bool) -> Reference:
+        _, alias, _ = parse_ref(ref)
+        if alias is None:  # a pinned NAME:VERSION means exactly that version
+            raise failure
+        for number in fallback_order(self.registry.audit_log(target.name, alias), target.version):
+            candidate = self.registry.get(f"{target.name}:{number}")
+            try:
+                self._attach(candidate, hold)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("cannot fall back to %s either: %s", candidate.ref, exc)
+                continue
+            reference = Reference(ref, candidate, extra=extra)
+            self.report(
+                reference,
+                f"cannot load {target.ref}, the target of {ref}: {failure}; serving {candidate.ref} instead, "
+                f"the version {alias} pointed to most recently before that loads (move the alias to a loadable version to recover)",
+            )
+            return reference
+        raise LoraopsError(f"cannot load {target.ref}, the target of {ref}, nor any earlier target of {alias}: {failure}") from failure
+
+    def _prepare(self, version):
+        """``(adapter name, verified adapter folder or None when that version is loaded already)`` for ``version``, checked against the base."""
+        slot = adapter_slot(version.name, version.version)
+        config = training_config(version, self.settings.workspace, self.settings.allow_trust_remote_code)
+        if self.served is not None:
+            blocker = swap_blocker(self.served.config, config)
+            if blocker:
+                raise LoraopsError(f"{blocker}: redeploy the application to serve it")
+            if slot in self.served.adapters:
+                return slot, None
+        return slot, self.registry.resolve(version.ref)  # checksums verified before anything is loaded or held
+
+    def _attach(self, version, hold: Hold) -> None:
+        """Load ``version``'s adapter on the base (the first load creates the serving model)."""
+        from loraops.generate import load_for_serving
+
+        slot, path = self._prepare(version)
+        if path is None:
+            return
+        if self.served is None:
+            config = training_config(version, self.settings.workspace, self.settings.allow_trust_remote_code)
+            self.served = load_for_serving(config, path, self.settings.mode, adapter_name=slot, dtype=self.settings.dtype)
+        else:
+            with hold():
+                self.served.add(path, slot)
+        self.versions[slot] = version
+        log.info("serving %s (%s mode, %s) from %s", version.ref, self.settings.mode, self.served.dtype, path)
+
+    # --- changing the set ----------------------------------------------------------------------
+
+    def follow(self, reference: Reference, version, hold: Hold) -> bool:
+        """Make ``reference`` serve ``version`` (its alias moved); True if it changed. Raises LoraopsError when it cannot load."""
+        if (version.name, version.version) == (reference.version.name, reference.version.version):
+            return False
+        old, (new, path) = reference.slot, self._prepare(version)
+        shared = any(r is not reference and r.slot == old for r in self.references)  # another reference still serves the old version
+        with hold():  # the swap and the re-pointing happen while no request runs
+            if path is not None:
+                if shared:
+                    self.served.add(path, new)
+                else:
+                    self.served.swap(path, new, replace=old)
+                self.versions[new] = version
+            elif not shared:
+                self.served.remove(old)
+            previous, reference.version = reference.version, version
+        log.info("%s: switched from %s to %s", reference.ref, previous.ref, version.ref)
+        return True
+
+    def unload(self, ref: str, hold: Hold) -> bool:
+        """Stop serving ``ref`` (the default reference cannot go); requests waiting for it go to the default (:meth:`adapter_of`). True if it was served."""
+        reference = next((r for r in self.references if r.ref == ref), None)
+        if reference is None:
+            return False
+        if reference is self.default:
+            raise LoraopsError(f"{ref} is the default reference of this deployment: it cannot be unloaded")
+        with hold():
+            self.references.remove(reference)
+            if all(r.slot != reference.slot for r in self.references):
+                self.served.remove(reference.slot)
+        log.info("stopped serving %s (%s)", ref, reference.version.ref)
+        return True
