@@ -23,13 +23,23 @@ import threading
 import uuid
 
 from loraops.registry.canary import RUNNING, CanaryState, Totals, judge
-from loraops.registry.refs import DEFAULT_ALIAS
+from loraops.registry.refs import DEFAULT_ALIAS, parse_ref
 from loraops.serve.metrics import VersionMetrics
 
 log = logging.getLogger(__name__)
 
 #: Who aborts a canary when its figures cross the margin (the actor in its record).
 AUTO_ACTOR = "auto"
+
+
+def candidate_to_serve(registry, ref: str) -> str | None:
+    """``NAME:VERSION`` of the running canary of ``ref``'s alias, which model replicas serving ``ref`` load next to it;
+    None when there is none (always for a pinned ``NAME:VERSION``)."""
+    name, alias, _ = parse_ref(ref)
+    if alias is None:
+        return None
+    state = registry.canary(name)
+    return f"{name}:{state.candidate}" if state is not None and state.state == RUNNING and state.alias == alias else None
 
 
 def bucket(canary_id: int, request_id: str) -> float:

@@ -17,19 +17,22 @@ log = logging.getLogger("ray.serve")
 
 
 def target_version(config):
-    """The registered version a serve config's adapter reference names now, if it may be served here.
+    """The registered version a serve config's default adapter reference names now, once every reference in
+    ``adapters`` has been checked.
 
     An unknown reference, an unreachable registry or a version trained with
     ``model.trust_remote_code: true`` (unless ``args.allow_trust_remote_code``) is an error. Needs no
     Ray: ``loraops serve`` calls it before starting a cluster, so such a mistake costs no cluster start.
     """
     from loraops.registry import Registry
-    from loraops.serve.replica import training_config
+    from loraops.serve.adapters import training_config
 
     settings = config.settings.with_absolute_paths()
-    version = Registry(db_url=settings.db_url, artifact_uri=settings.artifact_uri, workspace=settings.workspace).get(settings.adapter)
-    training_config(version, str(settings.workspace), settings.allow_trust_remote_code)
-    return version
+    registry = Registry(db_url=settings.db_url, artifact_uri=settings.artifact_uri, workspace=settings.workspace)
+    versions = [registry.get(ref) for ref in settings.adapters]
+    for version in versions:
+        training_config(version, str(settings.workspace), settings.allow_trust_remote_code)
+    return versions[0]
 
 
 def deploy(config) -> str:

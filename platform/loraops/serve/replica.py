@@ -148,6 +148,12 @@ class SummarizerModel:
                     self.adapters.follow(reference, latest, contextlib.nullcontext)
                 except LoraopsError as exc:
                     self.adapters.report(reference, f"cannot switch to {latest.ref}: {exc}; still serving {reference.version.ref}")
+        self._canary: str | None = None  # the candidate this replica loaded for a running canary
+        self._canary_failed: str | None = None
+        try:
+            self._follow_canary_now(contextlib.nullcontext)  # a replica (re)started during a canary serves it at once
+        except Exception as exc:  # noqa: BLE001 - the watch retries; the default serves meanwhile
+            log.warning("canary check for %s failed: %s", self.adapters.default.ref, exc)
         self.engine = self._start_engine(self.live.max_batch_size)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_registry())
 
@@ -220,6 +226,34 @@ class SummarizerModel:
                     await self._follow(reference)
                 except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop serving
                     log.warning("registry check for %s failed: %s", reference.ref, exc)
+            try:
+                async with self._switch_lock:
+                    await asyncio.to_thread(self._follow_canary_now, self._hold)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("canary check for %s failed: %s", self.adapters.default.ref, exc)
+
+    def _follow_canary_now(self, hold) -> None:
+        """Serve the running canary's candidate next to the default reference; stop when the canary ends.
+
+        Until a replica has it loaded, the canary's share of requests is answered by the default (see :meth:`_prepare`).
+        """
+        from loraops.serve.canary import candidate_to_serve
+
+        wanted = candidate_to_serve(self.registry, self.adapters.default.ref)
+        if self._canary is not None and wanted != self._canary:
+            self.adapters.unload(self._canary, hold)
+            log.info("canary ended: %s no longer served", self._canary)
+            self._canary = None
+        if wanted is None or wanted == self._canary_failed or self.adapters.find(wanted) is not None:
+            return
+        try:
+            self.adapters.load(wanted, hold, True)
+        except Exception as exc:  # noqa: BLE001 - the canary's share goes to the default meanwhile
+            self._canary_failed = wanted
+            log.error("cannot serve the canary candidate %s: %s; its share of requests is answered by %s", wanted, exc, self.version.ref)
+            return
+        self._canary = wanted
+        log.info("canary: serving %s next to %s", wanted, self.adapters.default.ref)
 
     async def load_extra(self, ref: str) -> dict[str, Any]:
         """Serve ``ref`` too (e.g. a canary candidate), next to the configured references, up to ``max_adapters``; its listing."""
@@ -319,6 +353,8 @@ class SummarizerModel:
     async def _prepare(self, request: dict[str, Any]):
         """``(prompt, max_new_tokens, temperature, reference)`` for the engine, or a :class:`Rejection`."""
         reference = self.adapters.find(request.get("model"))
+        if reference is None and request.get("canary"):  # the API routed it to a candidate this replica has not loaded (yet)
+            reference = self.adapters.default
         if reference is None:
             return Rejection(404, "model_not_found", f"model {request.get('model')!r} is not served here; loaded: {', '.join(self.adapters.refs())}", "model")
         max_new_tokens = request.get("max_new_tokens") or self.settings.default_max_new_tokens
