@@ -103,13 +103,16 @@ def _serving(http: httpx.Client, canary_running: bool, candidate_loaded: bool) -
     return (("canary" in body) == canary_running) and (("tiny:2" in loaded) == candidate_loaded)
 
 
-def _restart_replicas() -> None:
-    """Kill every replica of the application; Serve starts new ones (the canary must come back from the registry)."""
+def _restart_replicas() -> int:
+    """Kill every replica of the application; Serve starts new ones (the canary must come back from the registry). Returns how many."""
     import ray
 
+    killed = 0
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if "SERVE_REPLICA" in actor["name"] and ("SummarizerModel" in actor["name"] or "SummarizerAPI" in actor["name"]):
             ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+            killed += 1
+    return killed
 
 
 def test_canary_share_status_restart_abort_and_promote(url, registry, serving_home, cli_env):
@@ -141,8 +144,10 @@ def test_canary_share_status_restart_abort_and_promote(url, registry, serving_ho
     assert versions[2]["requests"] == sent[2] and versions[1]["requests"] == sent[1] and versions[2]["errors"] == 0
     assert versions[2]["p50_s"] > 0 and versions[2]["mean_completion_tokens"] > 0
 
-    _restart_replicas()  # the state lives in the registry: new replicas pick it up
+    replica = http.get("/v1/models").json()["models"][0]["replica"]
+    assert _restart_replicas() == 2  # the state lives in the registry: new replicas pick it up
     _wait(lambda: _alive(http) and _serving(http, canary_running=True, candidate_loaded=True), "new replicas with the canary")
+    assert http.get("/v1/models").json()["models"][0]["replica"] != replica
     assert _versions(http, ids) == answered
 
     _metrics_show_versions({1, 2})
