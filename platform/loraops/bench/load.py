@@ -171,13 +171,15 @@ class GenerateBatcher:
                 completions = generate_completions(
                     self.served.model, self.served.tokenizer, [b[0] for b in batch], [b[1] for b in batch], **self.served.generate_options()
                 )
-            except Exception as exc:  # noqa: BLE001 - the baseline fails its whole batch, as it did
+                now = time.perf_counter()
+                adapter = self.served.adapter_name
+                answers = [Generated(c, queue_s=started - b[3], model_s=now - b[3], adapter=adapter) for b, c in zip(batch, completions, strict=True)]
+            except Exception as exc:  # noqa: BLE001 - the whole batch fails, as it did; the loop goes on (a dead one would hang its clients)
                 for _, _, future, _ in batch:
                     future.set_exception(exc)
                 continue
-            now = time.perf_counter()
-            for (_, _, future, submitted), completion in zip(batch, completions, strict=True):
-                future.set_result(Generated(completion, None, queue_s=started - submitted, model_s=now - submitted))
+            for (_, _, future, _), answer in zip(batch, answers, strict=True):
+                future.set_result(answer)
 
 
 # --- statistics --------------------------------------------------------------------------------
