@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: Trials of 20 steps (an eval every 10) on 4-row batches: a few seconds each.
 SMALL = [
     "search.max_steps=20",
+    "search.num_samples=3",  # the budget is num_samples x max_steps, as in the default: the random search finishes every trial
     "training.max_steps=10",  # the recipe's one run
     "training.eval_steps=10",
     "training.logging_steps=10",
