@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: Trials of 20 steps (an eval every 10) on 4-row batches: a few seconds each.
 SMALL = [
     "search.max_steps=20",
+    "search.num_samples=3",  # the budget is num_samples x max_steps, as in the default: the random search finishes every trial
     "training.max_steps=10",  # the recipe's one run
     "training.eval_steps=10",
     "training.logging_steps=10",
@@ -96,5 +97,8 @@ def test_bench_search_spends_equal_budgets_and_writes_json_and_png(ray_address, 
     best = min(run["best_eval_loss"] for run in runs)
     assert report["target"]["best_eval_loss_any_run"] == pytest.approx(best, abs=1e-4)
     assert any(run["steps_to_target"] is not None for run in runs)  # the best run got there, at least
+    # Committed results name no path of the machine that made them.
+    assert report["experiments"].startswith("WORKSPACE/bench/search-") and report["reference"]["run"].startswith("WORKSPACE/")
+    assert all(run["experiment"].startswith("WORKSPACE/") for run in runs)
     reference = report["reference"]
     assert reference["steps"] == 10 and reference["best_eval_loss"] > 0

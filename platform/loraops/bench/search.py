@@ -189,7 +189,7 @@ def benchmark(
         # Other work on the machine slows every run alike (runs are interleaved); it does not change losses.
         "machine": machine,
         "wall_s": round(time.monotonic() - started, 1),
-        "experiments": str(root),
+        "experiments": in_workspace(root, config.workspace_path),
     }
     print(format_report(report), flush=True)
     if output:
@@ -198,6 +198,14 @@ def benchmark(
         path.write_text(json.dumps(report, indent=2) + "\n")
         plot_report(report, path.with_suffix(".png"))
     return report
+
+
+def in_workspace(path: str | Path, workspace: Path) -> str:
+    """``path`` as ``WORKSPACE/...`` when it lies in the workspace: results get committed, and this machine's paths mean nothing elsewhere."""
+    try:
+        return str(Path("WORKSPACE") / Path(path).resolve().relative_to(workspace.resolve()))
+    except ValueError:  # elsewhere (a storage URI): as it is
+        return str(path)
 
 
 def method_config(config: Config, method: Method, seed: int, root: Path) -> Config:
@@ -247,7 +255,7 @@ def search_run(config: Config, method: Method, seed: int, budget: int, root: Pat
     return {
         "method": method.name,
         "seed": seed,
-        "experiment": outcome.location.uri,
+        "experiment": in_workspace(outcome.location.uri, config.workspace_path),
         "trials": len(reported),
         "trials_completed": sum(row.steps >= trial_steps(config) for row in reported),
         "trial_steps": min(ledger.spent, budget),
@@ -296,7 +304,7 @@ def _train_once(data: dict[str, Any], folder: str, threads: int) -> dict[str, An
         "steps": result.steps,
         "curve": best_so_far([(step, "reference", step, loss) for step, loss in evals], result.steps),
         "recipe": recipe,
-        "run": str(result.output_dir),
+        "run": in_workspace(result.output_dir, config.workspace_path),
     }
 
 

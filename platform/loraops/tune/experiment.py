@@ -339,11 +339,12 @@ def finish(location: Location, config: Config, space: SearchSpace, db_url: str) 
     plot = results.plot_search(rows, x_key, x_log, color_key, folder / SEARCH_PLOT_FILE, title=location.name, metric=config.search.metric)
     written += [plot] if plot else []
     finished = _all_finished(rows, config)
-    if finished:
+    if finished and config.search.algorithm != "random":  # Ray's random sampling keeps no Optuna study
         from loraops.tune.searcher import fail_orphans
 
         if orphans := fail_orphans(db_url, location.name):
-            log.info("Optuna study %s: %d trial(s) proposed before a driver was killed and never run, marked failed", location.name, orphans)
+            reason = "the search ended first, or a killed driver left them"
+            log.info("Optuna study %s: %d proposed trial(s) never ran (%s), marked failed", location.name, orphans, reason)
     best = None
     row = results.best_row(rows, config.search.metric)
     if finished and row is not None:
