@@ -10,7 +10,7 @@ import argparse
 import math
 
 from loraops.commands.common import SubParsers
-from loraops.commands.registry import _common_options, _print_json, _registry, _table, _when
+from loraops.commands.registry import common_options, open_registry, print_json, table, when
 from loraops.registry.refs import DEFAULT_ALIAS
 
 _ABORT_RULE = (
@@ -21,7 +21,7 @@ _ABORT_RULE = (
 
 def add_commands(sub: SubParsers) -> None:
     """Add the ``canary`` group to the ``loraops`` parser."""
-    common = _common_options()
+    common = common_options()
     parser = sub.add_parser(
         "canary",
         help="send a share of traffic to a candidate version, then promote or abort it",
@@ -84,7 +84,7 @@ def _add_audit_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_start(args: argparse.Namespace) -> int:
-    canary = _registry(args).start_canary(
+    canary = open_registry(args).start_canary(
         args.ref, args.percent, alias=args.alias, max_error_margin=args.max_error_margin, min_requests=args.min_requests, actor=args.actor, reason=args.reason
     )
     print(
@@ -95,30 +95,30 @@ def _run_start(args: argparse.Namespace) -> int:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    status = _registry(args).canary_status(args.name)
+    status = open_registry(args).canary_status(args.name)
     if args.json:
-        return _print_json(status.to_dict())
+        return print_json(status.to_dict())
     canary = status.canary
-    ended = f", {canary.state} {_when(canary.ended_at)} by {canary.ended_by or '-'}" if canary.ended_at else ""
+    ended = f", {canary.state} {when(canary.ended_at)} by {canary.ended_by or '-'}" if canary.ended_at else ""
     head = f"canary {canary.id} of {canary.name}@{canary.alias}: {canary.state}, {canary.percent:g}% to v{canary.candidate}"
-    print(f"{head}, started {_when(canary.started_at)}{ended}")
+    print(f"{head}, started {when(canary.started_at)}{ended}")
     if canary.end_reason:
         print(f"reason: {canary.end_reason}")
     rows = [
         [v.version, v.role, v.requests, v.errors, _percent(v.error_rate), _seconds(v.p50_s), _seconds(v.p99_s), _number(v.mean_completion_tokens)]
         for v in (status.baseline, status.candidate)
     ]
-    print(_table(["VERSION", "ROLE", "REQUESTS", "ERRORS", "ERROR RATE", "P50", "P99", "MEAN TOKENS"], rows))
+    print(table(["VERSION", "ROLE", "REQUESTS", "ERRORS", "ERROR RATE", "P50", "P99", "MEAN TOKENS"], rows))
     return 0
 
 
 def _run_promote(args: argparse.Namespace) -> int:
-    print(_registry(args).promote_canary(args.name, actor=args.actor, reason=args.reason).message)
+    print(open_registry(args).promote_canary(args.name, actor=args.actor, reason=args.reason).message)
     return 0
 
 
 def _run_abort(args: argparse.Namespace) -> int:
-    canary = _registry(args).abort_canary(args.name, actor=args.actor, reason=args.reason)
+    canary = open_registry(args).abort_canary(args.name, actor=args.actor, reason=args.reason)
     print(f"canary {canary.id} of {canary.name}:{canary.candidate} aborted; {canary.name}@{canary.alias} was not moved")
     return 0
 

@@ -24,14 +24,14 @@ _DIRECTION_HELP = (
 
 def add_commands(sub: SubParsers) -> None:
     """Add ``registry``, ``register``, ``promote`` and ``rollback`` to the ``loraops`` parser."""
-    common = _common_options()
+    common = common_options()
     _add_registry(sub, common)
     _add_register(sub, common)
     _add_promote(sub, common)
     _add_rollback(sub, common)
 
 
-def _common_options() -> argparse.ArgumentParser:
+def common_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("registry location")
     group.add_argument("--db", metavar="URL", help="SQLAlchemy database URL (default: $LORAOPS_DATABASE_URL, else sqlite:///WORKSPACE/loraops.db)")
@@ -39,7 +39,7 @@ def _common_options() -> argparse.ArgumentParser:
     return parent
 
 
-def _registry(args: argparse.Namespace):
+def open_registry(args: argparse.Namespace):
     from loraops.registry.api import Registry
 
     return Registry(db_url=args.db, artifact_uri=args.store)
@@ -99,27 +99,27 @@ def _add_registry(sub: SubParsers, common: argparse.ArgumentParser) -> None:
 
 
 def _run_list(args: argparse.Namespace) -> int:
-    adapters = _registry(args).list_adapters()
+    adapters = open_registry(args).list_adapters()
     if args.json:
-        return _print_json([a.to_dict() for a in adapters])
+        return print_json([a.to_dict() for a in adapters])
     if not adapters:
         print("no adapters registered yet (see `loraops register --help`)")
         return 0
-    rows = [[a.name, a.versions, a.latest_version or "-", _aliases_text(a.aliases) or "-", _when(a.created_at)] for a in adapters]
-    print(_table(["NAME", "VERSIONS", "LATEST", "ALIASES", "CREATED"], rows))
+    rows = [[a.name, a.versions, a.latest_version or "-", _aliases_text(a.aliases) or "-", when(a.created_at)] for a in adapters]
+    print(table(["NAME", "VERSIONS", "LATEST", "ALIASES", "CREATED"], rows))
     return 0
 
 
 def _run_show(args: argparse.Namespace) -> int:
     from loraops.registry.refs import parse_ref
 
-    registry = _registry(args)
+    registry = open_registry(args)
     name, alias, version = parse_ref(args.ref)
     if alias is None and version is None:
         return _show_adapter(registry, name, args.json)
     found = registry.get(args.ref)
     if args.json:
-        return _print_json(found.to_dict())
+        return print_json(found.to_dict())
     print(_version_text(found))
     return 0
 
@@ -128,32 +128,32 @@ def _show_adapter(registry, name: str, as_json: bool) -> int:
     info = registry.adapter(name)
     versions = registry.versions(name)
     if as_json:
-        return _print_json(info.to_dict() | {"versions": [v.to_dict() for v in versions]})
+        return print_json(info.to_dict() | {"versions": [v.to_dict() for v in versions]})
     print(f"{info.name}: {info.versions} version(s); aliases: {_aliases_text(info.aliases) or 'none'}")
     rows = [
-        [v.version, _when(v.created_at), v.created_by or "-", ",".join(v.aliases) or "-", _metrics_text(v.metrics) or "-", _lineage_text(v)]
+        [v.version, when(v.created_at), v.created_by or "-", ",".join(v.aliases) or "-", _metrics_text(v.metrics) or "-", _lineage_text(v)]
         for v in versions
     ]
-    print(_table(["VERSION", "CREATED", "BY", "ALIASES", "METRICS", "FROM"], rows))
+    print(table(["VERSION", "CREATED", "BY", "ALIASES", "METRICS", "FROM"], rows))
     return 0
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    version = _registry(args).verify(args.ref)
+    version = open_registry(args).verify(args.ref)
     size = sum(entry["size"] for entry in version.files.values())
     print(f"{version.ref}: {len(version.files)} files, {_bytes(size)}, all sha256 match ({version.artifact_uri})")
     return 0
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    events = _registry(args).audit_log(args.name, args.alias)
+    events = open_registry(args).audit_log(args.name, args.alias)
     if args.json:
-        return _print_json([e.to_dict() for e in events])
+        return print_json([e.to_dict() for e in events])
     if not events:
         print(f"no alias changes recorded for {args.name}")
         return 0
-    rows = [[_when(e.at), e.actor or "-", e.alias, e.action, e.from_version or "-", e.to_version, e.reason or ""] for e in events]
-    print(_table(["WHEN", "WHO", "ALIAS", "ACTION", "FROM", "TO", "REASON"], rows))
+    rows = [[when(e.at), e.actor or "-", e.alias, e.action, e.from_version or "-", e.to_version, e.reason or ""] for e in events]
+    print(table(["WHEN", "WHO", "ALIAS", "ACTION", "FROM", "TO", "REASON"], rows))
     return 0
 
 
@@ -184,14 +184,14 @@ def _add_register(sub: SubParsers, common: argparse.ArgumentParser) -> None:
 
 
 def _run_register(args: argparse.Namespace) -> int:
-    registry = _registry(args)
+    registry = open_registry(args)
     options = {"description": args.description, "actor": args.actor}
     if args.from_experiment:
         version = registry.register_from_experiment(args.from_experiment, args.name, args.metrics, **options)
     else:
         version = registry.register(args.adapter, args.name, args.metrics, **options)
     if args.json:
-        return _print_json(version.to_dict())
+        return print_json(version.to_dict())
     size = sum(entry["size"] for entry in version.files.values())
     print(f"registered {version.ref} ({len(version.files)} files, {_bytes(size)}) at {version.artifact_uri}")
     if version.metrics:
@@ -243,14 +243,14 @@ def _add_change_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_promote(args: argparse.Namespace) -> int:
-    change = _registry(args).promote(
+    change = open_registry(args).promote(
         args.name, args.version, alias=args.alias, if_better=args.if_better, higher_is_better=args.higher_is_better, actor=args.actor, reason=args.reason
     )
     return _print_change(change, args.json)
 
 
 def _run_rollback(args: argparse.Namespace) -> int:
-    change = _registry(args).rollback(args.name, alias=args.alias, actor=args.actor, reason=args.reason)
+    change = open_registry(args).rollback(args.name, alias=args.alias, actor=args.actor, reason=args.reason)
     return _print_change(change, args.json)
 
 
@@ -258,7 +258,7 @@ def _print_change(change, as_json: bool) -> int:
     if as_json:
         from dataclasses import asdict
 
-        return _print_json(asdict(change))
+        return print_json(asdict(change))
     print(change.message)
     return 0
 
@@ -266,19 +266,19 @@ def _print_change(change, as_json: bool) -> int:
 # --- formatting --------------------------------------------------------------------------------
 
 
-def _print_json(data: Any) -> int:
+def print_json(data: Any) -> int:
     json.dump(data, sys.stdout, indent=2, default=str)
     print()
     return 0
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
+def table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [headers] + [[str(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells)
 
 
-def _when(moment: datetime) -> str:
+def when(moment: datetime) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -314,7 +314,7 @@ def _version_text(version) -> str:
 
     lines = [
         f"{version.ref}" + (f"  [{', '.join(version.aliases)}]" if version.aliases else ""),
-        f"  created:          {_when(version.created_at)} by {version.created_by or 'unknown'}",
+        f"  created:          {when(version.created_at)} by {version.created_by or 'unknown'}",
         f"  description:      {compact(version.description)}",
         f"  base model:       {compact(version.base_model)}",
         f"  quantization:     {compact(version.quantization)}",

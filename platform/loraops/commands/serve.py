@@ -23,11 +23,13 @@ def _add_serve(sub: SubParsers) -> None:
     parser = sub.add_parser(
         "serve",
         help="deploy the summarization endpoint (Ray Serve) from a serve config",
-        description="Deploy the autoscaling summarization API: model replicas (base model + the adapter of a registry "
-        "reference, default NAME@production) behind a FastAPI ingress. The same file works with Ray's `serve deploy`. "
-        "Replicas follow the alias: `loraops promote` switches every replica to the new version within seconds, "
-        "without restarts. Bearer auth is on when the variable named by args.auth_token_env (LORAOPS_API_TOKEN) is set "
-        "in the replicas' environment.",
+        description="Deploy the autoscaling summarization API: model replicas (one base model + the adapters of the "
+        "registry references in args.adapters, default [args.adapter] = NAME@production; a request picks one with "
+        "`model`) behind a FastAPI ingress with loraops' routes and OpenAI-compatible ones (/v1/completions, "
+        "/v1/chat/completions). The same file works with Ray's `serve deploy`. Replicas follow their aliases: "
+        "`loraops promote` switches every replica to the new version within seconds, without restarts, and "
+        "`loraops canary start` sends a share of the traffic to a candidate. Bearer auth is on when the variable "
+        "named by args.auth_token_env (LORAOPS_API_TOKEN) is set in the replicas' environment.",
     )
     add_serve_config_arguments(parser)
     parser.add_argument("--address", metavar="ADDR", help="Ray cluster to deploy to (default: $RAY_ADDRESS, else a new local Ray instance)")
