@@ -8,7 +8,8 @@ generate through :func:`generate_completions`, so the endpoint answers what eval
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,16 @@ def dequantize_base(model, dtype: torch.dtype):
     return model.to(dtype)  # embeddings, norms and head were never quantized: same dtype everywhere
 
 
+@contextlib.contextmanager
+def _expected_merge_warnings() -> Iterator[None]:
+    """Silence PEFT's warnings about loading into a merged model (it unmerges first) and about nothing left to
+    unmerge: expected when adapters change in merged mode, where the exact base weights are restored anyway."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Adapter cannot be set when the model is merged")
+        warnings.filterwarnings("ignore", message="Already unmerged")
+        yield
+
+
 class ServingModel:
     """A base model plus one or more loaded adapters, ready to generate; adapters can be added, removed and swapped in place.
 
@@ -214,6 +225,10 @@ class ServingModel:
 
     def swap(self, adapter_dir: str | Path, adapter_name: str, replace: str | None = None) -> None:
         """Load the adapter in ``adapter_dir`` (named ``adapter_name``) in place of ``replace`` (default: the default adapter); the base stays loaded."""
+        with _expected_merge_warnings():
+            self._swap(adapter_dir, adapter_name, replace)
+
+    def _swap(self, adapter_dir: str | Path, adapter_name: str, replace: str | None) -> None:
         old = replace or self.adapters[0]
         if adapter_name == old:
             return
@@ -239,6 +254,10 @@ class ServingModel:
         """Load one more adapter next to the loaded ones (merged mode unmerges: several adapters run unmerged)."""
         if adapter_name in self.adapters:
             return
+        with _expected_merge_warnings():
+            self._add(adapter_dir, adapter_name)
+
+    def _add(self, adapter_dir: str | Path, adapter_name: str) -> None:
         self.model.load_adapter(str(check_adapter_dir(adapter_dir)), adapter_name=adapter_name, is_trainable=False)
         if self.mode == "merged" and not self.mixed:
             self.model.unmerge_adapter()
