@@ -278,7 +278,11 @@ class SummarizerAPI:
         """The model's stream of events, once its first event shows the request was taken (a refusal is an ordinary error answer)."""
         started = time.perf_counter()
         events = self.model.options(stream=True).summarize_stream.remote(payload)
-        first = await self._call(events.__anext__(), timeout=self.settings.request_timeout_s)
+        try:
+            first = await self._call(events.__anext__(), timeout=self.settings.request_timeout_s)
+        except ApiError:
+            events.cancel()  # no replica answered in time: do not leave the request queued there
+            raise
         if "rejection" in first:
             rejection = Rejection(**first["rejection"])
             self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=rejection.type == "generation_failed")
@@ -323,7 +327,7 @@ class SummarizerAPI:
         try:
             return await asyncio.wait_for(result(), timeout)
         except asyncio.TimeoutError:
-            if hasattr(response, "cancel"):
+            if hasattr(response, "cancel"):  # a DeploymentResponse; a stream's first event is cancelled by its caller
                 response.cancel()
             raise ApiError(503, "unavailable", f"no model replica answered within {timeout:g} s; retry later", headers={"Retry-After": "5"}) from None
         except BackPressureError as exc:
