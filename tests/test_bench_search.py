@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,11 +70,21 @@ def test_summary_counts_a_run_that_never_got_there_as_the_whole_budget():
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_bench_search_spends_equal_budgets_and_writes_json_and_png(ray_address, workspace, tmp_path):
-    from loraops.bench.search import benchmark
-
+def test_bench_search_spends_equal_budgets_and_writes_json_and_png(ray_address, workspace, tmp_path, cli_env):
     output = tmp_path / "search.json"
-    benchmark(str(REPO / "tune" / "tiny-bench.yaml"), SMALL, seeds=1, budget=BUDGET, output=output, command="test")
+    overrides = [arg for item in SMALL for arg in ("--set", item)]
+    config = str(REPO / "tune" / "tiny-bench.yaml")
+    command = ["bench", "search", "--config", config, *overrides, "--seeds", "1", "--budget", str(BUDGET), "--output", str(output)]
+    env = cli_env(workspace) | {"RAY_ADDRESS": ray_address}
+    done = subprocess.run([sys.executable, "-m", "loraops", *command], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # The terminal shows loraops' own lines; Ray's, Tune's and the trials' output go to the log file.
+    terminal = done.stdout + done.stderr
+    log_file = Path(re.search(r"^log: (\S+)", done.stdout, re.MULTILINE).group(1))
+    assert "tpe+asha seed 0:" in terminal and "random+fifo seed 0:" in terminal and f"results: {output}" in terminal
+    assert "pid=" not in terminal and "Tune status" not in terminal and "tune.py:" not in terminal, terminal[-3000:]
+    assert "Tune status" in log_file.read_text()
 
     report = json.loads(output.read_text())
     assert output.with_suffix(".png").stat().st_size > 10_000

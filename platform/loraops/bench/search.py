@@ -127,10 +127,13 @@ def benchmark(
     budget: int | None = None,
     output: str | os.PathLike | None = None,
     command: str | None = None,
+    worker_logs: bool = False,
 ) -> dict[str, Any]:
-    """Run both methods for ``seeds`` search seeds and the recipe once; print a table, write JSON and a PNG."""
+    """Run both methods for ``seeds`` search seeds and the recipe once; print a table, write JSON and a PNG.
+
+    ``worker_logs``: the trials' output streams to this terminal too (it is in Ray's session logs either way)."""
     from loraops import cluster
-    from loraops.tune.experiment import prepare_model, trial_steps
+    from loraops.tune.experiment import prepare_model, ray_logging, trial_steps
 
     config = load_config(config_path, list(overrides))
     steps_per_trial = trial_steps(config)
@@ -155,7 +158,7 @@ def benchmark(
     started = time.monotonic()
     runs: list[dict[str, Any]] = []
     cpu = CpuMeter()
-    with cpu, cluster.session(config.search.ray_address, num_cpus=os.cpu_count()):
+    with cpu, cluster.session(config.search.ray_address, num_cpus=os.cpu_count(), **ray_logging(worker_logs)):
         prepare_model(config)
         reference = reference_run(config, root / "reference")
         print(f"reference: the config's recipe, one run of {reference['steps']} steps: best eval loss {reference['best_eval_loss']:.4f}", flush=True)

@@ -162,18 +162,24 @@ def _add_search(kinds: SubParsers) -> None:
         metavar="FILE",
         help="JSON results; the plot goes next to it as .png (default %(default)s)",
     )
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Ray's and the libraries' logs here too")
     parser.set_defaults(handler=run_search)
 
 
 def run_search(args: argparse.Namespace) -> int:
+    from loraops import console
     from loraops.bench.search import benchmark
+    from loraops.config import load_config
 
+    verbose = bool(getattr(args, "verbose", False))
     if args.seeds < 1:
         raise LoraopsError("--seeds must be at least 1")
     if args.budget is not None and args.budget < 1:
         raise LoraopsError("--budget must be a positive number of trial-steps")
     words = ["loraops bench search", f"--config {args.config}", *(f"--set {item}" for item in args.overrides), f"--seeds {args.seeds}"]
     words += [f"--budget {args.budget}"] if args.budget else []
-    benchmark(args.config, args.overrides, seeds=args.seeds, budget=args.budget, output=args.output, command=" ".join(words))
+    # A config error is one line before anything starts; then Ray's and the libraries' logs go to the log file.
+    console.start_log(load_config(args.config, args.overrides).workspace_path, "bench-search", verbose)
+    benchmark(args.config, args.overrides, seeds=args.seeds, budget=args.budget, output=args.output, command=" ".join(words), worker_logs=verbose)
     print(f"results: {args.output} and {os.path.splitext(args.output)[0]}.png")
     return 0
