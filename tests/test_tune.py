@@ -451,3 +451,14 @@ def test_random_algorithm_is_rays_random_sampling_limited_to_the_concurrency(tmp
     assert isinstance(searcher, BasicVariantGenerator) and searcher.max_concurrent == 2
     with pytest.raises(ConfigError, match=r"search\.algorithm: .*'tpe' or 'random'"):
         load_config(TINY, ["search.algorithm=grid"])
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [([], 4), (["search.num_samples=40"], 10), (["search.startup_trials=3"], 3)])
+def test_tpe_samples_search_startup_trials_at_random_first(tmp_path, overrides, expected):
+    from loraops.tune.strategy import build_searcher
+
+    config = load_config(TINY, ["search.num_samples=8", *overrides])
+    searcher = build_searcher(config, database_url(None, tmp_path), "startup-test", concurrency=2)
+    assert searcher._sampler._n_startup_trials == expected  # Optuna's own setting of the sampler the search uses
+    with pytest.raises(ConfigError, match=r"search\.startup_trials"):
+        load_config(TINY, ["search.startup_trials=0"])

@@ -23,13 +23,13 @@ def tiny_space(space: dict = SPACE):
 
 def new_searcher(url: str, workspace: Path, name: str = "s", seed: int = 0, num_samples: int = 4, metric: str = "eval_loss", create: bool = True):
     """A searcher as a driver builds it: the study created first, then Tune's param_space handed over."""
-    from loraops.tune.searcher import StudySearch, create_study
+    from loraops.tune.searcher import StudySearch, create_study, startup_trials
 
     space = tiny_space()
     if create:
         create_study(url, name, metric)
     searcher = StudySearch(database_url=url, workspace=str(workspace), study_name=name, space=space.optuna_distributions(),
-                           seed=seed, num_samples=num_samples, objective=metric)
+                           seed=seed, startup_trials=startup_trials(num_samples), objective=metric)
     assert searcher.set_search_properties(None, None, space.ray_param_space())
     return searcher
 
@@ -146,7 +146,7 @@ def test_the_pickled_searcher_holds_no_database_url(tmp_path, monkeypatch):
     searcher = new_searcher(url, tmp_path)
     searcher.suggest("a")
     with_password = StudySearch(database_url="postgresql://loraops:s3cr3t-pw@db.internal/loraops", workspace=str(tmp_path), study_name="p",
-                                space=tiny_space().optuna_distributions(), seed=0, num_samples=4)
+                                space=tiny_space().optuna_distributions(), seed=0, startup_trials=2)
     for candidate, secret in ((searcher, b"SECRET-MARKER"), (with_password, b"s3cr3t-pw")):
         candidate.save(str(tmp_path / "state.pkl"))
         assert secret not in (tmp_path / "state.pkl").read_bytes()
@@ -178,6 +178,6 @@ def test_tune_must_hand_over_the_searched_keys(tmp_path, keys):
     from loraops.tune.searcher import StudySearch
 
     space = tiny_space()
-    searcher = StudySearch(database_url="sqlite://", workspace=str(tmp_path), study_name="s", space=space.optuna_distributions(), seed=0, num_samples=4)
+    searcher = StudySearch(database_url="sqlite://", workspace=str(tmp_path), study_name="s", space=space.optuna_distributions(), seed=0, startup_trials=2)
     assert not searcher.set_search_properties(None, None, dict.fromkeys(keys))
     assert not searcher.set_search_properties("eval_loss", "max", space.ray_param_space())

@@ -233,6 +233,9 @@ class SearchConfig(Section):
         "tpe", description="tpe: Optuna TPE proposes each trial from the results so far; random: Ray Tune's seeded random sampling of the same space."
     )
     seed: int = Field(0, description="Seed of the sampler (TPE or random).")
+    startup_trials: int | None = Field(
+        None, ge=1, description="Random trials TPE samples before it models the results; default num_samples / 2, at least 2, at most 10."
+    )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     resources: TrialResources = Field(default_factory=TrialResources)
     keep_checkpoints: int = Field(2, ge=1, description="Adapter checkpoints kept per trial, the best by eval loss (plus the latest).")

@@ -240,7 +240,7 @@ def method_settings(config: Config, method: Method, budget: int) -> dict[str, An
     from loraops.tune.searcher import startup_trials
 
     settings = {"algorithm": method.algorithm, "scheduler": method.scheduler, "trials": trial_count(config, method, budget)}
-    return settings | ({"tpe_startup_trials": startup_trials(config.search.num_samples)} if method.algorithm == "tpe" else {})
+    return settings | ({"tpe_startup_trials": startup_trials(config.search.num_samples, config.search.startup_trials)} if method.algorithm == "tpe" else {})
 
 
 def search_run(config: Config, method: Method, seed: int, budget: int, root: Path) -> dict[str, Any]:

@@ -44,10 +44,10 @@ TUNE_TRIAL_ATTR = "tune_trial_id"
 MODES = {"eval_loss": "min", "rougeL": "max"}
 
 
-def startup_trials(num_samples: int) -> int:
-    """Random trials before TPE models the results: Optuna's 10, fewer for small budgets so TPE
-    still gets to propose half of them."""
-    return min(10, max(2, num_samples // 2))
+def startup_trials(num_samples: int, configured: int | None = None) -> int:
+    """Random trials before TPE models the results: ``configured`` (``search.startup_trials``), else
+    Optuna's 10, fewer for small budgets so TPE still gets to propose half of them."""
+    return configured if configured is not None else min(10, max(2, num_samples // 2))
 
 
 class StudySearch(Searcher):
@@ -61,7 +61,7 @@ class StudySearch(Searcher):
     restores this searcher has no ``$LORAOPS_DATABASE_URL``.
     """
 
-    def __init__(self, *, database_url: str, workspace: str, study_name: str, space: dict[str, Any], seed: int, num_samples: int, objective: str = METRIC):
+    def __init__(self, *, database_url: str, workspace: str, study_name: str, space: dict[str, Any], seed: int, startup_trials: int, objective: str = METRIC):
         import optuna
 
         super().__init__(metric=METRIC, mode=MODES[METRIC])
@@ -69,7 +69,7 @@ class StudySearch(Searcher):
         self._study_name = study_name
         self._workspace = workspace
         self._space = dict(space)
-        self._sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(num_samples), constant_liar=True)
+        self._sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, constant_liar=True)
         #: Tune trial id -> Optuna trial number.
         self._numbers: dict[str, int] = {}
         #: Tune trials told to the study.

@@ -34,7 +34,7 @@ def build_searcher(config: Config, db_url: str, study_name: str, concurrency: in
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         return BasicVariantGenerator(random_state=config.search.seed, max_concurrent=concurrency)
-    from loraops.tune.searcher import StudySearch, create_study
+    from loraops.tune.searcher import StudySearch, create_study, startup_trials
 
     create_study(db_url, study_name, config.search.metric)
     return StudySearch(
@@ -43,7 +43,7 @@ def build_searcher(config: Config, db_url: str, study_name: str, concurrency: in
         study_name=study_name,
         space=SearchSpace.from_config(config).optuna_distributions(),
         seed=config.search.seed,
-        num_samples=config.search.num_samples,
+        startup_trials=startup_trials(config.search.num_samples, config.search.startup_trials),
         objective=config.search.metric,
     )
 
