@@ -172,6 +172,28 @@ def serving_home(tmp_path_factory, tiny_model_home) -> Path:
     return workspace
 
 
+@pytest.fixture(scope="session")
+def deploy_tiny_app(ray_address):
+    """A function: start Serve on a free local port and deploy ``serve/tiny.yaml`` with ``overrides``
+    (the loraops path of ``loraops serve``); returns the application's URL. The caller shuts Serve down."""
+
+    def deploy_app(overrides: list[str]) -> str:
+        import socket
+
+        from ray import serve
+
+        from loraops.serve.deploy import deploy
+        from loraops.serve.settings import load_serve_config
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        return deploy(load_serve_config(REPO / "serve" / "tiny.yaml", [f"http_options.port={port}", *overrides]))
+
+    return deploy_app
+
+
 # --- registry ---------------------------------------------------------------------------------
 
 

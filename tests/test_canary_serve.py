@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,9 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-REPO = Path(__file__).resolve().parents[1]
 DIALOGUE = "#Person1#: Is the shop open on Sunday?\n#Person2#: Yes, from ten until four."
 REQUESTS = 100
 PERCENT = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,29 +38,21 @@ def registry(serving_home):
 
 
 @pytest.fixture(scope="module")
-def url(ray_address, serving_home, registry):
+def url(deploy_tiny_app, serving_home, registry):
     from ray import serve
 
-    from loraops.serve.deploy import deploy
-    from loraops.serve.settings import load_serve_config
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = load_serve_config(
-        REPO / "serve" / "tiny.yaml",
-        [
-            f"http_options.port={port}",
-            f"args.workspace={serving_home}",
-            "args.registry_poll_s=1",
-            "args.auth_token_env=LORAOPS_TEST_NO_TOKEN",
-            "deployments.SummarizerModel.autoscaling_config=null",
-            "deployments.SummarizerModel.num_replicas=1",
-            "deployments.SummarizerModel.ray_actor_options.num_cpus=0.25",
-            "deployments.SummarizerAPI.ray_actor_options.num_cpus=0.05",
-        ],
-    )
     try:
-        yield deploy(config)
+        yield deploy_tiny_app(
+            [
+                f"args.workspace={serving_home}",
+                "args.registry_poll_s=1",
+                "args.auth_token_env=LORAOPS_TEST_NO_TOKEN",
+                "deployments.SummarizerModel.autoscaling_config=null",
+                "deployments.SummarizerModel.num_replicas=1",
+                "deployments.SummarizerModel.ray_actor_options.num_cpus=0.25",
+                "deployments.SummarizerAPI.ray_actor_options.num_cpus=0.05",
+            ]
+        )
     finally:
         serve.shutdown()
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,7 +15,6 @@ openai = pytest.importorskip("openai")
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = "openai-test-token"
 TOKEN_ENV = "LORAOPS_TEST_OPENAI_TOKEN"
 DIALOGUE = "#Person1#: Is the shop open on Sunday?\n#Person2#: Yes, from ten until four.\n#Person1#: Great, I'll come then."
@@ -25,39 +22,25 @@ OTHER = "#Person1#: Can you send me the report?\n#Person2#: Sure, I will email i
 TOKENS = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def url(ray_address, serving_home):
+def url(deploy_tiny_app, serving_home):
     """One application serving the production alias (v1) and a pinned v2 on one base, bearer auth on."""
     from ray import serve
 
-    from loraops.serve.deploy import deploy
-    from loraops.serve.settings import load_serve_config
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = load_serve_config(
-        REPO / "serve" / "tiny.yaml",
-        [
-            f"http_options.port={port}",
-            f"args.workspace={serving_home}",
-            "args.adapters=[tiny@production, 'tiny:2']",
-            "args.registry_poll_s=1",
-            f"args.auth_token_env={TOKEN_ENV}",
-            f"deployments.SummarizerAPI.ray_actor_options.runtime_env.env_vars.{TOKEN_ENV}={TOKEN}",
-            "deployments.SummarizerModel.autoscaling_config=null",
-            "deployments.SummarizerModel.num_replicas=1",
-            "deployments.SummarizerModel.ray_actor_options.num_cpus=0.25",
-            "deployments.SummarizerAPI.ray_actor_options.num_cpus=0.05",
-        ],
-    )
     try:
-        yield deploy(config)
+        yield deploy_tiny_app(
+            [
+                f"args.workspace={serving_home}",
+                "args.adapters=[tiny@production, 'tiny:2']",
+                "args.registry_poll_s=1",
+                f"args.auth_token_env={TOKEN_ENV}",
+                f"deployments.SummarizerAPI.ray_actor_options.runtime_env.env_vars.{TOKEN_ENV}={TOKEN}",
+                "deployments.SummarizerModel.autoscaling_config=null",
+                "deployments.SummarizerModel.num_replicas=1",
+                "deployments.SummarizerModel.ray_actor_options.num_cpus=0.25",
+                "deployments.SummarizerAPI.ray_actor_options.num_cpus=0.05",
+            ]
+        )
     finally:
         serve.shutdown()
 
