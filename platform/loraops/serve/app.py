@@ -250,7 +250,7 @@ class SummarizerAPI:
             "temperature": float(temperature or 0.0),
             "model": chosen,
             # The canary's share: a replica that has not loaded the candidate yet answers with its default.
-            "canary": chosen is not None and model in (None, self.traffic.name),
+            "canary": chosen is not None and self.traffic.names_default(model),
         }
 
     async def _summarize(self, payload: dict[str, Any], field: str) -> dict[str, Any]:

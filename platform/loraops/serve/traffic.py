@@ -27,7 +27,6 @@ class Traffic:
         from loraops.serve.canary import CanaryRouter
         from loraops.serve.metrics import VersionMetrics
 
-        self.default_ref = settings.adapter
         self.name, alias, _ = parse_ref(settings.adapter)
         self.metrics = VersionMetrics()
         registry = Registry(db_url=settings.db_url, artifact_uri=settings.artifact_uri, workspace=settings.workspace)
@@ -43,9 +42,13 @@ class Traffic:
             return None
         return {"name": state.name, "candidate": state.candidate, "baseline": state.baseline, "percent": state.percent, "id": state.id}
 
+    def names_default(self, model: str | None) -> bool:
+        """Whether a request's ``model`` leaves the choice to the deployment: absent, or the bare adapter name."""
+        return model is None or model == self.name
+
     def choose(self, model: str | None, request_id: str) -> str | None:
         """The reference the model replica serves the request with (None: its default)."""
-        if model is not None and model != self.name:
+        if not self.names_default(model):
             return model
         return self.router.route(request_id) if self.router is not None else None
 
