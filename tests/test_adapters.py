@@ -230,6 +230,49 @@ def test_a_reference_follows_its_alias_between_shared_and_own_adapters(serving_h
     assert not adapters.follow(production, registry.get(f"{ADAPTER}:1"), contextlib.nullcontext)  # already there
 
 
+
+def test_a_canary_candidate_that_failed_to_load_is_tried_again_by_a_later_canary(serving_home, tmp_path):
+    """A replica does not retry a candidate that failed while its canary runs (every poll would reload it),
+    but a later canary, even of the same version once its files are repaired, is loaded. A copy of the
+    serving registry; the replica's canary step runs on a real adapter set without Serve."""
+    import contextlib
+    import shutil
+
+    from loraops.registry import Registry
+    from loraops.serve.adapters import AdapterSet
+    from loraops.serve.replica import SummarizerModel
+    from loraops.serve.settings import validate_settings
+
+    home = tmp_path / "home"
+    shutil.copytree(serving_home, home)
+    registry = Registry(workspace=home)
+    adapters = AdapterSet(registry, validate_settings({"workspace": str(home), "adapters": [ADAPTER], "max_adapters": 2, "mode": "nf4"}))
+    adapters.load(f"{ADAPTER}@production")
+    replica = object.__new__(SummarizerModel.func_or_class)  # only the canary step's state, no model server
+    replica.registry, replica.adapters, replica._canary, replica._canary_failed = registry, adapters, None, None
+    follow = lambda: replica._follow_canary_now(contextlib.nullcontext)  # noqa: E731
+    served = lambda: adapters.find(f"{ADAPTER}:2") is not None  # noqa: E731
+    weights = home / "registry" / ADAPTER / "v2" / "adapter_model.safetensors"
+    original = weights.read_bytes()
+
+    registry.start_canary(f"{ADAPTER}:2", 30)
+    weights.write_bytes(original[:100] + bytes(64) + original[164:])  # broken behind the registry's back
+    follow()
+    failed = served()
+    weights.write_bytes(original)
+    follow()
+    retried_during_the_same_canary = served()
+    registry.abort_canary(ADAPTER)
+    follow()
+    registry.start_canary(f"{ADAPTER}:2", 30)
+    follow()
+
+    assert not failed and not retried_during_the_same_canary
+    assert served() and replica._canary == f"{ADAPTER}:2"
+    registry.abort_canary(ADAPTER)
+    follow()
+    assert not served() and replica._canary is None
+
 # --- a replica on Ray Serve ----------------------------------------------------------------------
 
 DIALOGUE = "#Person1#: Hi, I'd like to book a table for two tonight.\n#Person2#: Sure, what time?\n#Person1#: Eight, please."

@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from loraops.layout import ADAPTER_CONFIG_FILE
+
 
 def load_served(settings, mode: str, random_init: str | None, random_init_layers: int | None):
     """The served model: the settings' registered adapter (as a replica loads it), or a random-init architecture with a fresh adapter."""
@@ -60,7 +62,7 @@ def ensure_random_init_adapter(folder: Path, config) -> Path:
     from loraops.model import load_base_model, lora_config
 
     target = folder.parent / f"{folder.name}-adapter-r{config.lora.r}"
-    if (target / "adapter_config.json").is_file():
+    if (target / ADAPTER_CONFIG_FILE).is_file():
         return target
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:

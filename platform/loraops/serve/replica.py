@@ -149,7 +149,7 @@ class SummarizerModel:
                 except LoraopsError as exc:
                     self.adapters.report(reference, f"cannot switch to {latest.ref}: {exc}; still serving {reference.version.ref}")
         self._canary: str | None = None  # the candidate this replica loaded for a running canary
-        self._canary_failed: str | None = None
+        self._canary_failed: str | None = None  # the candidate that failed to load, not retried while its canary runs
         try:
             self._follow_canary_now(contextlib.nullcontext)  # a replica (re)started during a canary serves it at once
         except Exception as exc:  # noqa: BLE001 - the watch retries; the default serves meanwhile
@@ -244,6 +244,8 @@ class SummarizerModel:
             self.adapters.unload(self._canary, hold)
             log.info("canary ended: %s no longer served", self._canary)
             self._canary = None
+        if wanted != self._canary_failed:
+            self._canary_failed = None  # the canary changed or ended: a later one, even of the same version, is tried afresh
         if wanted is None or wanted == self._canary_failed or self.adapters.find(wanted) is not None:
             return
         try:
