@@ -175,7 +175,16 @@ def serving_home(tmp_path_factory, tiny_model_home) -> Path:
 @pytest.fixture(scope="session")
 def deploy_tiny_app(ray_address):
     """A function: start Serve on a free local port and deploy ``serve/tiny.yaml`` with ``overrides``
-    (the loraops path of ``loraops serve``); returns the application's URL. The caller shuts Serve down."""
+    (the loraops path of ``loraops serve``); returns the application's URL. The caller shuts Serve down.
+
+    The application is sized for CI's 2 cores beside the other tests: one model replica without
+    autoscaling, small CPU shares; ``overrides`` come after and win."""
+    small = [
+        "deployments.SummarizerModel.autoscaling_config=null",
+        "deployments.SummarizerModel.num_replicas=1",
+        "deployments.SummarizerModel.ray_actor_options.num_cpus=0.25",
+        "deployments.SummarizerAPI.ray_actor_options.num_cpus=0.05",
+    ]
 
     def deploy_app(overrides: list[str]) -> str:
         import socket
@@ -189,9 +198,27 @@ def deploy_tiny_app(ray_address):
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        return deploy(load_serve_config(REPO / "serve" / "tiny.yaml", [f"http_options.port={port}", *overrides]))
+        return deploy(load_serve_config(REPO / "serve" / "tiny.yaml", [f"http_options.port={port}", *small, *overrides]))
 
     return deploy_app
+
+
+@pytest.fixture(scope="session")
+def small_search() -> list[str]:
+    """Overrides of ``tune/tiny.yaml`` for searches whose trials take a few seconds on one core:
+    20 steps of 4 rows, an eval every 10, two trials at a time, ASHA from step 10."""
+    return [
+        "search.max_steps=20",
+        "training.eval_steps=10",
+        "training.logging_steps=10",
+        "training.per_device_train_batch_size=4",
+        "training.warmup_steps=0",
+        "training.eval_max_samples=16",
+        "data.builtin_size=120",
+        "search.max_concurrent_trials=2",
+        "search.resources={cpu: 1, gpu: 0}",
+        "search.scheduler={type: asha, grace_period: 10, reduction_factor: 2}",
+    ]
 
 
 # --- registry ---------------------------------------------------------------------------------

@@ -18,21 +18,9 @@ from loraops.bench.search_report import best_so_far, steps_to, summarize, value_
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: Trials of 20 steps (an eval every 10) on 4-row batches: a few seconds each.
-SMALL = [
-    "search.max_steps=20",
-    "search.num_samples=3",  # the budget is num_samples x max_steps, as in the default: the random search finishes every trial
-    "training.max_steps=10",  # the recipe's one run
-    "training.eval_steps=10",
-    "training.logging_steps=10",
-    "training.per_device_train_batch_size=4",
-    "training.warmup_steps=0",
-    "training.eval_max_samples=16",
-    "data.builtin_size=120",
-    "search.max_concurrent_trials=2",
-    "search.resources={cpu: 1, gpu: 0}",
-    "search.scheduler={type: asha, grace_period: 10, reduction_factor: 2}",
-]
+#: With the session's small search: the budget is num_samples x max_steps, as in the default, so the
+#: random search finishes every trial; the recipe's one run is 10 steps.
+EXTRA = ["search.num_samples=3", "training.max_steps=10"]
 BUDGET = 60
 
 
@@ -70,9 +58,9 @@ def test_summary_counts_a_run_that_never_got_there_as_the_whole_budget():
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_bench_search_spends_equal_budgets_and_writes_json_and_png(ray_address, workspace, tmp_path, cli_env):
+def test_bench_search_spends_equal_budgets_and_writes_json_and_png(ray_address, workspace, tmp_path, cli_env, small_search):
     output = tmp_path / "search.json"
-    overrides = [arg for item in SMALL for arg in ("--set", item)]
+    overrides = [arg for item in [*small_search, *EXTRA] for arg in ("--set", item)]
     config = str(REPO / "tune" / "tiny-bench.yaml")
     command = ["bench", "search", "--config", config, *overrides, "--seeds", "1", "--budget", str(BUDGET), "--output", str(output)]
     env = cli_env(workspace) | {"RAY_ADDRESS": ray_address}

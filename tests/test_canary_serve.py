@@ -47,10 +47,6 @@ def url(deploy_tiny_app, serving_home, registry):
                 f"args.workspace={serving_home}",
                 "args.registry_poll_s=1",
                 "args.auth_token_env=LORAOPS_TEST_NO_TOKEN",
-                "deployments.SummarizerModel.autoscaling_config=null",
-                "deployments.SummarizerModel.num_replicas=1",
-                "deployments.SummarizerModel.ray_actor_options.num_cpus=0.25",
-                "deployments.SummarizerAPI.ray_actor_options.num_cpus=0.05",
             ]
         )
     finally:

@@ -35,10 +35,6 @@ def url(deploy_tiny_app, serving_home):
                 "args.registry_poll_s=1",
                 f"args.auth_token_env={TOKEN_ENV}",
                 f"deployments.SummarizerAPI.ray_actor_options.runtime_env.env_vars.{TOKEN_ENV}={TOKEN}",
-                "deployments.SummarizerModel.autoscaling_config=null",
-                "deployments.SummarizerModel.num_replicas=1",
-                "deployments.SummarizerModel.ray_actor_options.num_cpus=0.25",
-                "deployments.SummarizerAPI.ray_actor_options.num_cpus=0.05",
             ]
         )
     finally:

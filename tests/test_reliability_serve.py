@@ -122,40 +122,29 @@ def test_deploy_on_a_cluster_whose_http_port_is_taken_is_one_line(ray_address, h
 
 
 @pytest.fixture(scope="module")
-def url(ray_address, home):
+def url(deploy_tiny_app, home):
     """Deploy the application through the code path of `loraops serve`; yields its URL."""
     from ray import serve
 
-    from loraops.serve.deploy import deploy
-    from loraops.serve.settings import load_serve_config
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = load_serve_config(
-        REPO / "serve" / "tiny.yaml",
-        [
-            f"name={APP}",
-            f"http_options.port={port}",
-            f"args.workspace={home}",
-            f"args.adapter={ADAPTER}",
-            "args.registry_poll_s=1",
-            "args.max_new_tokens_limit=128",
-            "args.default_max_new_tokens=16",
-            "args.max_batch_dialogues=4",
-            "args.max_body_bytes=131072",
-            f"args.body_timeout_s={BODY_TIMEOUT_S}",
-            "args.batch_wait_timeout_s=0.05",
-            f"args.auth_token_env={TOKEN_ENV}",
-            f"deployments.SummarizerAPI.ray_actor_options.runtime_env.env_vars.{TOKEN_ENV}={TOKEN}",
-            f"deployments.SummarizerAPI.max_ongoing_requests={API_SLOTS}",
-            "deployments.SummarizerAPI.ray_actor_options.num_cpus=0.05",
-            "deployments.SummarizerModel.autoscaling_config=null",
-            f"deployments.SummarizerModel.num_replicas={MODEL_REPLICAS}",
-            "deployments.SummarizerModel.ray_actor_options.num_cpus=0.25",
-        ],
-    )
     try:
-        yield deploy(config)
+        yield deploy_tiny_app(
+            [
+                f"name={APP}",
+                f"args.workspace={home}",
+                f"args.adapter={ADAPTER}",
+                "args.registry_poll_s=1",
+                "args.max_new_tokens_limit=128",
+                "args.default_max_new_tokens=16",
+                "args.max_batch_dialogues=4",
+                "args.max_body_bytes=131072",
+                f"args.body_timeout_s={BODY_TIMEOUT_S}",
+                "args.batch_wait_timeout_s=0.05",
+                f"args.auth_token_env={TOKEN_ENV}",
+                f"deployments.SummarizerAPI.ray_actor_options.runtime_env.env_vars.{TOKEN_ENV}={TOKEN}",
+                f"deployments.SummarizerAPI.max_ongoing_requests={API_SLOTS}",
+                f"deployments.SummarizerModel.num_replicas={MODEL_REPLICAS}",
+            ]
+        )
     finally:
         serve.shutdown()
 

@@ -17,19 +17,6 @@ from loraops.config import ConfigError, database_url, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tune" / "tiny.yaml"
-#: A few seconds per trial on one core: 20 steps of 4 rows, an eval every 10 steps.
-SMALL = [
-    "search.max_steps=20",
-    "training.eval_steps=10",
-    "training.logging_steps=10",
-    "training.per_device_train_batch_size=4",
-    "training.warmup_steps=0",
-    "training.eval_max_samples=16",
-    "data.builtin_size=120",
-    "search.max_concurrent_trials=2",
-    "search.resources={cpu: 1, gpu: 0}",
-    "search.scheduler={type: asha, grace_period: 10, reduction_factor: 2}",
-]
 SPACE = {
     "training.learning_rate": {"loguniform": [1.0e-4, 5.0e-3]},
     "lora.r": {"choice": [8, 16, 32]},
@@ -241,7 +228,7 @@ def seed_covering(choices: list[str], key: str, distributions: dict) -> int:
 @pytest.mark.reliability
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_failing_trial_is_recorded_and_the_others_finish(ray_address, workspace, monkeypatch):
+def test_a_failing_trial_is_recorded_and_the_others_finish(ray_address, workspace, monkeypatch, small_search):
     import optuna
 
     from loraops.tune.experiment import run_experiment
@@ -251,7 +238,7 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(ray_address, workspac
         monkeypatch.delenv(name, raising=False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = {"training.learning_rate": {"loguniform": [5e-4, 5e-3]}, "lora.target_modules": {"choice": [["q_proj", "v_proj"], ["no_such_module"]]}}
-    config = load_config(TINY, [*SMALL, space_override(space), "search.num_samples=3", "search.scheduler={type: fifo}"])
+    config = load_config(TINY, [*small_search, space_override(space), "search.num_samples=3", "search.scheduler={type: fifo}"])
     seed = seed_covering(["[q_proj, v_proj]", "[no_such_module]"], "lora.target_modules", SearchSpace.from_config(config).optuna_distributions())
     config.search.seed = seed
 
@@ -277,7 +264,7 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(ray_address, workspac
 @pytest.mark.reliability
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_diverging_trial_is_recorded_as_failed_and_the_best_comes_from_the_others(ray_address, workspace, monkeypatch):
+def test_a_diverging_trial_is_recorded_as_failed_and_the_best_comes_from_the_others(ray_address, workspace, monkeypatch, small_search):
     """One trial's loss becomes NaN at step 2: it ends as ERROR with the divergence in the results table,
     the other trial completes and is the best. The tiny model's loss stays finite at any learning rate the
     config accepts (at most 1), so the diverging choice adds an absurd weight decay that overflows step 1's update."""
@@ -292,7 +279,7 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_best_comes_from_the_oth
         monkeypatch.delenv(name, raising=False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = {"training": {"choice": [{"weight_decay": 0.0}, {"learning_rate": 1.0, "weight_decay": 1e40}]}}
-    settings = [*SMALL, space_override(space), "search.num_samples=2", "search.scheduler={type: fifo}", "search.max_steps=2", "training.eval_steps=2"]
+    settings = [*small_search, space_override(space), "search.num_samples=2", "search.scheduler={type: fifo}", "search.max_steps=2", "training.eval_steps=2"]
     config = load_config(TINY, settings)
     distributions = SearchSpace.from_config(config).optuna_distributions()
     healthy, diverging = distributions["training"].choices
@@ -320,7 +307,7 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_best_comes_from_the_oth
 @pytest.mark.reliability
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_killed_driver_resumes_with_every_trial_once(cli_env, ray_address, workspace, tmp_path):
+def test_a_killed_driver_resumes_with_every_trial_once(cli_env, ray_address, workspace, tmp_path, small_search):
     """Also: the database URL (here a SQLite path with a marker, as a password would be in a
     PostgreSQL URL) reaches the resumed driver from the environment, never from the experiment."""
     from loraops.cli import main
@@ -334,7 +321,7 @@ def test_a_killed_driver_resumes_with_every_trial_once(cli_env, ray_address, wor
     experiment = workspace / "experiments" / name
     space = {"training.learning_rate": {"loguniform": [5e-4, 5e-3]}, "lora.r": {"choice": [8, 16]}}
     # The first two trials run side by side; the third runs alone, and ASHA leaves it alone until step 20.
-    settings = [*SMALL, "search.max_steps=30", "search.scheduler={type: asha, grace_period: 20, reduction_factor: 2}",
+    settings = [*small_search, "search.max_steps=30", "search.scheduler={type: asha, grace_period: 20, reduction_factor: 2}",
                 space_override(space), "search.num_samples=3"]
     command = [sys.executable, "-m", "loraops", "tune", "-c", str(TINY), *[arg for item in settings for arg in ("--set", item)], "--name", name]
     with (tmp_path / "first.log").open("w") as log:
@@ -394,7 +381,7 @@ def wait_for(experiment: Path, driver: subprocess.Popen, condition, timeout: flo
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_selecting_by_rouge_l_scores_the_last_step_and_drives_best_trial_registry_and_promotion(ray_address, workspace, monkeypatch):
+def test_selecting_by_rouge_l_scores_the_last_step_and_drives_best_trial_registry_and_promotion(ray_address, workspace, monkeypatch, small_search):
     """search.metric rougeL: ROUGE-L of greedy summaries of a few validation dialogues, only at a
     trial's last step; TPE maximizes it, the best trial, its registered metrics and --if-better
     use it, and the table shows it beside the eval loss."""
@@ -408,7 +395,7 @@ def test_selecting_by_rouge_l_scores_the_last_step_and_drives_best_trial_registr
     for name in ("RAY_AIR_NEW_OUTPUT", "TUNE_GLOBAL_CHECKPOINT_S"):  # set by the driver; undone after the test
         monkeypatch.delenv(name, raising=False)
     space = {"training.learning_rate": {"loguniform": [5e-4, 8e-3]}}
-    config = load_config(TINY, [*SMALL, space_override(space), "search.num_samples=3", "search.metric=rougeL", "search.rouge_samples=4",
+    config = load_config(TINY, [*small_search, space_override(space), "search.num_samples=3", "search.metric=rougeL", "search.rouge_samples=4",
                                 "evaluation.max_new_tokens=16"])
     outcome = run_experiment(config, name="by-rouge")
 
