@@ -31,8 +31,9 @@ def test_unknown_target_module_is_an_error(quick_config, workspace):
 @pytest.mark.slow
 def test_saved_adapter_on_a_fresh_4bit_base_reproduces_logits(quick_config, workspace, tmp_path):
     from loraops.batching import BatchStream
+    from loraops.checkpoint import save_adapter
     from loraops.data import encode_all, load_split, pad_batch
-    from loraops.train import autocast_context, build_optimizer, save_adapter, train_step
+    from loraops.train import autocast_context, build_optimizer, train_step
 
     config = quick_config()
     tokenizer = load_tokenizer(config)

@@ -1,5 +1,5 @@
-"""Training (:mod:`loraops.train`) for real on the tiny model: eval loss goes down, the run folder is
-complete, and a resumed run matches an uninterrupted one."""
+"""Training (:mod:`loraops.train`, :mod:`loraops.checkpoint`) for real on the tiny model: eval loss goes
+down, the run folder is complete, a resumed run matches an uninterrupted one, and float16 loss scaling."""
 
 import json
 
@@ -50,14 +50,14 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
 
     import numpy as np
 
-    from loraops.train import _restore_rng, _rng_states
+    from loraops.checkpoint import restore_rng, rng_states
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()  # leaves a cached Gaussian in numpy's legacy state
-    torch.save(_rng_states(), tmp_path / "rng.pt")
+    torch.save(rng_states(), tmp_path / "rng.pt")
     expected = (random.random(), float(np.random.standard_normal()), torch.rand(1).item())
     random.seed(4), np.random.seed(5), torch.manual_seed(6)
-    _restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), float(np.random.standard_normal()), torch.rand(1).item()) == expected
 
 
@@ -75,7 +75,7 @@ class _RunsCode:
 def test_checkpoint_that_needs_unpickling_code_is_refused(trained, tmp_path):
     import shutil
 
-    from loraops.train import load_checkpoint
+    from loraops.checkpoint import load_checkpoint
 
     _, full = trained
     folder = tmp_path / "checkpoint-20"
@@ -83,8 +83,59 @@ def test_checkpoint_that_needs_unpickling_code_is_refused(trained, tmp_path):
     marker = tmp_path / "code-ran"
     torch.save({"state": {"step": 20}, "optimizer": _RunsCode(marker)}, folder / "trainer_state.pt")
     with pytest.raises(LoraopsError, match="trainer_state.pt holds more than tensors and plain containers, refusing to load it"):
-        load_checkpoint(folder, None, None, None)
+        load_checkpoint(folder, None, None, None, None)
     assert not marker.exists()
     (folder / "trainer_state.pt").unlink()
     with pytest.raises(LoraopsError, match="is not a training checkpoint"):
-        load_checkpoint(folder, None, None, None)
+        load_checkpoint(folder, None, None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("device_type", "compute_dtype", "expected"),
+    [("cuda", "float16", True), ("cuda", "bfloat16", False), ("cuda", "float32", False), ("cpu", "float16", False)],
+)
+def test_loss_is_scaled_only_for_float16_on_a_gpu(device_type, compute_dtype, expected):
+    from loraops.train import needs_loss_scaling
+
+    assert needs_loss_scaling(device_type, compute_dtype) is expected
+
+
+def test_a_scaled_step_unscales_to_the_plain_gradients_and_the_scale_survives_a_checkpoint(quick_config, workspace, tmp_path):
+    """float16 loss scaling runs only on a GPU; torch's CPU GradScaler does the same arithmetic, so the
+    loop's use of it (scaled backward, unscale before clipping, scale state in the checkpoint) is checked here."""
+    from loraops.batching import BatchStream
+    from loraops.checkpoint import TrainState, load_checkpoint, save_checkpoint
+    from loraops.data import encode_all, load_split
+    from loraops.model import load_base_model, load_tokenizer, prepare_for_training
+    from loraops.train import autocast_context, build_optimizer, build_scheduler, train_step
+
+    config = quick_config("lora.dropout=0.0")  # the same forward pass twice
+    tokenizer = load_tokenizer(config)
+    rows = encode_all(tokenizer, load_split(config.data, "train")[0][:16], config.data)
+    model = prepare_for_training(load_base_model(config), config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    micro_batches = next(BatchStream(rows, config, tokenizer.pad_token_id)).micro_batches
+
+    def gradients(scaler):
+        model.zero_grad(set_to_none=True)
+        loss = train_step(model, micro_batches, autocast_context(config), scaler)
+        return loss, [p.grad.clone() for p in trainable if p.grad is not None]
+
+    plain_loss, plain = gradients(None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled_loss, scaled = gradients(scaler)
+    optimizer = build_optimizer(trainable, config)
+    scaler.unscale_(optimizer)
+    unscaled = [p.grad for p in trainable if p.grad is not None]
+
+    assert plain and scaled_loss == pytest.approx(plain_loss)  # the reported loss is the true one
+    assert all(torch.allclose(s, g * 2.0**10, rtol=1e-4, atol=1e-9) for s, g in zip(scaled, plain, strict=True))
+    assert all(torch.allclose(u, g, rtol=1e-4, atol=1e-9) for u, g in zip(unscaled, plain, strict=True))
+
+    scaler.step(optimizer)
+    scaler.update(new_scale=123.0)  # a scale the defaults could not give
+    scheduler = build_scheduler(optimizer, config)
+    folder = save_checkpoint(tmp_path, model, optimizer, scheduler, scaler, TrainState(step=1), keep=None)
+    restored = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    load_checkpoint(folder, model, build_optimizer(trainable, config), build_scheduler(optimizer, config), restored)
+    assert restored.get_scale() == 123.0

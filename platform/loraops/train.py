@@ -15,9 +15,7 @@ import json
 import logging
 import math
 import os
-import pickle
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,20 +27,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from loraops.batching import BatchStream, eval_batches
+from loraops.checkpoint import TrainState, load_checkpoint, save_adapter, save_checkpoint
 from loraops.config import Config, dump_config
 from loraops.data import IGNORE_INDEX, encode_all, load_split
 from loraops.errors import LoraopsError
-from loraops.layout import (
-    ADAPTER_DIR,
-    ADAPTER_WEIGHTS_FILE,
-    CHECKPOINT_PREFIX,
-    LOSS_PLOT_FILE,
-    METRICS_FILE,
-    RUN_CONFIG_FILE,
-    TRAINER_STATE_FILE,
-    checkpoint_dir_name,
-    checkpoint_step,
-)
+from loraops.layout import ADAPTER_DIR, LOSS_PLOT_FILE, METRICS_FILE, RUN_CONFIG_FILE
 from loraops.model import DTYPES, device, load_base_model, load_tokenizer, prepare_for_training
 
 log = logging.getLogger(__name__)
@@ -124,9 +113,10 @@ def train(
     log.info("trainable parameters: %s of %s", f"{sum(p.numel() for p in trainable):,}", f"{sum(p.numel() for p in model.parameters()):,}")
     optimizer = build_optimizer(trainable, config)
     scheduler = build_scheduler(optimizer, config)
+    scaler = grad_scaler(config)
     state = TrainState()
     if resume_from:
-        state = load_checkpoint(Path(resume_from), model, optimizer, scheduler)
+        state = load_checkpoint(Path(resume_from), model, optimizer, scheduler, scaler)
         log.info("resumed from %s at step %d", resume_from, state.step)
 
     metrics = MetricsLog(out / METRICS_FILE, config, fresh=not resume_from)
@@ -138,9 +128,11 @@ def train(
     started = time.perf_counter()
     while state.step < settings.max_steps:
         step = next(batches)
-        loss = train_step(model, step.micro_batches, autocast)
+        loss = train_step(model, step.micro_batches, autocast, scaler)
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when a scaled gradient overflowed; the scale then shrinks
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
@@ -162,7 +154,7 @@ def train(
             window.clear()
         checkpoint = None
         if state.step % settings.save_steps == 0 or last:
-            checkpoint = save_checkpoint(out, model, optimizer, scheduler, state, settings.save_total_limit)
+            checkpoint = save_checkpoint(out, model, optimizer, scheduler, scaler, state, settings.save_total_limit)
         if state.step % settings.eval_steps == 0 or last:
             eval_loss = evaluate_loss(model, eval_rows, config, tokenizer.pad_token_id, autocast)
             extra = final_evaluation(model, tokenizer) if last and final_evaluation is not None else {}
@@ -185,19 +177,23 @@ def train(
 # --- the pieces of a step ----------------------------------------------------------------------
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-    samples: int = 0
-    best_eval_loss: float = math.inf
-    best_step: int = 0
-
-
 def autocast_context(config: Config):
     """Mixed precision in the quantization compute dtype on GPU; plain fp32 on CPU."""
     dtype = DTYPES[config.quantization.bnb_4bit_compute_dtype]
     enabled = device().type == "cuda" and dtype != torch.float32
     return lambda: torch.autocast(device_type=device().type, dtype=dtype, enabled=enabled)
+
+
+def needs_loss_scaling(device_type: str, compute_dtype: str) -> bool:
+    """float16 autocast on a GPU: gradients below float16's range would flush to zero without a scaled loss
+    (bfloat16 has float32's range; on a CPU training runs in float32)."""
+    return device_type == "cuda" and compute_dtype == "float16"
+
+
+def grad_scaler(config: Config) -> torch.amp.GradScaler:
+    """The loss scaler of a run: dynamic scaling where :func:`needs_loss_scaling`, else a pass-through."""
+    kind = device().type
+    return torch.amp.GradScaler(kind, enabled=needs_loss_scaling(kind, config.quantization.bnb_4bit_compute_dtype))
 
 
 def divergence_message(loss: float, step: int, settings) -> str:
@@ -234,12 +230,14 @@ def _keeps_logits_by_mask(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def train_step(model, micro_batches: list[dict[str, torch.Tensor]], autocast) -> float:
+def train_step(model, micro_batches: list[dict[str, torch.Tensor]], autocast, scaler: torch.amp.GradScaler | None = None) -> float:
     """Forward/backward over one step's micro-batches; returns the step's loss.
 
     The loss is the mean over every summary token of the step, whatever the micro-batches: each
     micro-batch's summed loss is divided by the step's token count before its backward pass.
+    With a ``scaler``, the gradients are left scaled: the caller unscales them before the step.
     """
+    scale = scaler.scale if scaler is not None else (lambda loss: loss)
     target = device()
     count = max(sum(supervised_tokens(batch) for batch in micro_batches), 1)
     total = torch.zeros((), device=target)
@@ -247,7 +245,7 @@ def train_step(model, micro_batches: list[dict[str, torch.Tensor]], autocast) ->
         batch = {key: value.to(target) for key, value in batch.items()}
         with autocast():
             loss_sum, _ = summed_loss(model, batch)
-        (loss_sum / count).backward()
+        scale(loss_sum / count).backward()
         total += loss_sum.detach()
     return total.item() / count
 
@@ -287,89 +285,6 @@ def build_scheduler(optimizer, config: Config):
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-# --- saving ------------------------------------------------------------------------------------
-
-
-def save_adapter(model, folder: Path) -> None:
-    """Write the adapter next to ``folder`` and swap it in, so a reader never sees half of one."""
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        folder.rename(old)
-    staging.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(out: Path, model, optimizer, scheduler, state: TrainState, keep: int | None) -> Path:
-    """The adapter plus the trainer state (optimizer, scheduler, RNGs) needed to resume bit-exactly.
-
-    The trainer state holds only tensors and plain containers, so :func:`load_checkpoint` reads it
-    with ``torch.load(weights_only=True)``: a checkpoint from shared storage cannot run code.
-    """
-    folder = out / checkpoint_dir_name(state.step)
-    save_adapter(model, folder)
-    torch.save(
-        {"state": dict(state.__dict__), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_states()},
-        folder / TRAINER_STATE_FILE,
-    )
-    if keep:
-        for stale in sorted(out.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: checkpoint_step(p.name) or 0)[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
-    return folder
-
-
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore what :func:`save_checkpoint` wrote; a trainer state that needs unpickling of code is refused."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state_file = folder / TRAINER_STATE_FILE
-    if not state_file.is_file() or not (folder / ADAPTER_WEIGHTS_FILE).is_file():
-        raise LoraopsError(f"{folder} is not a training checkpoint: it needs {ADAPTER_WEIGHTS_FILE} and {TRAINER_STATE_FILE}")
-    try:
-        saved = torch.load(state_file, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoraopsError(f"{state_file} holds more than tensors and plain containers, refusing to load it ({first_line})") from None
-    set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS_FILE)))
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    _restore_rng(saved.get("rng") or {"torch": saved["torch_rng"]})  # "torch_rng": checkpoints of loraops 0.1.0
-    known = TrainState.__dataclass_fields__
-    return TrainState(**{key: value for key, value in saved["state"].items() if key in known})
-
-
-def _rng_states() -> dict[str, Any]:
-    """Every random generator a training step may draw from, as tensors and tuples of ints."""
-    import numpy as np
-
-    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
-    states: dict[str, Any] = {
-        "torch": torch.random.get_rng_state(),
-        "python": random.getstate(),  # (version, tuple of ints, None): plain data
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gauss)),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _restore_rng(states: dict[str, Any]) -> None:
-    import numpy as np
-
-    torch.random.set_rng_state(states["torch"])
-    if "python" in states:
-        version, internal, gauss = states["python"]
-        random.setstate((version, tuple(internal), gauss))  # torch.save may hand back lists for tuples
-    if "numpy" in states:
-        kind, keys, position, has_gauss, cached_gauss = states["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
-    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class MetricsLog:
