@@ -1,6 +1,8 @@
 # Two commands do all the set-up: `make demo` and `make test`.
 # The CPU build of torch is installed first where there is no NVIDIA GPU, so pip does not pull a
 # multi-GB CUDA build; on GPU machines pyproject's normal torch range brings the CUDA build.
+# pip runs with -qq: errors still print, warnings about a machine's own pip settings (find-links
+# folders that do not exist, say) do not bury the demo's output.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
@@ -10,13 +12,13 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -qq --upgrade pip
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
 	  echo "no NVIDIA GPU found: installing the CPU build of torch $(TORCH_CPU_VERSION)"; \
-	  $(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)" || \
-	  $(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	  $(PY) -m pip install -qq "torch==$(TORCH_CPU_VERSION)" || \
+	  $(PY) -m pip install -qq "torch==$(TORCH_CPU_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -qq -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
