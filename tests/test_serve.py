@@ -243,20 +243,25 @@ def test_cli_summarize_against_the_endpoint(cli_env, serve_urls, serving_home, t
     assert "HTTP 401" in refused.stderr and "bearer token" in refused.stderr
 
 
+def _cli_serve(ray_address: str, port: int, home, name: str, *options: str) -> list[str]:
+    """``loraops serve`` of one small nf4 application ``name`` at ``/name`` on the running cluster."""
+    return [
+        sys.executable, "-m", "loraops", "serve", "--config", str(REPO / "serve" / "tiny.yaml"), "--address", ray_address, *options,
+        "--set", f"name={name}", "--set", f"route_prefix=/{name}", "--set", f"http_options.port={port}",
+        "--set", f"args.workspace={home}", "--set", f"args.adapter={ADAPTER}:1", "--set", "args.mode=nf4",
+        "--set", "deployments.SummarizerModel.autoscaling_config=null", "--set", "deployments.SummarizerModel.num_replicas=1",
+        "--set", "deployments.SummarizerModel.ray_actor_options.num_cpus=0.25", "--set", "deployments.SummarizerAPI.ray_actor_options.num_cpus=0.05",
+    ]  # fmt: skip
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_cli_serve_detached_deploys_a_config_on_a_running_cluster(cli_env, serve_urls, serving_home, ray_address):
     from ray import serve
 
     port = httpx.URL(serve_urls["main"]).port
-    command = [
-        sys.executable, "-m", "loraops", "serve", "--config", str(REPO / "serve" / "tiny.yaml"), "--address", ray_address, "--detach",
-        "--set", "name=cli", "--set", "route_prefix=/cli", "--set", f"http_options.port={port}",
-        "--set", f"args.workspace={serving_home}", "--set", f"args.adapter={ADAPTER}:1", "--set", "args.mode=nf4",
-        "--set", "deployments.SummarizerModel.autoscaling_config=null", "--set", "deployments.SummarizerModel.num_replicas=1",
-        "--set", "deployments.SummarizerModel.ray_actor_options.num_cpus=0.25", "--set", "deployments.SummarizerAPI.ray_actor_options.num_cpus=0.05",
-    ]
     try:
+        command = _cli_serve(ray_address, port, serving_home, "cli", "--detach")
         done = subprocess.run(command, capture_output=True, text=True, env=cli_env(serving_home), timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert f"at http://127.0.0.1:{port}/cli" in done.stdout
@@ -264,6 +269,38 @@ def test_cli_serve_detached_deploys_a_config_on_a_running_cluster(cli_env, serve
         assert answer.status_code == 200 and answer.json()["model"] == {"name": ADAPTER, "version": 1}
     finally:
         serve.delete("cli")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT, ignored by the shell that started it"])
+def test_cli_serve_in_the_foreground_removes_its_application_on_sigterm_and_sigint(cli_env, serve_urls, serving_home, ray_address, stop):
+    """``kill``, ``docker stop`` and Ctrl-C end the foreground ``loraops serve`` cleanly: its application
+    leaves the cluster. A background job of a non-interactive shell starts with SIGINT ignored."""
+    import signal
+
+    from ray import serve
+
+    port = httpx.URL(serve_urls["main"]).port
+    number = signal.SIGTERM if stop == "SIGTERM" else signal.SIGINT
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if number == signal.SIGINT else None
+    command = _cli_serve(ray_address, port, serving_home, "fg")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(serving_home), preexec_fn=ignore_sigint)
+    try:
+        deadline = time.monotonic() + 300
+        while httpx.get(f"http://127.0.0.1:{port}/fg/healthz", timeout=30).status_code != 200:
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:] if process.poll() is not None else "no answer"
+            time.sleep(1)
+        process.send_signal(number)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if "fg" in serve.status().applications:
+            serve.delete("fg")
+    assert process.returncode == 0, stderr[-2000:]
+    assert "shutting down" in stdout and f"{number.name} received" not in stderr
+    assert "fg" not in serve.status().applications
 
 
 # --- promotion under load and autoscaling ------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -77,10 +78,23 @@ def session(address: str | None = None, **options: Any) -> Iterator[bool]:
 
 
 def wait_until_interrupted(message: str = "press Ctrl-C to stop") -> None:
-    """Print ``message`` and block until Ctrl-C (the foreground of ``serve`` and ``demo --keep-serving``)."""
+    """Print ``message`` and block until Ctrl-C or SIGTERM (the foreground of ``serve`` and ``demo --keep-serving``).
+
+    SIGTERM (``kill``, ``docker stop``, systemd) ends the wait like Ctrl-C, so the caller's clean
+    shutdown runs instead of Ray's fatal-signal handler; SIGINT counts even when the shell that
+    started the process in the background left it ignored.
+    """
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
     print(message, flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("shutting down", flush=True)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)  # None: a handler set outside Python (Ray's)

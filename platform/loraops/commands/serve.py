@@ -37,7 +37,7 @@ def _add_serve(sub: SubParsers) -> None:
         "--detach",
         action="store_true",
         help="return once the application is running, leaving it on the cluster (needs a running cluster: --address or $RAY_ADDRESS); "
-        "default: stay in the foreground and shut the application down on Ctrl-C",
+        "default: stay in the foreground and shut the application down on Ctrl-C or SIGTERM (kill, docker stop)",
     )
     parser.set_defaults(handler=_run_serve)
 
