@@ -99,6 +99,8 @@ def test_bench_serve_refuses_bad_arguments_with_one_line(cli_env, tmp_path):
         (["--random-init", "phi-2"], "--random-init needs --model-only"),
         (["--concurrency", "1,x"], "--concurrency '1,x': expected comma-separated integers"),
         (["--batching", "generate"], "over HTTP the replica batches continuous or static"),
+        (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),  # before Ray starts and a model loads
+        (["--model-only", "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),  # before the model loads
     ]:
         done = subprocess.run([sys.executable, "-m", "loraops", "bench", "serve", *args], capture_output=True, text=True, env=cli_env(tmp_path), timeout=120)
         assert done.returncode == 2 and done.stderr.startswith("loraops: error:") and message in done.stderr, done.stderr

@@ -60,11 +60,16 @@ def builtin_test_dialogues(count: int = 64) -> list[str]:
 
 
 def load_workload(data: str | None, max_new_tokens: int, lengths: str, tokenizer=None, count: int = 64, seed: int = 0) -> tuple[list[WorkItem], str]:
-    """The benchmark's requests and a description of their source.
+    """The benchmark's requests and a description of their source (:func:`read_workload`, then :func:`workload_items`)."""
+    rows, source = read_workload(data, lengths, count, seed)
+    return workload_items(rows, max_new_tokens, lengths, tokenizer), source
+
+
+def read_workload(data: str | None, lengths: str, count: int = 64, seed: int = 0) -> tuple[list[dict], str]:
+    """``count`` rows with a dialogue and a summary, and where they come from; bad arguments fail here, before a model loads.
 
     ``data``: a DialogSum-format file (``dialogue`` and ``summary`` columns; JSONL, JSON, CSV or
-    Parquet), else the built-in test split. ``lengths`` ``reference`` asks each request for its
-    reference summary's token count (``tokenizer``), at most ``max_new_tokens``.
+    Parquet), else the built-in test split.
     """
     from loraops.errors import LoraopsError
 
@@ -85,14 +90,18 @@ def load_workload(data: str | None, max_new_tokens: int, lengths: str, tokenizer
 
         rows = generate_splits()["test"]
         source = "built-in test split"
-    rows = random.Random(seed).sample(rows, min(count, len(rows)))
+    return random.Random(seed).sample(rows, min(count, len(rows))), source
+
+
+def workload_items(rows: list[dict], max_new_tokens: int, lengths: str, tokenizer=None) -> list[WorkItem]:
+    """One request per row: ``max_new_tokens`` each, or with ``lengths`` ``reference`` the reference summary's token count (``tokenizer``), at most that."""
     items = []
     for row in rows:
         limit = max_new_tokens
         if lengths == "reference":
             limit = max(1, min(max_new_tokens, len(tokenizer.encode(row["summary"], add_special_tokens=False)) + 1))  # + end-of-text
         items.append(WorkItem(row["dialogue"], limit))
-    return items, source
+    return items
 
 
 def _text(row: dict, column: str) -> str:
@@ -128,11 +137,13 @@ def benchmark(
     from loraops.serve.settings import MODEL_DEPLOYMENT, load_serve_config
 
     load_at_start = round(os.getloadavg()[0], 2)
+    # The workload first: a bad --data file is one line before any model loads.
+    settings = load_serve_config(config_path, list(overrides)).settings
+    items, source = load_workload(data, max_new_tokens, lengths, tokenizer=_tokenizer_for(settings) if lengths == "reference" else None)
+    deployed: list[str] = []  # the benchmark's applications on the cluster now
     owned = cluster.connect(address, log_to_driver=False, configure_logging=False)
     results: list[dict[str, Any]] = []
     warm_ups: dict[str, Any] = {}
-    items: list[WorkItem] = []
-    source = ""
     body = lambda item: {"dialogue": item.dialogue, "max_new_tokens": item.max_new_tokens}  # noqa: E731
     print(HEADER, flush=True)
     try:
@@ -149,8 +160,7 @@ def benchmark(
                 model_options["num_replicas"] = 1
                 model_options["max_ongoing_requests"] = max(model_options.get("max_ongoing_requests", 1), max(concurrencies))
                 urls[batching] = deploy(config)
-                if not source:
-                    items, source = load_workload(data, max_new_tokens, lengths, tokenizer=_tokenizer_for(config.settings) if lengths == "reference" else None)
+                deployed.append(config.app_name)
                 warm_ups[f"{mode}/{batching}"] = httpx.get(urls[batching] + "/v1/models", timeout=60).json()["models"][0].get("warm_up")
                 run_load(urls[batching], items, clients=2, duration_s=min(5.0, duration_s), body=body)  # connections and first calls, not measured
             for clients in concurrencies:
@@ -159,8 +169,8 @@ def benchmark(
                     row = {"mode": mode, "batching": batching, "concurrency": clients} | summarize_records(records, duration_s)
                     results.append(row)
                     print(format_row(row), flush=True)
-            for batching in batchings:
-                serve.delete(f"bench-{mode}-{batching}")
+            while deployed:
+                serve.delete(deployed.pop())
         floor = _serve_floor(config, items, body, min(10.0, duration_s))
         print(f"Serve's floor (the same ingress and hop to a model replica that answers at once, 1 client): {floor['p50_ms']} ms p50, {floor['p99_ms']} ms p99")
         report = {
@@ -182,6 +192,9 @@ def benchmark(
     finally:
         if owned:
             serve.shutdown()
+        else:  # someone else's cluster: leave it as found, even when the benchmark stopped half-way
+            for name in deployed:
+                serve.delete(name)
         cluster.shutdown(owned)
 
 
@@ -257,19 +270,20 @@ def benchmark_model(
     lengths = lengths or ("reference" if random_init else "fixed")
     load_at_start = round(os.getloadavg()[0], 2)
     serve_config = load_serve_config(config_path, [*overrides, f"args.max_batch_size={max(concurrencies)}"], ray_schema=False)
+    rows, source = read_workload(data, lengths)  # a bad --data file is one line before any model loads
     settings = serve_config.settings.with_absolute_paths()
     threads = _replica_threads(serve_config)
     results: list[dict[str, Any]] = []
     warm_ups: dict[str, Any] = {}
     items: list[WorkItem] = []
-    source, model_label = "", ""
+    model_label = ""
     print(HEADER, flush=True)
     for mode in modes:
         started = time.perf_counter()
         served, model_label = load_served(settings, mode, random_init, random_init_layers)
         load_s = time.perf_counter() - started
         if not items:
-            items, source = load_workload(data, max_new_tokens, lengths, tokenizer=served.tokenizer)
+            items = workload_items(rows, max_new_tokens, lengths, tokenizer=served.tokenizer)
         prompts = [(_prompt(served, item.dialogue), item.max_new_tokens) for item in items]
         context = settings.context_tokens or served.context_tokens
         prompts = [(p, n) for p, n in prompts if len(p) + n <= context]  # the API would answer 422 to the others
