@@ -69,7 +69,9 @@ def test_start_refusals_abort_and_promote_audited(registry):
 
     second = registry.start_canary(f"{NAME}:3", 100, actor="ana")
     assert second.id != started.id
-    change = registry.promote_canary(NAME, actor="carol", reason="looks good")
+    with pytest.raises(LoraopsError, match="cn:3 has answered no requests of its canary.*--force"):
+        registry.promote_canary(NAME, actor="carol")  # nothing was compared: refused
+    change = registry.promote_canary(NAME, actor="carol", reason="looks good", force=True)
     assert (change.previous, change.version, change.changed) == (1, 3, True)
     assert registry.get(f"{NAME}@production").version == 3
     assert registry.canary(NAME) is None
@@ -185,6 +187,49 @@ def test_automatic_abort_waits_for_min_requests_then_fires(registry):
     assert (ended.canary.state, ended.canary.ended_by, ended.canary.end_reason) == ("aborted", "auto", reason)
     assert (ended.baseline.requests, ended.candidate.errors) == (10, 10)  # the final figures stay readable
     assert registry.get(f"{NAME}@production").version == 1
+
+
+def test_requests_that_name_a_version_are_counted_apart_and_never_judged(registry):
+    registry.start_canary(f"{NAME}:2", 50, min_requests=5)
+    router = CanaryRouter(registry, NAME)
+    router.refresh()
+    for _ in range(6):  # clients naming the versions: v2 fails every time, v1 never
+        router.record(2, 0.1, error=True, completion_tokens=0, split=False)
+        router.record(1, 0.1, error=False, completion_tokens=8, split=False)
+    for _ in range(3):
+        router.record(1, 0.1, error=False, completion_tokens=8)
+        router.record(2, 0.1, error=False, completion_tokens=8, intended=2)
+    assert router.flush() is None and registry.canary(NAME) is not None  # the named failures do not abort it
+    status = registry.canary_status(NAME)
+    assert (status.baseline.requests, status.candidate.requests, status.candidate.errors) == (3, 3, 0)
+    assert [(v.version, v.requests, v.errors) for v in status.named] == [(1, 6, 0), (2, 6, 6)]
+    assert status.missed == 0
+    shown = status.to_dict()
+    assert [v["requests"] for v in shown["versions"]] == [3, 3] and [v["requests"] for v in shown["named"]] == [6, 6]
+
+
+def test_a_candidate_no_replica_can_load_is_aborted_once_the_split_sent_it_min_requests(registry):
+    canary = registry.start_canary(f"{NAME}:2", 50, min_requests=4)
+    router = CanaryRouter(registry, NAME)
+    router.refresh()
+    registry.record_canary_load(canary.id, "replica-a", "checksum mismatch: adapter_model.safetensors")
+    registry.record_canary_load(canary.id, "replica-a", "checksum mismatch: adapter_model.safetensors")  # a retry that failed again
+    registry.record_canary_load(canary.id, "replica-b", None)
+    for _ in range(4):  # the split sent these to v2; v1 answered them (the replica had not loaded v2)
+        router.record(1, 0.1, error=False, completion_tokens=8, intended=2)
+    assert router.flush() is None  # replica-b loaded it: not every replica failed
+    status = registry.canary_status(NAME)
+    assert status.missed == 4 and status.baseline.requests == 4 and status.candidate.requests == 0
+    assert [(r.replica, r.error is None, r.attempts) for r in status.replicas] == [("replica-a", False, 2), ("replica-b", True, 0)]
+
+    registry.record_canary_load(canary.id, "replica-b", "checksum mismatch: adapter_model.safetensors")
+    reason = router.flush()
+    assert reason == (
+        "candidate v2 could not be loaded by any replica (2 tried: checksum mismatch: adapter_model.safetensors); "
+        "the 4 requests the split routed to it were answered by v1"
+    )
+    ended = registry.canary_status(NAME).canary
+    assert (ended.state, ended.ended_by, ended.end_reason) == ("aborted", "auto", reason)
 
 
 def test_judge_tolerates_the_margin():
@@ -312,3 +357,8 @@ def test_cli_start_status_promote_abort(registry, cli_env, tmp_path):
     assert aborted.returncode == 0 and "aborted" in aborted.stdout
     missing = loraops("abort", NAME)
     assert missing.returncode == 2 and missing.stderr.strip() == f"loraops: error: {NAME} has no running canary (see `loraops canary status {NAME}`)"
+    assert loraops("start", f"{NAME}:3", "--percent", "5").returncode == 0
+    untested = loraops("promote", NAME)
+    assert untested.returncode == 2 and "has answered no requests" in untested.stderr and "Traceback" not in untested.stderr
+    forced = loraops("promote", NAME, "--force")
+    assert forced.returncode == 0 and registry.get(f"{NAME}@production").version == 3

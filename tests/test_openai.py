@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ TOKEN_ENV = "LORAOPS_TEST_OPENAI_TOKEN"
 DIALOGUE = "#Person1#: Is the shop open on Sunday?\n#Person2#: Yes, from ten until four.\n#Person1#: Great, I'll come then."
 OTHER = "#Person1#: Can you send me the report?\n#Person2#: Sure, I will email it tonight."
 TOKENS = 16
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +157,76 @@ def test_openai_routes_refuse_bad_input_in_openai_shape(url, client):
     with pytest.raises(openai.AuthenticationError) as raised:
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).completions.create(model="tiny", prompt=DIALOGUE)
     assert raised.value.body["type"] == "authentication_error"
+
+
+# --- OpenAI exactly: error params, 405, strict booleans, one model per stream, cheap length refusal ---
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/completions", {"model": "tiny", "prompt": ""}, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": 42}, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": [" "]}, "prompt[0]"),
+        ("/v1/completions", {"model": "tiny", "prompt": DIALOGUE, "stream": "yes"}, "stream"),
+        ("/v1/completions", {"model": "tiny", "prompt": DIALOGUE, "stream": 1}, "stream"),
+        ("/v1/completions", {"model": "tiny", "prompt": DIALOGUE, "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."}, {"content": DIALOGUE}]}, "messages[1].role"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "system", "content": "x"}, {"role": "user", "content": " "}]}, "messages[1].content"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": DIALOGUE}], "stream": "true"}, "stream"),
+    ],
+)
+def test_openai_errors_name_the_field_as_the_client_wrote_it(http, route, body, param):
+    response = http.post(route, json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["type"]) == (param, "invalid_request_error")
+    assert error["message"].startswith(f"{param}: ")
+
+
+def test_the_summarize_routes_keep_their_dotted_fields(http):
+    error = http.post("/v1/summarize/batch", json={"dialogues": [DIALOGUE, " "]}).json()["error"]
+    assert error["field"] == "dialogues.1"
+
+
+def test_a_wrong_method_on_an_openai_route_is_an_invalid_request(http):
+    response = http.get("/v1/chat/completions")
+    assert response.status_code == 405
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny:2"])
+def test_every_chunk_of_a_stream_names_the_version_that_answers(client, model):
+    version = "tiny:1" if model == "tiny" else "tiny:2"
+    chunks = list(client.completions.create(model=model, prompt=DIALOGUE, max_tokens=TOKENS, stream=True))
+    assert len(chunks) > 2 and {chunk.model for chunk in chunks} == {version}
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": DIALOGUE}], max_tokens=TOKENS, stream=True)
+    chunks = list(stream)
+    assert len(chunks) > 2 and {chunk.model for chunk in chunks} == {version}
+    assert chunks[0].choices[0].delta.role == "assistant"
+
+
+def test_a_prompt_far_over_the_context_is_refused_before_it_is_tokenized(http, serving_home):
+    import time
+
+    from loraops.config import load_config
+    from loraops.model import load_tokenizer
+
+    prompt = ("#Person1#: " + "The weather is lovely today, shall we walk? " * 22_000)[:1_000_000]
+    tokenizer = load_tokenizer(load_config(REPO / "tune" / "tiny.yaml", [f"workspace={serving_home}"]))
+    started = time.perf_counter()
+    tokenizer(prompt)
+    tokenizing_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    response = http.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": TOKENS})
+    refused_s = time.perf_counter() - started
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("prompt", "context_length_exceeded")
+    assert "the dialogue is at least" in error["message"] and "over the model's context of" in error["message"]
+    # Before the bound, the refusal took the tokenizer's time and more; now it takes the upload's.
+    print(f"1 MB prompt: refused in {refused_s:.3f} s; tokenizing it takes {tokenizing_s:.3f} s")
+    assert refused_s < tokenizing_s

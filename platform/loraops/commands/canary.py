@@ -15,7 +15,8 @@ from loraops.registry.refs import DEFAULT_ALIAS
 
 _ABORT_RULE = (
     "The serving endpoint aborts a canary by itself (actor 'auto') once both versions have at least --min-requests requests "
-    "and the candidate's error rate exceeds the baseline's by more than --max-error-margin."
+    "and the candidate's error rate exceeds the baseline's by more than --max-error-margin, or once no model replica could load "
+    "the candidate (they retry on every registry poll, with back-off) while the split routed --min-requests requests to it."
 )
 
 
@@ -52,8 +53,9 @@ def add_commands(sub: SubParsers) -> None:
         parents=[common],
         help="per-version figures of the running (or last) canary",
         description="The running canary of NAME, else its last one: per version, requests, errors, error rate, latency p50/p99 "
-        "and mean generated tokens, merged over every serving process. Latency quantiles are the upper bound of a "
-        "log-spaced bucket (at most 19% above the true figure).",
+        "and mean generated tokens, merged over every serving process, of the requests the split routed (requests that named "
+        "a version are counted apart); then which model replicas loaded the candidate, or why they could not. "
+        "Latency quantiles are the upper bound of a log-spaced bucket (at most 19% above the true figure).",
     )
     status.add_argument("name", metavar="NAME")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -64,9 +66,10 @@ def add_commands(sub: SubParsers) -> None:
         parents=[common],
         help="move the alias to the candidate and end the canary",
         description="Point the canary's alias at its candidate (recorded in the audit log as 'canary-promote', undone by `loraops rollback`) "
-        "and end the canary as promoted.",
+        "and end the canary as promoted. Refused while the candidate has answered none of the canary's requests.",
     )
     promote.add_argument("name", metavar="NAME")
+    promote.add_argument("--force", action="store_true", help="promote even a candidate that has answered no requests")
     _add_audit_options(promote)
     promote.set_defaults(handler=_run_promote)
 
@@ -109,11 +112,25 @@ def _run_status(args: argparse.Namespace) -> int:
         for v in (status.baseline, status.candidate)
     ]
     print(table(["VERSION", "ROLE", "REQUESTS", "ERRORS", "ERROR RATE", "P50", "P99", "MEAN TOKENS"], rows))
+    _print_apart(status)
     return 0
 
 
+def _print_apart(status) -> None:
+    """What the comparison leaves out: requests that named a version, and the candidate's load on each replica."""
+    named = [f"v{v.version} {v.requests} ({v.errors} errors)" for v in status.named if v.requests]
+    if named:
+        print(f"requests that named a version (not compared): {', '.join(named)}")
+    if status.missed:
+        print(f"split requests for v{status.candidate.version} answered by v{status.baseline.version} (candidate not loaded): {status.missed}")
+    if status.replicas:
+        rows = [[r.replica, "loaded" if r.error is None else "FAILED", r.attempts or "-", when(r.updated_at), r.error or "-"] for r in status.replicas]
+        print(f"model replicas and v{status.candidate.version}:")
+        print(table(["REPLICA", "CANDIDATE", "FAILED TRIES", "SINCE", "REASON"], rows))
+
+
 def _run_promote(args: argparse.Namespace) -> int:
-    print(open_registry(args).promote_canary(args.name, actor=args.actor, reason=args.reason).message)
+    print(open_registry(args).promote_canary(args.name, actor=args.actor, reason=args.reason, force=args.force).message)
     return 0
 
 

@@ -418,13 +418,14 @@ class Registry:
         with db.read_session(self.engine) as session:
             return canary.status(session, name)
 
-    def promote_canary(self, name: str, actor: str | None = None, reason: str | None = None) -> AliasChange:
-        """Move the canary's alias to its candidate (audited as ``canary-promote``) and end the canary as promoted."""
+    def promote_canary(self, name: str, actor: str | None = None, reason: str | None = None, force: bool = False) -> AliasChange:
+        """Move the canary's alias to its candidate (audited as ``canary-promote``) and end the canary as promoted
+        (refused when it answered no requests, unless ``force``)."""
         running = self.canary(name)
         if running is None:
             raise canary.no_running_canary(name)
         self._verified_target(name, running.candidate, f"refusing to promote {name}:{running.candidate}")
-        return db.run_write(self.engine, lambda s: canary.promote(s, running, actor or default_actor(), reason))
+        return db.run_write(self.engine, lambda s: canary.promote(s, running, actor or default_actor(), reason, force))
 
     def abort_canary(self, name: str, actor: str | None = None, reason: str | None = None, canary_id: int | None = None) -> CanaryState | None:
         """End the running canary of ``name`` as aborted. With ``canary_id``, only that one (None when it already ended)."""
@@ -434,3 +435,7 @@ class Registry:
     def record_canary_stats(self, canary_id: int, reporter: str, version: int, totals: Totals) -> None:
         """Upsert one reporter's cumulative totals of one version (idempotent: a repeated flush counts once)."""
         db.run_write(self.engine, lambda s: canary.upsert_stats(s, canary_id, reporter, version, totals))
+
+    def record_canary_load(self, canary_id: int, replica: str, error: str | None) -> None:
+        """Record that a model replica loaded the canary's candidate (``error`` None), or why it could not."""
+        db.run_write(self.engine, lambda s: canary.upsert_load(s, canary_id, replica, error))

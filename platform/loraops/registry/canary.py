@@ -11,9 +11,17 @@ errors, completion tokens, a latency histogram over the fixed buckets :data:`LAT
 and upserts them into ``registry_canary_stats``; a flush overwrites that reporter's row, so
 flushing twice never counts twice. The status merges the rows of all reporters.
 
+Only the requests the split routed count in those figures; requests that named a version
+explicitly (``NAME@ALIAS``, ``NAME:VERSION``) are kept apart (a reporter row with the
+:data:`NAMED` suffix), shown but never judged, so no client can move the decision. Requests the
+split sent to the candidate that a replica answered with the baseline because it had not loaded the
+candidate are counted too (:data:`MISSED`). Every model replica records whether it loaded the
+candidate, or why not (``registry_canary_loads``).
+
 Automatic abort (:func:`judge`): once both versions have at least ``min_requests`` requests, the
 canary is aborted when the candidate's error rate exceeds the baseline's by more than
-``max_error_margin`` (0.05 = 5 percentage points).
+``max_error_margin`` (0.05 = 5 percentage points). It is also aborted when no replica could load the
+candidate while the split routed ``min_requests`` requests to it (every one answered by the baseline).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from loraops.errors import LoraopsError
 from loraops.registry import aliases, db
-from loraops.registry.db import AdapterRow, AliasRow, CanaryRow, CanaryStatsRow
+from loraops.registry.db import AdapterRow, AliasRow, CanaryLoadRow, CanaryRow, CanaryStatsRow
 from loraops.registry.records import AliasChange, utc
 
 RUNNING, PROMOTED, ABORTED = "running", "promoted", "aborted"
@@ -39,6 +47,9 @@ DEFAULT_MIN_REQUESTS = 20
 #: (each bucket spans 19%), plus an overflow bucket above the last. Quantiles are read as the
 #: upper bound of the bucket they fall in, so p50/p99 are at most 19% above the true figure.
 LATENCY_BOUNDS_S: tuple[float, ...] = tuple(round(0.001 * 2 ** (i / 4), 6) for i in range(69))
+#: Reporter suffixes of the rows kept apart from the split's figures: requests that named a version
+#: explicitly, and the split's candidate requests a replica answered with the baseline (as the candidate's version).
+NAMED, MISSED = "|named", "|missed"
 
 
 @dataclass
@@ -144,15 +155,38 @@ class VersionStats:
 
 
 @dataclass
+class ReplicaLoad:
+    """Whether one model replica loaded the candidate (``error`` None), else why not at its last of ``attempts``."""
+
+    replica: str
+    error: str | None
+    attempts: int
+    updated_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"loaded": self.error is None, "updated_at": self.updated_at.isoformat()}
+
+
+@dataclass
 class CanaryStatus:
-    """A canary and its two versions' figures (baseline first)."""
+    """A canary and its two versions' figures (baseline first); ``named``: the requests that named a version
+    (not judged); ``missed``: split requests for the candidate answered by the baseline; ``replicas``: who loaded it."""
 
     canary: CanaryState
     baseline: VersionStats
     candidate: VersionStats
+    named: list[VersionStats] = field(default_factory=list)
+    missed: int = 0
+    replicas: list[ReplicaLoad] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"canary": self.canary.to_dict(), "versions": [asdict(self.baseline), asdict(self.candidate)]}
+        return {
+            "canary": self.canary.to_dict(),
+            "versions": [asdict(self.baseline), asdict(self.candidate)],
+            "named": [asdict(v) for v in self.named],
+            "missed": self.missed,
+            "replicas": [r.to_dict() for r in self.replicas],
+        }
 
 
 def quantile(counts: list[int], q: float) -> float | None:
@@ -171,8 +205,15 @@ def quantile(counts: list[int], q: float) -> float | None:
 
 def judge(status: CanaryStatus) -> str | None:
     """Why the canary should be aborted automatically, or None: the candidate's error rate exceeds the
-    baseline's by more than the margin, once both versions have ``min_requests`` requests."""
+    baseline's by more than the margin, once both versions have ``min_requests`` requests; or no replica
+    could load the candidate while the split routed ``min_requests`` requests to it."""
     canary, base, cand = status.canary, status.baseline, status.candidate
+    failed = [r for r in status.replicas if r.error]
+    if cand.requests == 0 and status.missed >= canary.min_requests and failed and len(failed) == len(status.replicas):
+        return (
+            f"candidate v{cand.version} could not be loaded by any replica ({len(failed)} tried: {failed[-1].error}); "
+            f"the {status.missed} requests the split routed to it were answered by v{base.version}"
+        )
     if min(base.requests, cand.requests) < canary.min_requests:
         return None
     if cand.error_rate <= base.error_rate + canary.max_error_margin:
@@ -240,24 +281,39 @@ def status(session: Session, name: str) -> CanaryStatus:
     canary = current(session, name, include_ended=True)
     if canary is None:
         raise LoraopsError(f"{name} has had no canary (start one with `loraops canary start {name}:VERSION --percent P`)")
-    merged = {canary.baseline: Totals(), canary.candidate: Totals()}
-    reporters = {canary.baseline: 0, canary.candidate: 0}
+    split, named = ({v: Totals() for v in (canary.baseline, canary.candidate)} for _ in range(2))
+    reporters, missed = {canary.baseline: 0, canary.candidate: 0}, 0
     for row in session.scalars(select(CanaryStatsRow).where(CanaryStatsRow.canary_id == canary.id)):
-        if row.version in merged:
-            merged[row.version].merge(Totals(row.requests, row.errors, row.completion_tokens, list(row.latency_counts)))
-            reporters[row.version] += 1
+        totals = Totals(row.requests, row.errors, row.completion_tokens, list(row.latency_counts))
+        if row.reporter.endswith(MISSED):
+            missed += row.requests
+        elif row.version in split:
+            (named if row.reporter.endswith(NAMED) else split)[row.version].merge(totals)
+            reporters[row.version] += not row.reporter.endswith(NAMED)
+    roles = {canary.baseline: "baseline", canary.candidate: "candidate"}
+    loads = session.scalars(select(CanaryLoadRow).where(CanaryLoadRow.canary_id == canary.id).order_by(CanaryLoadRow.updated_at))
     return CanaryStatus(
         canary,
-        VersionStats.of(canary.baseline, "baseline", merged[canary.baseline], reporters[canary.baseline]),
-        VersionStats.of(canary.candidate, "candidate", merged[canary.candidate], reporters[canary.candidate]),
+        *(VersionStats.of(v, roles[v], split[v], reporters[v]) for v in (canary.baseline, canary.candidate)),
+        named=[VersionStats.of(v, roles[v], named[v], 0) for v in (canary.baseline, canary.candidate)],
+        missed=missed,
+        replicas=[ReplicaLoad(row.replica, row.error, row.attempts, utc(row.updated_at)) for row in loads],
     )
 
 
-def promote(session: Session, running: CanaryState, actor: str | None, reason: str | None) -> AliasChange:
-    """Move the alias to the candidate (the alias code of ``promote``, audited as ``canary-promote``) and end the canary."""
+def promote(session: Session, running: CanaryState, actor: str | None, reason: str | None, force: bool = False) -> AliasChange:
+    """Move the alias to the candidate (the alias code of ``promote``, audited as ``canary-promote``) and end the canary.
+
+    A candidate that has answered none of the split's requests is refused unless ``force``: nothing was tested.
+    """
     adapter, row = _running_for_update(session, running.name, running.id)
     if row is None:
         raise LoraopsError(f"the canary of {running.name}:{running.candidate} ended meanwhile (see `loraops canary status {running.name}`)")
+    if not force and status(session, running.name).candidate.requests == 0:
+        raise LoraopsError(
+            f"{running.name}:{running.candidate} has answered no requests of its canary, so nothing was compared "
+            f"(see `loraops canary status {running.name}`); promote with --force to move the alias anyway"
+        )
     current = session.get(AliasRow, (adapter.id, row.alias))
     previous = current.version if current else None
     aliases.move_alias(session, adapter.id, row.alias, row.candidate, previous, "canary-promote", actor, reason or f"canary {row.id}")
@@ -304,6 +360,18 @@ def upsert_stats(session: Session, canary_id: int, reporter: str, version: int, 
         session.add(row)
     row.requests, row.errors, row.completion_tokens = totals.requests, totals.errors, totals.completion_tokens
     row.latency_counts, row.updated_at = list(_padded(totals.latency_counts)), db.utcnow()
+
+
+def upsert_load(session: Session, canary_id: int, replica: str, error: str | None) -> None:
+    """Record that ``replica`` loaded the candidate (``error`` None) or failed to, counting its attempts since it last loaded."""
+    if session.get(CanaryRow, canary_id) is None:
+        raise LoraopsError(f"no canary with id {canary_id}")
+    row = session.get(CanaryLoadRow, (canary_id, replica))
+    if row is None:
+        row = CanaryLoadRow(canary_id=canary_id, replica=replica, attempts=0)
+        session.add(row)
+    row.attempts = row.attempts + 1 if error else 0
+    row.error, row.updated_at = error, db.utcnow()
 
 
 def _running(session: Session, adapter_id: int) -> CanaryRow | None:

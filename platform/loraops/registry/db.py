@@ -181,6 +181,18 @@ class CanaryStatsRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
 
 
+class CanaryLoadRow(Base):
+    """Whether one model replica has loaded a canary's candidate, or why it could not (its last try), written as it changes."""
+
+    __tablename__ = "registry_canary_loads"
+
+    canary_id: Mapped[int] = mapped_column(ForeignKey("registry_canaries.id"), primary_key=True)
+    replica: Mapped[str] = mapped_column(String(256), primary_key=True)
+    error: Mapped[str | None] = mapped_column(Text)  # None: loaded
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+
 # --- engines -----------------------------------------------------------------------------------
 
 _engines: dict[tuple[int, str], Engine] = {}

@@ -75,12 +75,14 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
         position = first.get("loc", ("body", "?"))[-1]
         reason = first.get("ctx", {}).get("error", "decode error")
         return error_response(422, "validation_error", f"body: invalid JSON ({reason} at character {position})", field="body", openai=openai)
-    field = field_of(first.get("loc", ("body",)))
+    def field(problem: dict[str, Any]) -> str:
+        return field_of(problem.get("loc", ("body",)), exc.body, missing=problem.get("type") == "missing", brackets=openai)
+
     message = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid value")
-    response = error_response(422, "validation_error", f"{field}: {message}", field=field, openai=openai)
+    response = error_response(422, "validation_error", f"{field(first)}: {message}", field=field(first), openai=openai)
     if len(problems) > 1:
         body = json.loads(response.body)
-        body["error"]["details"] = [{"field": field_of(p.get("loc", ())), "message": p.get("msg", "")} for p in problems]
+        body["error"]["details"] = [{"field": field(p), "message": p.get("msg", "")} for p in problems]
         response = JSONResponse(body, status_code=422)
     return response
 
@@ -189,7 +191,7 @@ class SummarizerAPI:
         index = body.dialogue_index()
         if index is None:
             raise ApiError(422, "validation_error", "messages: no user message (the last user message is the dialogue to summarize)", field="messages")
-        field = f"messages.{index}.content"
+        field = f"messages[{index}].content"
         try:
             dialogue = valid_text(body.messages[index].text())
         except ValueError as exc:
@@ -251,6 +253,8 @@ class SummarizerAPI:
             "model": chosen,
             # The canary's share: a replica that has not loaded the candidate yet answers with its default.
             "canary": chosen is not None and self.traffic.names_default(model),
+            # Whether the split chose the version (the canary's figures count only those requests).
+            "split": self.traffic.names_default(model),
         }
 
     async def _summarize(self, payload: dict[str, Any], field: str) -> dict[str, Any]:
@@ -258,15 +262,15 @@ class SummarizerAPI:
         try:
             result = await self._call(self.model.summarize.remote(payload), timeout=self.settings.request_timeout_s)
         except ApiError as exc:
-            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=exc.status >= 500)
+            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=exc.status >= 500, split=payload["split"])
             raise
         except Exception:
-            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=True)
+            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=True, split=payload["split"])
             raise
         if isinstance(result, Rejection):
-            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=result.type == "generation_failed")
+            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=result.type == "generation_failed", split=payload["split"])
             raise self._rejected(result, field)
-        self.traffic.record(payload["model"], result, time.perf_counter() - started)
+        self.traffic.record(payload["model"], result, time.perf_counter() - started, split=payload["split"])
         return result
 
     def _rejected(self, rejection: Rejection, field: str) -> ApiError:
@@ -285,7 +289,8 @@ class SummarizerAPI:
             raise
         if "rejection" in first:
             rejection = Rejection(**first["rejection"])
-            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=rejection.type == "generation_failed")
+            server_side = rejection.type == "generation_failed"
+            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=server_side, split=payload["split"])
             raise self._rejected(rejection, field)
         return self._recorded(first, events, payload, started)
 
@@ -295,10 +300,10 @@ class SummarizerAPI:
         try:
             async for event in events:
                 if event.get("done"):
-                    self.traffic.record(payload["model"], event, time.perf_counter() - started)
+                    self.traffic.record(payload["model"], event, time.perf_counter() - started, split=payload["split"])
                 yield event
         except Exception as exc:  # noqa: BLE001 - the status line is sent: the client learns of it in the stream
-            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=True)
+            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=True, split=payload["split"])
             log.error("stream of %s failed: %s: %s", payload["model"] or self.traffic.name, type(exc).__name__, exc)
             yield {"error": {"type": "internal_error", "message": "the model failed while streaming; the server log has the details"}}
 
@@ -306,6 +311,8 @@ class SummarizerAPI:
         async for event in events:
             if event.get("done"):
                 yield sse({key: event[key] for key in ("summary", "model", "usage", "finish_reason")})
+            elif "model" in event:
+                continue  # the version is in the last event of this stream
             else:
                 yield sse(event)
         yield "data: [DONE]\n\n"

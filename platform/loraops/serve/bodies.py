@@ -118,9 +118,29 @@ class ApiError(Exception):
         self.status, self.type, self.message, self.field, self.headers = status, type, message, field, headers
 
 
-def field_of(loc: tuple | list) -> str:
-    """``("body", "dialogues", 2)`` -> ``dialogues.2``; the body itself -> ``body``."""
-    parts = [str(part) for part in loc]
+def field_of(loc: tuple | list, body: Any = None, missing: bool = False, brackets: bool = False) -> str:
+    """The field at pydantic's ``loc`` as the client wrote it: ``("body", "dialogues", 2)`` -> ``dialogues.2``
+    (``brackets``: ``dialogues[2]``, OpenAI's notation); the body itself -> ``body``.
+
+    Steps of ``loc`` that are not in the client's ``body`` are pydantic's own (the member of a union it
+    tried, e.g. ``function-after[valid_text(), str]``) and are dropped; the last step of a ``missing``
+    field is kept, since it names what the client left out.
+    """
+    parts = list(loc)
     if parts and parts[0] == "body":
         parts = parts[1:]
-    return ".".join(parts) or "body"
+    path: list[str | int] = []
+    value = body
+    for index, part in enumerate(parts):
+        in_body = (isinstance(value, dict) and isinstance(part, str) and part in value) or (
+            isinstance(value, list) and type(part) is int and 0 <= part < len(value)
+        )
+        if in_body:
+            value = value[part]
+        elif not (missing and index == len(parts) - 1 and isinstance(part, str) and isinstance(value, dict)):
+            continue
+        path.append(part)
+    text = ""
+    for part in path:
+        text += (f"[{part}]" if brackets else f".{part}") if isinstance(part, int) else f".{part}"
+    return text.lstrip(".") or "body"

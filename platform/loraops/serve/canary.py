@@ -3,14 +3,16 @@
     router = CanaryRouter(registry, "tiny", "production")
     router.refresh()                          # every poll interval: re-read the canary from the registry
     model = router.route(request_id)          # "tiny:7" for ~percent% of request ids, else None (the default)
-    router.record(version, seconds, error, completion_tokens)
+    router.record(version, seconds, error, completion_tokens, split=True, intended=None)
     router.flush()                            # every poll interval: upsert this process's totals, auto-abort
 
 Routing is deterministic: sha256 of ``"{canary id}:{request id}"`` mapped to [0, 100) sends the
 request to the candidate when below ``percent``, so a retry with the same id lands on the same
 version, and a new canary reshuffles. Only requests that name no model are routed (the caller
 decides that). ``record`` feeds the Ray metrics (:mod:`loraops.serve.metrics`) always, and the
-canary totals while a canary runs and the version is its baseline or candidate.
+canary totals while a canary runs and the version is its baseline or candidate: the split's
+requests in the figures compared, explicitly named ones apart, and the split's candidate
+requests answered by another version (the candidate not loaded) as missed.
 """
 
 from __future__ import annotations
@@ -22,24 +24,14 @@ import socket
 import threading
 import uuid
 
-from loraops.registry.canary import RUNNING, CanaryState, Totals, judge
-from loraops.registry.refs import DEFAULT_ALIAS, parse_ref
+from loraops.registry.canary import MISSED, NAMED, RUNNING, CanaryState, Totals, judge
+from loraops.registry.refs import DEFAULT_ALIAS
 from loraops.serve.metrics import VersionMetrics
 
 log = logging.getLogger(__name__)
 
 #: Who aborts a canary when its figures cross the margin (the actor in its record).
 AUTO_ACTOR = "auto"
-
-
-def candidate_to_serve(registry, ref: str) -> str | None:
-    """``NAME:VERSION`` of the running canary of ``ref``'s alias, which model replicas serving ``ref`` load next to it;
-    None when there is none (always for a pinned ``NAME:VERSION``)."""
-    name, alias, _ = parse_ref(ref)
-    if alias is None:
-        return None
-    state = registry.canary(name)
-    return f"{name}:{state.candidate}" if state is not None and state.state == RUNNING and state.alias == alias else None
 
 
 def bucket(canary_id: int, request_id: str) -> float:
@@ -63,7 +55,7 @@ class CanaryRouter:
         self.metrics = metrics or VersionMetrics()
         self._lock = threading.Lock()
         self._canary: CanaryState | None = None
-        self._totals: dict[int, Totals] = {}
+        self._totals: dict[str, dict[int, Totals]] = {}  # by reporter suffix ("" for the split's requests), then version
 
     @property
     def canary(self) -> CanaryState | None:
@@ -91,15 +83,20 @@ class CanaryRouter:
             return None
         return f"{self.name}:{canary.candidate}" if bucket(canary.id, request_id) < canary.percent else None
 
-    def record(self, version: int, seconds: float, error: bool, completion_tokens: int) -> None:
-        """Count one request answered (or failed) by ``version`` of this adapter."""
+    def record(self, version: int, seconds: float, error: bool, completion_tokens: int, split: bool = True, intended: int | None = None) -> None:
+        """Count one request answered (or failed) by ``version`` of this adapter. ``split``: the request named no
+        version, the split chose (to send it to ``intended``, a version, or to the default: None)."""
         self.metrics.record(self.name, version, seconds, error, completion_tokens)
         canary = self._canary
         if canary is None or version not in (canary.baseline, canary.candidate):
             return
         with self._lock:
-            if self._canary is canary:
-                self._totals.setdefault(version, Totals()).add(seconds, error, completion_tokens)
+            if self._canary is not canary:
+                return
+            totals = self._totals.setdefault("" if split else NAMED, {})
+            totals.setdefault(version, Totals()).add(seconds, error, completion_tokens)
+            if split and intended == canary.candidate and version != canary.candidate:
+                self._totals.setdefault(MISSED, {}).setdefault(canary.candidate, Totals()).add(seconds, error, completion_tokens)
 
     def flush(self, judging: bool = True) -> str | None:
         """Upsert this process's totals into the registry, then abort the canary if :func:`judge` says so.
@@ -108,11 +105,11 @@ class CanaryRouter:
         """
         with self._lock:
             canary = self._canary
-            totals = {version: figures.copy() for version, figures in self._totals.items()}
+            totals = {(kind, version): figures.copy() for kind, versions in self._totals.items() for version, figures in versions.items()}
         if canary is None:
             return None
-        for version, figures in sorted(totals.items()):
-            self.registry.record_canary_stats(canary.id, self.reporter, version, figures)
+        for (kind, version), figures in sorted(totals.items()):
+            self.registry.record_canary_stats(canary.id, self.reporter + kind, version, figures)
         if not judging:
             return None
         status = self.registry.canary_status(self.name)

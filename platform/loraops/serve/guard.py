@@ -22,8 +22,9 @@ OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", 
 #: Routes whose errors take OpenAI's shape, so that OpenAI clients read them.
 OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 #: OpenAI's error ``type`` for a status; loraops' own type goes into ``code``.
-OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "invalid_request_error",
-                      413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}  # fmt: skip
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+                      408: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+                      503: "service_unavailable_error"}  # fmt: skip
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 

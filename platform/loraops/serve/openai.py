@@ -25,7 +25,7 @@ OWNER = "loraops"
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: bool = Field(False, description="Send a last chunk with the token usage (choices empty).")
+    include_usage: bool = Field(False, strict=True, description="Send a last chunk with the token usage (choices empty).")
 
 
 def _one_choice(value: int) -> int:
@@ -44,7 +44,7 @@ class _OpenAIRequest(BaseModel):
     max_tokens: MaxNewTokens = None
     temperature: Temperature = None
     n: Choices = 1
-    stream: bool = False
+    stream: bool = Field(False, strict=True)  # strict like every other field: "yes" or 1 is a 422, not a stream
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="Accepted for compatibility; not used.")
 
@@ -146,9 +146,13 @@ class Answer:
 
     async def stream(self, events: AsyncIterator[dict[str, Any]], include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events from the model's stream events (``{"text"}`` ..., then ``{"done": True, ...}``)."""
-        if self.kind == "chat":
-            yield sse(self.chunk(first=True))
+        opened = self.kind != "chat"  # a chat stream opens with the assistant's role
         async for event in events:
+            if "model" in event and not event.get("done"):  # the version that answers: every chunk names it
+                self.model = model_id(event)
+            if not opened:
+                opened = True
+                yield sse(self.chunk(first=True))
             if "text" in event:
                 if event["text"]:
                     yield sse(self.chunk(event["text"]))

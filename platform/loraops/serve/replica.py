@@ -46,6 +46,8 @@ from ray import serve
 
 from loraops.errors import LoraopsError
 from loraops.serve.adapters import AdapterSet, adapter_slot, fallback_order, swap_blocker, training_config
+from loraops.serve.candidate import CandidateLoader
+from loraops.serve.public import public_model_name, without_paths
 from loraops.serve.settings import MODEL_DEPLOYMENT, LiveSettings, ServeSettings, validate_live
 
 # The serving helpers moved to loraops.serve.adapters stay importable from here.
@@ -58,6 +60,7 @@ __all__ = [
     "reject_or_raise",
     "swap_blocker",
     "training_config",
+    "public_model_name",
     "without_paths",
 ]
 
@@ -67,15 +70,16 @@ log = logging.getLogger("ray.serve")
 class DialogueTooLong(LoraopsError):
     """The prompt plus the requested summary does not fit the model's context."""
 
-    def __init__(self, prompt_tokens: int, max_new_tokens: int, context_tokens: int):
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context_tokens: int, at_least: bool = False):
         # Positional args only, so the error pickles across the Ray handle unchanged.
-        super().__init__(prompt_tokens, max_new_tokens, context_tokens)
-        self.prompt_tokens, self.max_new_tokens, self.context_tokens = prompt_tokens, max_new_tokens, context_tokens
+        super().__init__(prompt_tokens, max_new_tokens, context_tokens, at_least)
+        self.prompt_tokens, self.max_new_tokens, self.context_tokens, self.at_least = prompt_tokens, max_new_tokens, context_tokens, at_least
 
     def __str__(self) -> str:
+        bound = "at least " if self.at_least else ""  # a bound from the dialogue's size, not a count: it was never tokenized
         return (
-            f"the dialogue is {self.prompt_tokens} tokens as a prompt; with max_new_tokens {self.max_new_tokens} that is "
-            f"{self.prompt_tokens + self.max_new_tokens}, over the model's context of {self.context_tokens} tokens"
+            f"the dialogue is {bound}{self.prompt_tokens} tokens as a prompt; with max_new_tokens {self.max_new_tokens} that is "
+            f"{bound}{self.prompt_tokens + self.max_new_tokens}, over the model's context of {self.context_tokens} tokens"
         )
 
 
@@ -112,12 +116,10 @@ async def reject_or_raise(error: Exception, probe: Callable[[], Awaitable[Any]])
     return Rejection(422, "generation_failed", f"no summary could be generated for this request ({type(error).__name__}); other requests were answered")
 
 
-_PATH = re.compile(r"(?:\b[A-Za-z][A-Za-z0-9+.-]*://|(?<![\w.~])/)[^\s'\"(),;]+")
-
-
-def without_paths(text: str) -> str:
-    """``text`` with local paths and URIs replaced by ``<path>``: what API callers may see of a problem."""
-    return _PATH.sub("<path>", text)
+def max_token_bytes(tokenizer) -> int:
+    """The longest token of the vocabulary in UTF-8 bytes (an overestimate for byte-level vocabularies, which keeps the bound safe)."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return max(1, *(len(piece.encode("utf-8", "replace")) for piece in pieces if isinstance(piece, str)))
 
 
 @serve.deployment(name=MODEL_DEPLOYMENT, max_ongoing_requests=32, health_check_period_s=10)
@@ -141,6 +143,7 @@ class SummarizerModel:
             self.adapters.load(ref)
         self.served = self.adapters.served
         self._probe = self._prompt("#Person1#: Hello.\n#Person2#: Hi.")
+        self._max_token_bytes = max_token_bytes(self.served.tokenizer)
         for reference in self.adapters.references:
             latest = self.registry.get(reference.ref)
             if reference.problem is None and latest.version != reference.version.version:  # the alias moved while this replica was loading
@@ -148,10 +151,9 @@ class SummarizerModel:
                     self.adapters.follow(reference, latest, contextlib.nullcontext)
                 except LoraopsError as exc:
                     self.adapters.report(reference, f"cannot switch to {latest.ref}: {exc}; still serving {reference.version.ref}")
-        self._canary: str | None = None  # the candidate this replica loaded for a running canary
-        self._canary_failed: str | None = None  # the candidate that failed to load, not retried while its canary runs
+        self.candidate = CandidateLoader(self.registry, self.adapters, serve.get_replica_context().replica_id.unique_id)
         try:
-            self._follow_canary_now(contextlib.nullcontext)  # a replica (re)started during a canary serves it at once
+            self.candidate.follow(contextlib.nullcontext, self.live.registry_poll_s)  # a replica (re)started during a canary serves it at once
         except Exception as exc:  # noqa: BLE001 - the watch retries; the default serves meanwhile
             log.warning("canary check for %s failed: %s", self.adapters.default.ref, exc)
         self.engine = self._start_engine(self.live.max_batch_size)
@@ -164,7 +166,7 @@ class SummarizerModel:
 
     @property
     def problem(self) -> str | None:
-        return self.adapters.problem
+        return "; ".join(p for p in (self.adapters.problem, self.candidate.problem) if p) or None
 
     def _hold(self):
         return self.engine.exclusive() if self.engine is not None else contextlib.nullcontext()
@@ -228,34 +230,9 @@ class SummarizerModel:
                     log.warning("registry check for %s failed: %s", reference.ref, exc)
             try:
                 async with self._switch_lock:
-                    await asyncio.to_thread(self._follow_canary_now, self._hold)
+                    await asyncio.to_thread(self.candidate.follow, self._hold, self.live.registry_poll_s)
             except Exception as exc:  # noqa: BLE001
                 log.warning("canary check for %s failed: %s", self.adapters.default.ref, exc)
-
-    def _follow_canary_now(self, hold) -> None:
-        """Serve the running canary's candidate next to the default reference; stop when the canary ends.
-
-        Until a replica has it loaded, the canary's share of requests is answered by the default (see :meth:`_prepare`).
-        """
-        from loraops.serve.canary import candidate_to_serve
-
-        wanted = candidate_to_serve(self.registry, self.adapters.default.ref)
-        if self._canary is not None and wanted != self._canary:
-            self.adapters.unload(self._canary, hold)
-            log.info("canary ended: %s no longer served", self._canary)
-            self._canary = None
-        if wanted != self._canary_failed:
-            self._canary_failed = None  # the canary changed or ended: a later one, even of the same version, is tried afresh
-        if wanted is None or wanted == self._canary_failed or self.adapters.find(wanted) is not None:
-            return
-        try:
-            self.adapters.load(wanted, hold, True)
-        except Exception as exc:  # noqa: BLE001 - the canary's share goes to the default meanwhile
-            self._canary_failed = wanted
-            log.error("cannot serve the canary candidate %s: %s; its share of requests is answered by %s", wanted, exc, self.version.ref)
-            return
-        self._canary = wanted
-        log.info("canary: serving %s next to %s", wanted, self.adapters.default.ref)
 
     async def load_extra(self, ref: str) -> dict[str, Any]:
         """Serve ``ref`` too (e.g. a canary candidate), next to the configured references, up to ``max_adapters``; its listing."""
@@ -324,8 +301,8 @@ class SummarizerModel:
         return self._answer(generated)
 
     async def summarize_stream(self, request: dict[str, Any]):
-        """:meth:`summarize` as events: ``{"text"}`` as tokens are generated, then ``{"done": True, ...the answer}``;
-        or one ``{"rejection": {...}}``. Concatenated, the texts are the summary."""
+        """:meth:`summarize` as events: ``{"model"}`` (the version that answers), ``{"text"}`` as tokens are generated,
+        then ``{"done": True, ...the answer}``; or one ``{"rejection": {...}}``. Concatenated, the texts are the summary."""
         from loraops.engine import RowFailed
         from loraops.generate import TextStream
 
@@ -333,12 +310,21 @@ class SummarizerModel:
         if isinstance(prepared, Rejection):
             yield prepared.event()
             return
-        loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
-        future = self.engine.submit(*prepared, on_token=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token))
+        loop, tokens, reference = asyncio.get_running_loop(), asyncio.Queue(), prepared[3]
+
+        def on_token(token: int) -> None:
+            # Read on the engine's thread while the request decodes, when no swap can happen: the adapter it runs with.
+            loop.call_soon_threadsafe(tokens.put_nowait, (token, self.adapters.adapter_of(reference)))
+
+        future = self.engine.submit(*prepared, on_token=on_token)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
-        text = TextStream(self.served.tokenizer)
+        text, named = TextStream(self.served.tokenizer), False
         try:
-            while (token := await tokens.get()) is not None:
+            while (item := await tokens.get()) is not None:
+                token, slot = item
+                if not named:  # first, the version that answers, so that every chunk can name it
+                    version, named = self.adapters.versions[slot], True
+                    yield {"model": {"name": version.name, "version": version.version}}
                 if piece := text.add(token):
                     yield {"text": piece}
             generated = future.result()
@@ -361,6 +347,7 @@ class SummarizerModel:
             return Rejection(404, "model_not_found", f"model {request.get('model')!r} is not served here; loaded: {', '.join(self.adapters.refs())}", "model")
         max_new_tokens = request.get("max_new_tokens") or self.settings.default_max_new_tokens
         try:
+            self._check_size(request["dialogue"], max_new_tokens)
             prompt = await asyncio.to_thread(self._encode, request["dialogue"], max_new_tokens)
         except DialogueTooLong as exc:
             return Rejection(422, "context_length_exceeded", str(exc), "dialogue")
@@ -396,6 +383,19 @@ class SummarizerModel:
 
         return prompt_ids(self.served.tokenizer, dialogue, self.served.config.data, budget=sys.maxsize)
 
+    def _check_size(self, dialogue: str, max_new_tokens: int) -> None:
+        """Refuse a dialogue that cannot fit before tokenizing it (a megabyte takes the tokenizer most of a second).
+
+        No token spans more than ``max_token_bytes`` bytes, so a text of B bytes is at least B / max_token_bytes
+        tokens; whitespace is not counted, since the prompt may drop some of it.
+        """
+        budget = self.context_tokens - max_new_tokens
+        if len(dialogue) <= budget * self._max_token_bytes:  # characters <= bytes: it might fit, tokenize it
+            return
+        least = -(-len(re.sub(r"\s+", "", dialogue).encode("utf-8", "replace")) // self._max_token_bytes)
+        if least > budget:
+            raise DialogueTooLong(least, max_new_tokens, self.context_tokens, True)
+
     def _encode(self, dialogue: str, max_new_tokens: int) -> list[int]:
         """The training prompt for ``dialogue``, uncut: a dialogue that does not fit is an error, not truncated."""
         ids = self._prompt(dialogue)
@@ -414,7 +414,7 @@ class SummarizerModel:
             "adapters": [reference.listing() for reference in self.adapters.references],
             "max_adapters": self.settings.max_adapters,
             "mode": served.mode,
-            "base_model": served.config.model.name,
+            "base_model": public_model_name(served.config.model.name),
             "dtype": str(served.dtype).removeprefix("torch."),
             "device": str(next(served.model.parameters()).device),
             "context_tokens": self.context_tokens,
@@ -424,6 +424,7 @@ class SummarizerModel:
             "batching": self.engine.policy,
             "buckets": {name: list(getattr(self.engine.buckets, name)) for name in ("batch", "length", "prefill_batch")},
             "warm_up": self.warm_up_report,
+            "canary": self.candidate.info(),
             "problem": without_paths(self.problem) if self.problem else None,
         }
 

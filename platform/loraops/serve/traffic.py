@@ -52,22 +52,25 @@ class Traffic:
             return model
         return self.router.route(request_id) if self.router is not None else None
 
-    def record(self, model: str | None, result: dict[str, Any], seconds: float) -> None:
-        """An answer to a request sent with ``model``: the version that gave it, its latency and length."""
+    def record(self, model: str | None, result: dict[str, Any], seconds: float, split: bool = True) -> None:
+        """An answer to a request sent with ``model``: the version that gave it, its latency and length.
+        ``split``: the request named no version (:meth:`choose` picked ``model``)."""
         name, version, tokens = result["model"]["name"], int(result["model"]["version"]), int(result["usage"]["completion_tokens"])
         if model is None:
             self._default_version = version
-        self._count(name, version, seconds, False, tokens)
+        self._count(name, version, seconds, False, tokens, split, model)
 
-    def record_failure(self, model: str | None, seconds: float, server_side: bool) -> None:
+    def record_failure(self, model: str | None, seconds: float, server_side: bool, split: bool = True) -> None:
         """A request sent with ``model`` that got no answer; the version's error when the server side failed (not the client's input)."""
         target = self._version_of(model) if server_side else None
         if target is not None:
-            self._count(*target, seconds, True, 0)
+            self._count(*target, seconds, True, 0, split, model)
 
-    def _count(self, name: str, version: int, seconds: float, error: bool, tokens: int) -> None:
+    def _count(self, name: str, version: int, seconds: float, error: bool, tokens: int, split: bool, model: str | None) -> None:
         if self.router is not None and name == self.name:  # the router also keeps the canary's figures
-            self.router.record(version, seconds, error=error, completion_tokens=tokens)
+            target = self._version_of(model) if split and model is not None else None  # the split sent it to the candidate
+            intended = target[1] if target else None
+            self.router.record(version, seconds, error=error, completion_tokens=tokens, split=split, intended=intended)
         else:
             self.metrics.record(name, version, seconds, error, tokens)
 

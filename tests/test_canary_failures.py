@@ -1,0 +1,236 @@
+"""A canary whose candidate cannot load, on a live Serve application: the session's local Ray, two model
+replicas, a registry of its own (``tiny`` v1..3, their training config naming the base model by its
+local folder), the candidate's file corrupted on disk behind the registry's back, replicas killed.
+
+What an operator reads (``loraops canary status``, ``/healthz``, ``/v1/models``), the retry once the
+file is restored, requests that name a version counted apart, and the automatic abort when no
+replica can load the candidate.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "tiny"
+APP = "canary-failures"
+DIALOGUE = "#Person1#: Is the shop open on Sunday?\n#Person2#: Yes, from ten until four."
+
+
+def _save_adapters(workspace: Path, count: int) -> list[Path]:
+    """``count`` LoRA adapters for the tiny model, each with its own random lora_B."""
+    import torch
+    from peft import get_peft_model
+
+    from loraops.config import load_config
+    from loraops.model import load_base_model, lora_config
+
+    config = load_config(REPO / "tune" / "tiny.yaml", [f"workspace={workspace}"])
+    model = get_peft_model(load_base_model(config), lora_config(config.lora))
+    folders = []
+    for index in range(count):
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+        folder = workspace / "adapters" / f"a{index + 1}"
+        model.save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, tiny_model_home) -> Path:
+    """tiny:1..3 registered with a training config whose base model is a local folder; production -> 1."""
+    from loraops.config import load_config
+    from loraops.registry import Lineage, Registry
+
+    workspace = tmp_path_factory.mktemp("canary-failures-home")
+    shutil.copytree(tiny_model_home / "models", workspace / "models")
+    local = workspace / "models" / "tiny-phi"
+    assert (local / "config.json").is_file()
+    config = load_config(REPO / "tune" / "tiny.yaml", [f"workspace={workspace}", f"model.name={local}"]).model_dump(mode="json")
+    registry = Registry(workspace=workspace)
+    for folder in _save_adapters(workspace, 3):
+        registry.register(folder, NAME, lineage=Lineage(config=config))
+    registry.promote(NAME, 1)
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def url(deploy_tiny_app, home):
+    from ray import serve
+
+    try:
+        yield deploy_tiny_app(
+            [
+                f"name={APP}",
+                f"args.workspace={home}",
+                "args.registry_poll_s=1",
+                "args.auth_token_env=LORAOPS_TEST_NO_TOKEN",
+                "deployments.SummarizerModel.num_replicas=2",
+            ]
+        )
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(url):
+    with httpx.Client(base_url=url, timeout=120) as client:
+        yield client
+
+
+def _cli(cli_env, home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loraops", *args], env=cli_env(home), capture_output=True, text=True, timeout=120)
+
+
+def _wait(condition, what: str, deadline_s: float = 120.0):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _artifact(home: Path, version: int) -> Path:
+    return home / "registry" / NAME / f"v{version}" / "adapter_model.safetensors"
+
+
+def _flip_a_byte(path: Path) -> bytes:
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return original
+
+
+def _start_unchecked(home: Path, version: int, percent: float, min_requests: int):
+    """Start a canary the way a start that raced the corruption would: its files are not verified."""
+    from loraops.registry import Registry, canary
+    from loraops.registry import db as registry_db
+
+    registry = Registry(workspace=home)
+    return registry_db.run_write(registry.engine, lambda s: canary.start(s, NAME, version, "production", percent, 0.05, min_requests, "test", "drill"))
+
+
+def _model_replicas() -> list[str]:
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(f"SERVE_REPLICA::{APP}#SummarizerModel#"))
+
+
+def _answered(http: httpx.Client, ids: list[str], model: str | None = None) -> dict[str, int]:
+    answered = {}
+    for request_id in ids:
+        body = {"dialogue": DIALOGUE, "max_new_tokens": 2} | ({"model": model} if model else {})
+        response = http.post("/v1/summarize", json=body, headers={"X-Request-Id": request_id})
+        assert response.status_code == 200, response.text
+        answered[request_id] = response.json()["model"]["version"]
+    return answered
+
+
+def test_models_shows_no_path_for_a_local_base_model(http, home):
+    text = http.get("/v1/models").text
+    assert str(home) not in text and "/models/" not in text
+    assert http.get("/v1/models").json()["models"][0]["base_model"] == "local:tiny-phi"
+
+
+def test_a_candidate_that_cannot_load_is_reported_retried_and_then_served(http, home, cli_env):
+    from loraops.registry import Registry
+    from loraops.serve.canary import bucket
+
+    registry = Registry(workspace=home)
+    original = _flip_a_byte(_artifact(home, 3))
+    try:
+        canary = _start_unchecked(home, 3, 50, min_requests=1000)  # a high bar: this canary must not be aborted
+
+        def all_failed():
+            replicas = registry.canary_status(NAME).replicas
+            return len(replicas) == 2 and all(r.error for r in replicas)
+
+        _wait(all_failed, "both replicas to report the candidate failed")
+        shown = _cli(cli_env, home, "canary", "status", NAME)
+        print(f"\n$ loraops canary status {NAME}\n{shown.stdout}")
+        assert shown.returncode == 0, shown.stderr
+        assert "FAILED" in shown.stdout and "checksum" in shown.stdout.lower()
+
+        health = http.get("/healthz")
+        print(f"$ curl -s localhost:8000/healthz\n{health.text}")
+        assert health.status_code == 200 and health.json()["status"] == "degraded"
+        assert "cannot serve the canary candidate tiny:3" in health.json()["problem"]
+        assert http.get("/healthz", params={"strict": "true"}).status_code == 503
+        models = http.get("/v1/models")
+        assert models.json()["models"][0]["canary"]["loaded"] is False and "tiny:3" in models.json()["models"][0]["problem"]
+        assert str(home) not in models.text and str(home) not in health.text
+
+        ids = [f"fail-{i}" for i in range(16)]
+        assert set(_answered(http, ids).values()) == {1}  # the candidate's share goes to the baseline meanwhile
+        _answered(http, ids[:3], model="tiny@production")  # named: counted apart
+        _answered(http, ids[:2], model="tiny:1")
+        to_candidate = sum(bucket(canary.id, i) < 50 for i in ids)
+
+        def counted():
+            status = registry.canary_status(NAME)
+            named = {v.version: v.requests for v in status.named}
+            return (status.baseline.requests, status.candidate.requests, status.missed, named[1]) == (16, 0, to_candidate, 5)
+
+        _wait(counted, "the split's 16 requests, the missed ones and the 5 named ones to be counted apart", 30)
+        assert registry.canary(NAME) is not None
+    finally:
+        _artifact(home, 3).write_bytes(original)
+
+    _wait(lambda: all(r.error is None for r in registry.canary_status(NAME).replicas), "both replicas to load the restored candidate", 90)
+    answered = _answered(http, [f"ok-{i}" for i in range(16)])
+    assert {i for i, v in answered.items() if v == 3} == {i for i in answered if bucket(canary.id, i) < 50}
+    health = http.get("/healthz", params={"strict": "true"})
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert _cli(cli_env, home, "canary", "abort", NAME).returncode == 0
+
+
+def test_a_candidate_no_replica_loads_after_a_restart_is_aborted_automatically(http, home, cli_env):
+    import ray
+
+    from loraops.registry import Registry
+
+    registry = Registry(workspace=home)
+    original = _flip_a_byte(_artifact(home, 3))
+    try:
+        killed = _model_replicas()
+        canary = _start_unchecked(home, 3, 50, min_requests=6)
+        for name in killed:
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+        def replacements_failed():
+            fresh = [r for r in registry.canary_status(NAME).replicas if not any(r.replica in name for name in killed)]
+            return len(fresh) == 2 and all(r.error for r in fresh)
+
+        _wait(replacements_failed, "the replacement replicas to report that they cannot load the candidate", 240)
+        health = http.get("/healthz")
+        assert health.json()["status"] == "degraded" and "tiny:3" in health.json()["problem"]
+
+        sent = 0
+        while registry.canary(NAME) is not None and sent < 200:
+            _answered(http, [f"abort-{sent}"])
+            sent += 1
+        ended = _wait(lambda: registry.canary_status(NAME).canary.state == "aborted" and registry.canary_status(NAME), "the automatic abort", 30)
+        assert ended.canary.id == canary.id and ended.canary.ended_by == "auto"
+        assert ended.canary.end_reason.startswith("candidate v3 could not be loaded by any replica")
+        assert "answered by v1" in ended.canary.end_reason
+        shown = _cli(cli_env, home, "canary", "status", NAME)
+        print(f"\n$ loraops canary status {NAME}\n{shown.stdout}")
+        _wait(lambda: http.get("/healthz", params={"strict": "true"}).status_code == 200, "the replicas to drop the ended canary's failure", 30)
+    finally:
+        _artifact(home, 3).write_bytes(original)
