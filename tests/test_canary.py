@@ -362,3 +362,50 @@ def test_cli_start_status_promote_abort(registry, cli_env, tmp_path):
     assert untested.returncode == 2 and "has answered no requests" in untested.stderr and "Traceback" not in untested.stderr
     forced = loraops("promote", NAME, "--force")
     assert forced.returncode == 0 and registry.get(f"{NAME}@production").version == 3
+
+
+# --- a model replica's candidate: load, report, retry (in process: the load fails at the checksums, before any model) ---
+
+
+def test_a_replica_that_cannot_load_the_candidate_reports_it_and_retries_with_back_off(registry, cli_env, tmp_path):
+    import time
+
+    from loraops.serve.adapters import AdapterSet, Reference
+    from loraops.serve.candidate import CandidateLoader
+    from loraops.serve.settings import ServeSettings
+
+    settings = ServeSettings(adapter=f"{NAME}@production", workspace=str(registry.workspace))
+    adapters = AdapterSet(registry, settings)
+    adapters.references.append(Reference(f"{NAME}@production", registry.get(f"{NAME}@production")))  # the default, as a replica holds it
+    loader = CandidateLoader(registry, adapters, "replica-a")
+    canary = registry.start_canary(f"{NAME}:2", 30)
+    stored = Path(registry.store.version_path(NAME, 2)) / "adapter_model.safetensors"
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))  # after the start's verification, before the replica polls
+
+    started = time.monotonic()
+    loader.follow(lambda: None, 1.0)
+    [load] = registry.canary_status(NAME).replicas
+    assert (load.replica, load.attempts) == ("replica-a", 1) and "cn:2" in load.error
+    assert loader.problem.startswith("cannot serve the canary candidate cn:2: ") and f"answered by {NAME}:1" in loader.problem
+    assert loader.info() == {"candidate": f"{NAME}:2", "loaded": False, "attempts": 1}
+    loader.follow(lambda: None, 1.0)
+    assert registry.canary_status(NAME).replicas[0].attempts == 1  # too soon: the back-off holds the retry
+
+    deadline = time.monotonic() + 30
+    while registry.canary_status(NAME).replicas[0].attempts < 3 and time.monotonic() < deadline:
+        loader.follow(lambda: None, 1.0)
+        time.sleep(0.1)
+    assert registry.canary_status(NAME).replicas[0].attempts == 3
+    assert time.monotonic() - started >= 1.0 + 2.0  # waits of 1 s, then 2 s: doubling from the poll interval
+
+    command = [sys.executable, "-m", "loraops", "canary", "status", NAME, "--db", registry.db_url, "--store", registry.artifact_uri]
+    shown = subprocess.run(command, capture_output=True, text=True, env=cli_env(tmp_path / "ws"), cwd=tmp_path, timeout=120)
+    print(shown.stdout)
+    assert shown.returncode == 0 and "model replicas and v2:" in shown.stdout
+    assert shown.stdout.splitlines()[-1].split()[:3] == ["replica-a", "FAILED", "3"]
+
+    registry.abort_canary(NAME)
+    loader.follow(lambda: None, 1.0)
+    assert loader.problem is None and loader.info() is None and canary.id == registry.canary_status(NAME).canary.id

@@ -218,8 +218,11 @@ def test_a_candidate_no_replica_loads_after_a_restart_is_aborted_automatically(h
             return len(fresh) == 2 and all(r.error for r in fresh)
 
         _wait(replacements_failed, "the replacement replicas to report that they cannot load the candidate", 240)
-        health = http.get("/healthz")
-        assert health.json()["status"] == "degraded" and "tiny:3" in health.json()["problem"]
+        def degraded():
+            health = http.get("/healthz")
+            return health.status_code == 200 and health.json()["status"] == "degraded" and "tiny:3" in health.json()["problem"]
+
+        _wait(degraded, "a replacement replica to answer /healthz as degraded, naming the candidate", 180)
 
         sent = 0
         while registry.canary(NAME) is not None and sent < 200:

@@ -139,7 +139,7 @@ def test_canary_share_status_restart_abort_and_promote(url, registry, serving_ho
     assert registry.get("tiny@production").version == 1
 
     assert _cli(cli_env, serving_home, "canary", "start", "tiny:2", "--percent", "50").returncode == 0
-    promoted = _cli(cli_env, serving_home, "canary", "promote", "tiny")
+    promoted = _cli(cli_env, serving_home, "canary", "promote", "tiny", "--force")  # no request reached it yet
     assert promoted.returncode == 0, promoted.stderr
     assert registry.get("tiny@production").version == 2
     assert registry.audit_log("tiny", "production")[-1].action == "canary-promote"
