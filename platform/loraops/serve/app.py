@@ -75,9 +75,13 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
         position = first.get("loc", ("body", "?"))[-1]
         reason = first.get("ctx", {}).get("error", "decode error")
         return error_response(422, "validation_error", f"body: invalid JSON ({reason} at character {position})", field="body", openai=openai)
+
     def field(problem: dict[str, Any]) -> str:
         return field_of(problem.get("loc", ("body",)), exc.body, missing=problem.get("type") == "missing", brackets=openai)
 
+    # A union (prompt: text or list of texts) fails once per member: name the member the client sent, the deepest path.
+    same = [p for p in problems if tuple(p.get("loc", ()))[:2] == tuple(first.get("loc", ()))[:2]]
+    first = max(same, key=lambda p: field(p).count(".") + field(p).count("["), default=first)
     message = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid value")
     response = error_response(422, "validation_error", f"{field(first)}: {message}", field=field(first), openai=openai)
     if len(problems) > 1:
