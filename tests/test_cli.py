@@ -70,3 +70,19 @@ def test_missing_config_file_exits_2(cli_env, tmp_path):
     command = [sys.executable, "-m", "loraops", "train", "--config", "nope.yaml"]
     run = subprocess.run(command, capture_output=True, text=True, env=cli_env(tmp_path), cwd=tmp_path)
     assert run.returncode == 2 and "config file not found: nope.yaml" in run.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path, cli_env):
+    """``loraops ... | head``: the reader closes the pipe; loraops stops without an error line, as Unix tools do."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before loraops writes its first line
+    try:
+        command = [sys.executable, "-m", "loraops", "registry", "list"]
+        done = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path / "ws"), timeout=120)
+    finally:
+        os.close(write_end)
+
+    assert done.stderr == ""
+    assert done.returncode == 141  # 128 + SIGPIPE, what a shell shows for `seq 100000 | head -1`

@@ -116,7 +116,8 @@ def test_postgresql_urls_get_the_installed_driver(given, resolved, monkeypatch):
 
 def test_set_reaches_an_entry_of_the_search_space():
     """Search-space keys are dotted config keys themselves: --set addresses them like any other key."""
-    config = load_config(REPO / "tune" / "tiny.yaml", ["search.space.lora.dropout={uniform: [0.0, 0.2]}", "search.space.training.warmup_steps={choice: [0, 5]}"])
+    overrides = ["search.space.lora.dropout={uniform: [0.0, 0.2]}", "search.space.training.warmup_steps={choice: [0, 5]}"]
+    config = load_config(REPO / "tune" / "tiny.yaml", overrides)
 
     assert config.search.space["lora.dropout"].uniform == (0.0, 0.2)
     assert config.search.space["training.warmup_steps"].choice == [0, 5]
