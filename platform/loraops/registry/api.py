@@ -126,7 +126,14 @@ class Registry:
             self.store.delete(staged.path)
             raise
         log.debug("registered %s:%d (%d files) from %s", name, row.version, len(row.files), source)
-        return ModelVersion.from_row(row, name, [])
+        version = ModelVersion.from_row(row, name, [])
+        version.same_files_as = self._same_files(name, version)
+        return version
+
+    def _same_files(self, name: str, version: ModelVersion) -> int | None:
+        """The latest version of ``name`` before ``version`` with the same files (paths, sizes, sha256), if any."""
+        earlier = [other for other in self.versions(name) if other.version < version.version and other.files == version.files]
+        return earlier[-1].version if earlier else None
 
     def register_from_experiment(
         self,

@@ -33,6 +33,9 @@ class ModelVersion:
     aliases: list[str] = field(default_factory=list)
     #: The resolved training config the adapter was made with (None for versions registered without one).
     config: dict[str, Any] | None = None
+    #: Set by ``register`` only: the latest earlier version whose files are byte for byte these
+    #: (the same adapter registered again); the new version is still created, as registries do.
+    same_files_as: int | None = None
 
     @property
     def ref(self) -> str:
@@ -41,6 +44,8 @@ class ModelVersion:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["created_at"] = self.created_at.isoformat()
+        if self.same_files_as is None:
+            del data["same_files_as"]  # known at registration only: other answers do not claim "no duplicate"
         return data
 
     @classmethod
