@@ -119,3 +119,9 @@ class AliasChange:
 def utc(moment: datetime) -> datetime:
     """SQLite hands back naive datetimes; they were written in UTC."""
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def same_files_as(versions: list[ModelVersion], version: ModelVersion) -> int | None:
+    """The latest of ``versions`` before ``version`` with the same files (paths, sizes, sha256), if any."""
+    earlier = [other for other in versions if other.version < version.version and other.files == version.files]
+    return earlier[-1].version if earlier else None
