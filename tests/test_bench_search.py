@@ -59,12 +59,12 @@ def test_summary_counts_a_run_that_never_got_there_as_the_whole_budget():
 @pytest.mark.slow
 @pytest.mark.ray
 def test_bench_search_spends_equal_budgets_and_writes_json_and_png(ray_address, workspace, tmp_path, cli_env, small_search):
-    output = tmp_path / "search.json"
+    output = workspace / "benchmarks" / "search-cpu-tiny.json"  # the default: the workspace, not the repository's benchmarks/results/
     overrides = [arg for item in [*small_search, *EXTRA] for arg in ("--set", item)]
     config = str(REPO / "tune" / "tiny-bench.yaml")
-    command = ["bench", "search", "--config", config, *overrides, "--seeds", "1", "--budget", str(BUDGET), "--output", str(output)]
+    command = ["bench", "search", "--config", config, *overrides, "--seeds", "1", "--budget", str(BUDGET)]
     env = cli_env(workspace) | {"RAY_ADDRESS": ray_address}
-    done = subprocess.run([sys.executable, "-m", "loraops", *command], env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "loraops", *command], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
     # The terminal shows loraops' own lines; Ray's, Tune's and the trials' output go to the log file.
@@ -73,6 +73,7 @@ def test_bench_search_spends_equal_budgets_and_writes_json_and_png(ray_address, 
     assert "tpe+asha seed 0:" in terminal and "random+fifo seed 0:" in terminal and f"results: {output}" in terminal
     assert "pid=" not in terminal and "Tune status" not in terminal and "tune.py:" not in terminal, terminal[-3000:]
     assert "Tune status" in log_file.read_text()
+    assert not (tmp_path / "benchmarks").exists()
 
     report = json.loads(output.read_text())
     assert output.with_suffix(".png").stat().st_size > 10_000

@@ -54,13 +54,13 @@ def test_workload_mixes_lengths_and_reads_dialogsum_files(tmp_path):
         load_workload(str(tmp_path / "missing.jsonl"), 10, "fixed")
 
 
-def _bench(cli_env, home: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+def _bench(cli_env, home: Path, output: Path | None, *extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "loraops", "bench", "serve", "--model-only", "--config", str(REPO / "serve" / "tiny.yaml"),
         "--set", f"args.workspace={home}", "--set", "args.context_tokens=256", "--modes", "merged",
-        "--concurrency", "1,2", "--duration", "3", "--max-new-tokens", "8", "--output", str(output), *extra,
+        "--concurrency", "1,2", "--duration", "3", "--max-new-tokens", "8", *(["--output", str(output)] if output else []), *extra,
     ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, env=cli_env(home), timeout=900)
+    return subprocess.run(command, capture_output=True, text=True, env=cli_env(home), timeout=900, cwd=cwd)
 
 
 @pytest.mark.slow
@@ -82,12 +82,16 @@ def test_model_level_bench_compares_batching_on_the_registry_adapter(cli_env, se
 
 @pytest.mark.slow
 def test_model_level_bench_runs_a_random_init_architecture(cli_env, tmp_path):
+    """Also: without --output the figures go to the workspace, never into the repository's benchmarks/results/."""
     home = tmp_path / "ws"
-    output = tmp_path / "random.json"
+    output = home / "benchmarks" / "serve-model-cpu.json"
+    (tmp_path / "checkout").mkdir()
 
-    done = _bench(cli_env, home, output, "--random-init", "phi-2", "--random-init-layers", "1", "--batching", "continuous", "--concurrency", "2")
+    done = _bench(cli_env, home, None, "--random-init", "phi-2", "--random-init-layers", "1", "--batching", "continuous", "--concurrency", "2",
+                  cwd=tmp_path / "checkout")
 
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"results: {output}" in done.stdout and not (tmp_path / "checkout" / "benchmarks").exists()
     report = json.loads(output.read_text())
     assert report["model"].startswith("random-init phi-2") and report["workload"]["lengths"] == "reference"
     assert report["results"][0]["failed"] == 0 and report["results"][0]["completion_tokens_per_s"] > 0

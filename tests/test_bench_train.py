@@ -15,9 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_bench_train_compares_the_recipe_with_the_seed_recipe(workspace, tmp_path, cli_env):
-    output = tmp_path / "train.json"
+    """Without --output the figures go to the workspace, never into the repository's benchmarks/results/ (cwd here)."""
+    output = workspace / "benchmarks" / "train.json"
     run = subprocess.run(
-        [sys.executable, "-m", "loraops", "bench", "train", "--config", str(REPO / "tune" / "tiny.yaml"), "--steps", "20", "--output", str(output),
+        [sys.executable, "-m", "loraops", "bench", "train", "--config", str(REPO / "tune" / "tiny.yaml"), "--steps", "20",
          "--set", "data.builtin_size=300", "--set", "training.packing=true", "--set", "training.max_tokens_per_batch=2048", "--eval-samples", "24"],
         check=False, capture_output=True, text=True, env=cli_env(workspace), cwd=tmp_path, timeout=900,
     )  # fmt: skip
@@ -26,6 +27,7 @@ def test_bench_train_compares_the_recipe_with_the_seed_recipe(workspace, tmp_pat
     header = next(i for i, line in enumerate(lines) if line.startswith("recipe"))
     assert lines[header + 1].split()[0] == "seed" and lines[header + 2].split()[0] == "configured"
     assert any(line.startswith("speedup vs seed: ") for line in lines)
+    assert f"results: {output}" in lines and not (tmp_path / "benchmarks").exists()
 
     report = json.loads(output.read_text())
     seed, configured = report["recipes"]["seed"], report["recipes"]["configured"]

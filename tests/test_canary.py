@@ -409,3 +409,35 @@ def test_a_replica_that_cannot_load_the_candidate_reports_it_and_retries_with_ba
     registry.abort_canary(NAME)
     loader.follow(lambda: None, 1.0)
     assert loader.problem is None and loader.info() is None and canary.id == registry.canary_status(NAME).canary.id
+
+
+
+
+def test_cli_status_and_abort_without_name_take_the_one_running_canary(registry, make_run, cli_env, tmp_path):
+    """NAME may be left out while exactly one canary runs; with none or several, the error lists them."""
+
+    def loraops(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "loraops", "canary", args[0], "--db", registry.db_url, "--store", registry.artifact_uri, *args[1:]]
+        return subprocess.run(command, capture_output=True, text=True, env=cli_env(tmp_path / "ws"), cwd=tmp_path, timeout=120)
+
+    none = loraops("status")
+    assert none.returncode == 2 and none.stderr.startswith("loraops: error: no canary is running") and "Traceback" not in none.stderr
+    registry.start_canary(f"{NAME}:2", 30)
+
+    status = loraops("status")
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith(f"canary 1 of {NAME}@production: running, 30% to v2")
+
+    registry.register(make_run(tmp_path / "other", seed=9), "other")
+    registry.register(make_run(tmp_path / "other2", seed=10), "other")
+    registry.promote("other", 1)
+    registry.start_canary("other:2", 10)
+    several = loraops("abort")
+    assert several.returncode == 2
+    assert "2 canaries are running: cn (cn:2, 30% of @production), other (other:2, 10% of @production)" in several.stderr
+    assert registry.canary(NAME) is not None and registry.canary("other") is not None  # nothing was aborted
+
+    registry.abort_canary("other")
+    aborted = loraops("abort", "--reason", "the only one")
+    assert aborted.returncode == 0 and f"canary 1 of {NAME}:2 aborted" in aborted.stdout
+    assert registry.canary(NAME) is None

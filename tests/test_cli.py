@@ -70,3 +70,44 @@ def test_missing_config_file_exits_2(cli_env, tmp_path):
     command = [sys.executable, "-m", "loraops", "train", "--config", "nope.yaml"]
     run = subprocess.run(command, capture_output=True, text=True, env=cli_env(tmp_path), cwd=tmp_path)
     assert run.returncode == 2 and "config file not found: nope.yaml" in run.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path, cli_env):
+    """``loraops ... | head``: the reader closes the pipe; loraops stops without an error line, as Unix tools do."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before loraops writes its first line
+    try:
+        command = [sys.executable, "-m", "loraops", "registry", "list"]
+        done = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path / "ws"), timeout=120)
+    finally:
+        os.close(write_end)
+
+    assert done.stderr == ""
+    assert done.returncode == 141  # 128 + SIGPIPE, what a shell shows for `seq 100000 | head -1`
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_keep_library_noise_in_the_log_file(workspace, cli_env, tmp_path):
+    """The terminal shows loraops' own lines; bitsandbytes' and torch's warnings go to the log file, as for tune."""
+    quick = ["--set", "data.builtin_size=60", "--set", "training.max_steps=2", "--set", "training.eval_steps=2", "--set", "training.save_steps=2",
+             "--set", "training.eval_max_samples=8", "--set", "training.per_device_train_batch_size=4"]  # fmt: skip
+    env = cli_env(workspace) | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "loraops", "train", "--config", str(REPO / "tune" / "tiny.yaml"), "--output-dir", str(tmp_path / "run"), *quick]
+    trained = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "loraops", "evaluate", "--config", str(REPO / "tune" / "tiny.yaml"), "--adapter", str(tmp_path / "run" / "adapter"),
+         "--set", "evaluation.max_samples=4", "--set", "evaluation.max_new_tokens=4", "--no-base"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+
+    for done in (trained, evaluated):
+        terminal = done.stdout + done.stderr
+        for noise in ("trust_remote_code", "Warning", 'state["state1"]', "bitsandbytes"):
+            assert noise not in terminal, terminal[-3000:]
+        log_file = Path(done.stdout.split("log: ", 1)[1].split()[0])
+        assert log_file.is_file() and log_file.parent == workspace / "logs"
+    assert "adapter: " in trained.stdout and "rougeL" in evaluated.stdout

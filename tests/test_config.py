@@ -112,3 +112,13 @@ def test_postgresql_urls_get_the_installed_driver(given, resolved, monkeypatch):
     assert database_url(given) == resolved
     monkeypatch.setenv(DATABASE_ENV, given)
     assert database_url() == resolved
+
+
+def test_set_reaches_an_entry_of_the_search_space():
+    """Search-space keys are dotted config keys themselves: --set addresses them like any other key."""
+    overrides = ["search.space.lora.dropout={uniform: [0.0, 0.2]}", "search.space.training.warmup_steps={choice: [0, 5]}"]
+    config = load_config(REPO / "tune" / "tiny.yaml", overrides)
+
+    assert config.search.space["lora.dropout"].uniform == (0.0, 0.2)
+    assert config.search.space["training.warmup_steps"].choice == [0, 5]
+    assert "lora" not in config.search.space

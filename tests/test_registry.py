@@ -157,6 +157,29 @@ def test_promote_if_better_rollback_and_audit(make_run, registry, tmp_path):
     assert [e.at for e in log] == sorted(e.at for e in log)
 
 
+def test_rollback_after_a_hand_moved_alias_returns_to_the_version_that_served(make_run, registry, tmp_path):
+    """The alias row changed in the database by hand (no audit entry): the history decides, so the
+    rollback returns to the version the log last put there (2), not the one before it (1)."""
+    from sqlalchemy import text
+
+    for seed in (1, 2, 3):
+        registry.register(make_run(tmp_path / f"run{seed}", seed=seed), "hand")
+    registry.promote("hand", 1)
+    registry.promote("hand", 2)
+    with registry.engine.begin() as connection:
+        connection.execute(text("UPDATE registry_aliases SET version = 3 WHERE alias = 'production'"))
+    assert registry.get("hand@production").version == 3
+
+    change = registry.rollback("hand")
+    assert (change.previous, change.version) == (3, 2)
+    assert registry.rollback("hand").version == 1  # then on down the history, as usual
+    with pytest.raises(LoraopsError, match="no earlier target"):
+        registry.rollback("hand")
+    assert [(e.action, e.from_version, e.to_version) for e in registry.audit_log("hand")] == [
+        ("promote", None, 1), ("promote", 1, 2), ("rollback", 3, 2), ("rollback", 2, 1),
+    ]
+
+
 def test_aliases_are_independent(make_run, registry, tmp_path):
     registry.register(make_run(tmp_path / "r1", seed=1), "m")
     registry.register(make_run(tmp_path / "r2", seed=2), "m")

@@ -91,3 +91,20 @@ def test_cli_errors_exit_2_without_traceback(loraops, db_url, tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         assert f"loraops: error: {message}" in result.stderr or message in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_cli_registering_the_same_adapter_again_says_which_version_it_equals(loraops, make_run, db_url, tmp_path):
+    """The duplicate is still created (registries do), but the output and --json say whose files it repeats."""
+    first = make_run(tmp_path / "r1", seed=1)
+    other = make_run(tmp_path / "r2", seed=2)
+    assert loraops(tmp_path, db_url, "register", "--adapter", str(first), "--name", "dup").returncode == 0
+    assert loraops(tmp_path, db_url, "register", "--adapter", str(other), "--name", "dup").returncode == 0
+
+    again = loraops(tmp_path, db_url, "register", "--adapter", str(first), "--name", "dup")
+    again_json = loraops(tmp_path, db_url, "register", "--adapter", str(first), "--name", "dup", "--json")
+    different = loraops(tmp_path, db_url, "register", "--adapter", str(other), "--name", "fresh", "--json")
+
+    assert again.returncode == 0 and "registered dup:3" in again.stdout
+    assert "its files equal version 1 (dup:1)" in again.stdout
+    assert json.loads(again_json.stdout)["same_files_as"] == 3  # the latest equal version
+    assert json.loads(different.stdout)["same_files_as"] is None

@@ -139,3 +139,40 @@ def test_a_scaled_step_unscales_to_the_plain_gradients_and_the_scale_survives_a_
     restored = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     load_checkpoint(folder, model, build_optimizer(trainable, config), build_scheduler(optimizer, config), restored)
     assert restored.get_scale() == 123.0
+
+
+def test_a_failed_run_leaves_the_previous_runs_folder_as_it_was(quick_config, workspace, make_run, tmp_path):
+    """A run that fails validation (no train split) writes nothing into the folder: its config.yaml,
+    metrics and evaluation still describe the adapter in it, which `loraops register` would record."""
+    from loraops.train import train
+
+    run = tmp_path / "runs" / "tiny"
+    make_run(run, rouge_l=30.0)
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    empty = tmp_path / "no-train-file"
+    empty.mkdir()
+    (empty / "test.jsonl").write_text('{"id": "t0", "dialogue": "#Person1#: Hi.", "summary": "Hi."}\n')
+
+    with pytest.raises(LoraopsError, match="train"):
+        train(quick_config(f"data.source={empty}", "training.max_steps=2"), output_dir=run, progress=False)
+
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+
+
+@pytest.mark.slow
+def test_a_new_run_retires_the_previous_runs_adapter_evaluation_and_checkpoints(quick_config, workspace, make_run, tmp_path):
+    """Once a new run in the same folder has loaded, the previous run's files go: an evaluation.json
+    or checkpoint left behind would be registered as the lineage of the new adapter."""
+    import yaml
+
+    from loraops.train import train
+
+    run = tmp_path / "runs" / "tiny"
+    make_run(run, rouge_l=30.0)
+    (run / "checkpoint-300").mkdir()
+
+    result = train(quick_config("training.max_steps=4", "training.eval_steps=4", "training.save_steps=4"), output_dir=run, progress=False)
+
+    assert not (run / "evaluation.json").exists() and not (run / "checkpoint-300").exists()
+    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["max_steps"] == 4
+    assert result.adapter_dir.is_dir() and (run / "checkpoint-4").is_dir()

@@ -7,6 +7,7 @@ Problems the user can fix (bad config, missing file, unknown adapter) print one 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from loraops import __version__, console
@@ -35,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console.setup(args.verbose)
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # here, so a reader that went away (`| head`) is caught below, not at exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except LoraopsError as exc:
         print(f"loraops: error: {exc}", file=sys.stderr)
         return 2
@@ -49,3 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loraops: error: {type(exc).__name__}: {' '.join(str(exc).split())} (rerun with -v for the traceback)", file=sys.stderr)
         return 1
 
+
+
+def _reader_gone() -> int:
+    """The reader of stdout closed it (``loraops ... | head``): stop quietly, as Unix tools do.
+
+    stdout is pointed at /dev/null so the interpreter's own flush at exit cannot fail again;
+    128 + SIGPIPE is the status a shell shows for a tool its reader stopped."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141

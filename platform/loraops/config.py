@@ -333,10 +333,24 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+#: Sections whose keys are themselves dotted config keys: ``search.space.lora.dropout`` is the entry
+#: ``lora.dropout`` of ``search.space``, not a section ``lora`` inside it.
+DOTTED_KEY_SECTIONS = (("search", "space"),)
+
+
+def _split_at_dotted_section(path: list[str]) -> list[str]:
+    """``path`` with everything after a dotted-key section joined back into one key."""
+    for section in DOTTED_KEY_SECTIONS:
+        if tuple(path[: len(section)]) == section and len(path) > len(section) + 1:
+            return [*section, ".".join(path[len(section):])]
+    return path
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set each dotted key in a nested dict (in place) and return it."""
     for item in overrides:
         path, value = parse_override(item)
+        path = _split_at_dotted_section(path)
         node = data
         for depth, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})

@@ -102,7 +102,7 @@ def _to_example(row: Any, index: int, config: DataConfig, split: str) -> tuple[E
     if not references:
         return None, f"rows without {config.summary_column!r}"
     row_id = row.get(config.id_column) or row.get("fname") or f"{split}_{index}"
-    return Example(id=str(row_id), dialogue=dialogue.strip(), references=references), None
+    return Example(id=str(row_id), dialogue=clean_dialogue(dialogue), references=references), None
 
 
 def _reference_texts(row: dict, column: str) -> Iterator[str]:
@@ -227,12 +227,22 @@ def prompt_parts(template: str) -> tuple[str, str]:
     return before, after
 
 
+def clean_dialogue(dialogue: str) -> str:
+    """The dialogue as the model sees it: Windows and old-Mac line endings become ``\\n``, the ends are stripped.
+
+    Training, evaluation and every serving route (and so the CLI) pass through here, so a pasted
+    file's CRLF or trailing newline cannot change the prompt and the summary."""
+    return dialogue.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
 def prompt_ids(tokenizer, dialogue: str, config: DataConfig, budget: int) -> list[int]:
-    """Token ids of the prompt, with the dialogue cut (from the end) so the prompt fits ``budget``."""
+    """Token ids of the prompt, with the dialogue cut (from the end) so the prompt fits ``budget``.
+
+    The one function that turns a dialogue into a prompt: training, evaluation and serving use it."""
     before, after = prompt_parts(config.prompt_template)
     head = tokenizer.encode(before, add_special_tokens=False) if before else []
     tail = tokenizer.encode(after, add_special_tokens=False) if after else []
-    body = tokenizer.encode(dialogue, add_special_tokens=False)
+    body = tokenizer.encode(clean_dialogue(dialogue), add_special_tokens=False)
     room = budget - len(head) - len(tail)
     if room < 1:
         raise LoraopsError(f"data.max_length {config.max_length} leaves no room for the dialogue after the prompt template")

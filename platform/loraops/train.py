@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from loraops.checkpoint import TrainState, load_checkpoint, save_adapter, save_c
 from loraops.config import Config, dump_config
 from loraops.data import IGNORE_INDEX, encode_all, load_split
 from loraops.errors import LoraopsError
-from loraops.layout import ADAPTER_DIR, LOSS_PLOT_FILE, METRICS_FILE, RUN_CONFIG_FILE
+from loraops.layout import ADAPTER_DIR, CHECKPOINT_PREFIX, EVALUATION_FILE, LOSS_PLOT_FILE, METRICS_FILE, RUN_CONFIG_FILE
 from loraops.model import DTYPES, device, load_base_model, load_tokenizer, prepare_for_training
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,32 @@ def run_dir(config: Config, output_dir: str | os.PathLike | None = None) -> Path
     return Path(output_dir).expanduser().resolve() if output_dir else config.workspace_path / "runs" / config.name
 
 
+#: What a run folder holds that describes its adapter (and registration's lineage reads) besides
+#: ``config.yaml`` and ``metrics.jsonl``: a new run retires the previous run's copies, and its
+#: ``checkpoint-*`` folders (registrable adapters too).
+PREVIOUS_RUN_FILES = (ADAPTER_DIR, EVALUATION_FILE, LOSS_PLOT_FILE)
+
+
+def start_run_folder(out: Path, config: Config, fresh: bool) -> None:
+    """Make ``out`` this run's folder, once its data, tokenizer and model have loaded.
+
+    Nothing is written before that, so a run that fails validation leaves the previous run's folder
+    as it was. A fresh run then removes the previous run's adapter, evaluation and plot before
+    writing its own config: the folder's files always describe the adapter in it (or there is
+    none yet), so `loraops register` never records one run's lineage for another's adapter."""
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        previous = [out / name for name in PREVIOUS_RUN_FILES] + list(out.glob(f"{CHECKPOINT_PREFIX}*"))
+        for path in previous:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    staged = out / f".{RUN_CONFIG_FILE}.partial"
+    staged.write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
+    staged.replace(out / RUN_CONFIG_FILE)  # atomic: a reader sees the old file or the new one, never half
+
+
 def train(
     config: Config,
     output_dir: str | os.PathLike | None = None,
@@ -93,8 +120,6 @@ def train(
     ``final_evaluation`` adds metrics of the final model to the last evaluation's event (a search
     that selects by ROUGE scores only there, so that early stopping decisions stay cheap)."""
     out = run_dir(config, output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_CONFIG_FILE).write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
     settings = config.training
     if settings.attn_implementation == "flex_attention" and device().type != "cuda":
         # torch 2.13: "FlexAttention does not support backward on CPU"; fail before minutes of loading.
@@ -119,6 +144,7 @@ def train(
         state = load_checkpoint(Path(resume_from), model, optimizer, scheduler, scaler)
         log.info("resumed from %s at step %d", resume_from, state.step)
 
+    start_run_folder(out, config, fresh=not resume_from)
     metrics = MetricsLog(out / METRICS_FILE, config, fresh=not resume_from)
     batches = BatchStream(train_rows, config, tokenizer.pad_token_id, skip=state.step)
     autocast = autocast_context(config)

@@ -54,7 +54,7 @@ def _add_serve(kinds: SubParsers) -> None:
     )
     bench.add_argument("--random-init-layers", type=int, metavar="N", help=argparse.SUPPRESS)  # tests: a short random-init model
     bench.add_argument(
-        "--output", metavar="FILE", help="JSON results (default benchmarks/results/serve-cpu-tiny.json; with --model-only serve-model-<device>.json)"
+        "--output", metavar="FILE", help="JSON results (default WORKSPACE/benchmarks/serve-cpu-tiny.json; with --model-only serve-model-<device>.json)"
     )
     bench.add_argument("--address", metavar="ADDR", help="Ray cluster (default: $RAY_ADDRESS, else a new local instance)")
     bench.set_defaults(handler=run_serve)
@@ -77,7 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.random_init and not args.model_only:
         raise LoraopsError("--random-init needs --model-only (a random-init model is not in the registry a deployment serves from)")
     if args.model_only:
-        output = args.output or f"benchmarks/results/serve-model-{_device_tag()}.json"
+        output = args.output or _default_output(None, f"serve-model-{_device_tag()}.json")
         benchmark_model(
             args.config, args.overrides, modes, batchings, concurrencies, args.duration, args.max_new_tokens, output,
             data=args.data, lengths=args.lengths, random_init=args.random_init, random_init_layers=args.random_init_layers,
@@ -86,13 +86,21 @@ def run_serve(args: argparse.Namespace) -> int:
         bad = sorted(set(batchings) - {"continuous", "static"})
         if bad:
             raise LoraopsError(f"--batching {bad[0]!r}: over HTTP the replica batches continuous or static (generate is --model-only)")
-        output = args.output or "benchmarks/results/serve-cpu-tiny.json"
+        output = args.output or _default_output(None, "serve-cpu-tiny.json")
         benchmark(
             args.config, args.overrides, modes, concurrencies, args.duration, args.max_new_tokens, output,
             address=args.address, batchings=batchings, data=args.data, lengths=args.lengths or "fixed",
         )
     print(f"results: {output}")
     return 0
+
+
+def _default_output(workspace: str | os.PathLike | None, name: str) -> str:
+    """WORKSPACE/benchmarks/NAME: a benchmark run by default never overwrites the figures committed in
+    the repository's benchmarks/results/; writing there takes an explicit --output."""
+    from loraops.config import resolve_workspace
+
+    return str(resolve_workspace(workspace) / "benchmarks" / name)
 
 
 def _names(value: str) -> list[str]:
@@ -125,15 +133,17 @@ def _add_train(kinds: SubParsers) -> None:
         "throughput and memory only, the eval loss says nothing about the real model)",
     )
     bench.add_argument("--eval-samples", type=int, default=100, metavar="N", help="eval rows for the eval loss (default 100)")
-    bench.add_argument("--output", default="benchmarks/results/train.json", metavar="FILE", help="JSON results (default %(default)s)")
+    bench.add_argument("--output", metavar="FILE", help="JSON results (default WORKSPACE/benchmarks/train.json)")
     bench.set_defaults(handler=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from loraops.bench.train import benchmark
+    from loraops.config import load_config
 
-    benchmark(args.config, args.overrides, args.steps, output=args.output, random_init=args.random_init, eval_samples=args.eval_samples)
-    print(f"results: {args.output}")
+    output = args.output or _default_output(load_config(args.config, args.overrides).workspace_path, "train.json")
+    benchmark(args.config, args.overrides, args.steps, output=output, random_init=args.random_init, eval_samples=args.eval_samples)
+    print(f"results: {output}")
     return 0
 
 
@@ -158,9 +168,8 @@ def _add_search(kinds: SubParsers) -> None:
     parser.add_argument("--budget", type=int, metavar="TRIAL_STEPS", help="trial-steps per search (default: search.num_samples x search.max_steps)")
     parser.add_argument(
         "--output",
-        default="benchmarks/results/search-cpu-tiny.json",
         metavar="FILE",
-        help="JSON results; the plot goes next to it as .png (default %(default)s)",
+        help="JSON results; the plot goes next to it as .png (default WORKSPACE/benchmarks/search-cpu-tiny.json)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Ray's and the libraries' logs here too")
     parser.set_defaults(handler=run_search)
@@ -179,7 +188,9 @@ def run_search(args: argparse.Namespace) -> int:
     words = ["loraops bench search", f"--config {args.config}", *(f"--set {item}" for item in args.overrides), f"--seeds {args.seeds}"]
     words += [f"--budget {args.budget}"] if args.budget else []
     # A config error is one line before anything starts; then Ray's and the libraries' logs go to the log file.
-    console.start_log(load_config(args.config, args.overrides).workspace_path, "bench-search", verbose)
-    benchmark(args.config, args.overrides, seeds=args.seeds, budget=args.budget, output=args.output, command=" ".join(words), worker_logs=verbose)
-    print(f"results: {args.output} and {os.path.splitext(args.output)[0]}.png")
+    workspace = load_config(args.config, args.overrides).workspace_path
+    console.start_log(workspace, "bench-search", verbose)
+    output = args.output or _default_output(workspace, "search-cpu-tiny.json")
+    benchmark(args.config, args.overrides, seeds=args.seeds, budget=args.budget, output=output, command=" ".join(words), worker_logs=verbose)
+    print(f"results: {output} and {os.path.splitext(output)[0]}.png")
     return 0

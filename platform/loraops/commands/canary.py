@@ -11,6 +11,7 @@ import math
 
 from loraops.commands.common import SubParsers
 from loraops.commands.registry import common_options, open_registry, print_json, table, when
+from loraops.errors import LoraopsError
 from loraops.registry.refs import DEFAULT_ALIAS
 
 _ABORT_RULE = (
@@ -57,7 +58,7 @@ def add_commands(sub: SubParsers) -> None:
         "a version are counted apart); then which model replicas loaded the candidate, or why they could not. "
         "Latency quantiles are the upper bound of a log-spaced bucket (at most 19% above the true figure).",
     )
-    status.add_argument("name", metavar="NAME")
+    status.add_argument("name", metavar="NAME", nargs="?", help="the adapter; may be left out while exactly one canary runs")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(handler=_run_status)
 
@@ -68,7 +69,7 @@ def add_commands(sub: SubParsers) -> None:
         description="Point the canary's alias at its candidate (recorded in the audit log as 'canary-promote', undone by `loraops rollback`) "
         "and end the canary as promoted. Refused while the candidate has answered none of the canary's requests.",
     )
-    promote.add_argument("name", metavar="NAME")
+    promote.add_argument("name", metavar="NAME", nargs="?", help="the adapter; may be left out while exactly one canary runs")
     promote.add_argument("--force", action="store_true", help="promote even a candidate that has answered no requests")
     _add_audit_options(promote)
     promote.set_defaults(handler=_run_promote)
@@ -76,7 +77,7 @@ def add_commands(sub: SubParsers) -> None:
     abort = actions.add_parser(
         "abort", parents=[common], help="end the canary; the alias stays where it is", description="End the running canary of NAME as aborted."
     )
-    abort.add_argument("name", metavar="NAME")
+    abort.add_argument("name", metavar="NAME", nargs="?", help="the adapter; may be left out while exactly one canary runs")
     _add_audit_options(abort)
     abort.set_defaults(handler=_run_abort)
 
@@ -98,7 +99,8 @@ def _run_start(args: argparse.Namespace) -> int:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    status = open_registry(args).canary_status(args.name)
+    registry = open_registry(args)
+    status = registry.canary_status(_name(args, registry))
     if args.json:
         return print_json(status.to_dict())
     canary = status.canary
@@ -130,14 +132,29 @@ def _print_apart(status) -> None:
 
 
 def _run_promote(args: argparse.Namespace) -> int:
-    print(open_registry(args).promote_canary(args.name, actor=args.actor, reason=args.reason, force=args.force).message)
+    registry = open_registry(args)
+    print(registry.promote_canary(_name(args, registry), actor=args.actor, reason=args.reason, force=args.force).message)
     return 0
 
 
 def _run_abort(args: argparse.Namespace) -> int:
-    canary = open_registry(args).abort_canary(args.name, actor=args.actor, reason=args.reason)
+    registry = open_registry(args)
+    canary = registry.abort_canary(_name(args, registry), actor=args.actor, reason=args.reason)
     print(f"canary {canary.id} of {canary.name}:{canary.candidate} aborted; {canary.name}@{canary.alias} was not moved")
     return 0
+
+
+def _name(args: argparse.Namespace, registry) -> str:
+    """NAME as given, else the adapter of the one running canary; with none or several, an error that lists them."""
+    if args.name is not None:
+        return args.name
+    running = registry.running_canaries()
+    if len(running) == 1:
+        return running[0].name
+    if not running:
+        raise LoraopsError(f"no canary is running; name the adapter (`loraops canary {args.canary_command} NAME`) for its last one")
+    listed = ", ".join(f"{c.name} ({c.name}:{c.candidate}, {c.percent:g}% of @{c.alias})" for c in running)
+    raise LoraopsError(f"{len(running)} canaries are running: {listed}; name one: `loraops canary {args.canary_command} NAME`")
 
 
 def _percent(rate: float | None) -> str:

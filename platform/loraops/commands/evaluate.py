@@ -23,8 +23,12 @@ def add_commands(sub: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from loraops import console
+
+    config = load_config(args)
+    console.start_log(config.workspace_path, "evaluate", args.verbose)  # libraries' logs and warnings: see `train`
     from loraops.evaluate import evaluate, format_report
 
-    report = evaluate(load_config(args), adapter=args.adapter, output=args.output, include_base=not args.no_base)
+    report = evaluate(config, adapter=args.adapter, output=args.output, include_base=not args.no_base)
     print(format_report(report))
     return 0

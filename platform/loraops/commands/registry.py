@@ -191,9 +191,11 @@ def _run_register(args: argparse.Namespace) -> int:
     else:
         version = registry.register(args.adapter, args.name, args.metrics, **options)
     if args.json:
-        return print_json(version.to_dict())
+        return print_json(version.to_dict() | {"same_files_as": version.same_files_as})  # null: no earlier version has these files
     size = sum(entry["size"] for entry in version.files.values())
     print(f"registered {version.ref} ({len(version.files)} files, {_bytes(size)}) at {version.artifact_uri}")
+    if version.same_files_as is not None:
+        print(f"note: its files equal version {version.same_files_as} ({version.name}:{version.same_files_as}): the same adapter registered again")
     if version.metrics:
         print(f"metrics: {_metrics_text(version.metrics, limit=None)}")
     return 0

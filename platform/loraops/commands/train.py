@@ -22,9 +22,14 @@ def add_commands(sub: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraops.train import run_dir, train
+    from loraops import console
 
     config = load_config(args)
+    # A config error is one line before anything starts; then the libraries' logs and warnings
+    # (bitsandbytes', torch's) go to the log file, as for tune, from before they are imported.
+    console.start_log(config.workspace_path, "train", args.verbose)
+    from loraops.train import run_dir, train
+
     folder = run_dir(config, args.output_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)

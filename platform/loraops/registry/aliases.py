@@ -71,22 +71,34 @@ def aliases_by_version(session: Session, adapter_id: int) -> dict[int, list[str]
 def rollback_target(session: Session, name: str, alias: str, lock: bool) -> tuple[int, int]:
     """(the version a rollback of NAME@alias goes to, the adapter's id), or the error saying why there is none.
 
-    The audit log is read as a stack: a promotion pushes its version, a rollback pops one.
+    The audit log is read as a stack: a promotion pushes its version, a rollback pops one. The
+    history decides, not the alias row: when the alias points to a version the log never moved it
+    to (changed in the database by hand), the rollback returns it to the last version the log
+    records, the one that served before the untracked change.
     """
     adapter = adapter_row(session, name, lock=lock)
     current = session.get(AliasRow, (adapter.id, alias))
     if current is None:
         raise LoraopsError(f"{name} has no alias {alias!r}{known_aliases(session, adapter)}")
-    query = select(AliasEventRow).where(AliasEventRow.adapter_id == adapter.id, AliasEventRow.alias == alias)
-    stack: list[int] = []
-    for event_row in session.scalars(query.order_by(AliasEventRow.id)):
-        if event_row.action == "rollback":
-            stack = stack[:-1]
-        else:
-            stack.append(event_row.to_version)
+    stack = _history_stack(session, adapter.id, alias)
+    if stack and stack[-1] != current.version:
+        return stack[-1], adapter.id
     if len(stack) < 2:
         raise LoraopsError(f"{name}@{alias} (version {current.version}) has no earlier target to roll back to")
     return stack[-2], adapter.id
+
+
+def _history_stack(session: Session, adapter_id: int, alias: str) -> list[int]:
+    """The versions the audit log put the alias on, oldest first, with rolled-back ones popped."""
+    query = select(AliasEventRow).where(AliasEventRow.adapter_id == adapter_id, AliasEventRow.alias == alias)
+    stack: list[int] = []
+    for event_row in session.scalars(query.order_by(AliasEventRow.id)):
+        if event_row.action != "rollback":
+            if not stack or stack[-1] != event_row.to_version:  # back onto the version on top after an untracked move
+                stack.append(event_row.to_version)
+        elif not stack or stack[-1] != event_row.to_version:  # a rollback that undid an untracked move pops nothing
+            stack = stack[:-1]
+    return stack
 
 
 def move_alias(session: Session, adapter_id: int, alias: str, to: int, previous: int | None, action: str, actor: str | None, reason: str | None) -> None:

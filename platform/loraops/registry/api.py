@@ -40,7 +40,7 @@ from loraops.registry.aliases import PromotionRefused
 from loraops.registry.canary import CanaryState, CanaryStatus, Totals
 from loraops.registry.db import AdapterRow, AliasEventRow, AliasRow, VersionRow
 from loraops.registry.lineage import Lineage, read_best_trial, read_run_folder
-from loraops.registry.records import AdapterInfo, AliasChange, AliasEvent, ModelVersion, utc
+from loraops.registry.records import AdapterInfo, AliasChange, AliasEvent, ModelVersion, same_files_as, utc
 from loraops.registry.refs import DEFAULT_ALIAS, parse_metrics, parse_ref, parse_version
 from loraops.registry.store import ArtifactStore, IntegrityError, StagedUpload, verify_local
 
@@ -126,7 +126,9 @@ class Registry:
             self.store.delete(staged.path)
             raise
         log.debug("registered %s:%d (%d files) from %s", name, row.version, len(row.files), source)
-        return ModelVersion.from_row(row, name, [])
+        version = ModelVersion.from_row(row, name, [])
+        version.same_files_as = same_files_as(self.versions(name), version)
+        return version
 
     def register_from_experiment(
         self,
@@ -411,6 +413,11 @@ class Registry:
         validate_name(name)
         with db.read_session(self.engine) as session:
             return canary.current(session, name)
+
+    def running_canaries(self) -> list[CanaryState]:
+        """Every running canary, of every adapter, oldest first."""
+        with db.read_session(self.engine) as session:
+            return canary.all_running(session)
 
     def canary_status(self, name: str) -> CanaryStatus:
         """The running canary of ``name`` (else the last one that ended) with both versions' figures."""

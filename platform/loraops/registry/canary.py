@@ -276,6 +276,12 @@ def current(session: Session, name: str, include_ended: bool = False) -> CanaryS
     return CanaryState.from_row(row, name) if row is not None else None
 
 
+def all_running(session: Session) -> list[CanaryState]:
+    """The running canaries of every adapter, oldest first."""
+    query = select(CanaryRow, AdapterRow.name).join(AdapterRow, CanaryRow.adapter_id == AdapterRow.id).where(CanaryRow.state == RUNNING)
+    return [CanaryState.from_row(row, name) for row, name in session.execute(query.order_by(CanaryRow.id))]
+
+
 def status(session: Session, name: str) -> CanaryStatus:
     """The running canary of ``name`` (else its last one) with both versions' figures merged over every reporter."""
     canary = current(session, name, include_ended=True)

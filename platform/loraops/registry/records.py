@@ -33,6 +33,9 @@ class ModelVersion:
     aliases: list[str] = field(default_factory=list)
     #: The resolved training config the adapter was made with (None for versions registered without one).
     config: dict[str, Any] | None = None
+    #: Set by ``register`` only: the latest earlier version whose files are byte for byte these
+    #: (the same adapter registered again); the new version is still created, as registries do.
+    same_files_as: int | None = None
 
     @property
     def ref(self) -> str:
@@ -41,6 +44,8 @@ class ModelVersion:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["created_at"] = self.created_at.isoformat()
+        if self.same_files_as is None:
+            del data["same_files_as"]  # known at registration only: other answers do not claim "no duplicate"
         return data
 
     @classmethod
@@ -114,3 +119,9 @@ class AliasChange:
 def utc(moment: datetime) -> datetime:
     """SQLite hands back naive datetimes; they were written in UTC."""
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def same_files_as(versions: list[ModelVersion], version: ModelVersion) -> int | None:
+    """The latest of ``versions`` before ``version`` with the same files (paths, sizes, sha256), if any."""
+    earlier = [other for other in versions if other.version < version.version and other.files == version.files]
+    return earlier[-1].version if earlier else None

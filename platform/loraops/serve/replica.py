@@ -127,13 +127,12 @@ class SummarizerModel:
     """One model replica: base model + the adapters of its registry references, batched generation, live swaps."""
 
     def __init__(self, settings: dict[str, Any]):
-        import torch
 
+        from loraops.model import use_reserved_cpus
         from loraops.registry import Registry
 
         self.settings = ServeSettings.model_validate(settings)
-        if self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
+        use_reserved_cpus(self.settings.torch_threads)  # default: ray_actor_options.num_cpus, at most the cores
         self.live = LiveSettings.model_validate(self.settings.live())
         self.registry = Registry(db_url=self.settings.db_url, artifact_uri=self.settings.artifact_uri, workspace=self.settings.workspace)
         self._switch_lock = asyncio.Lock()

@@ -108,7 +108,7 @@ class ServeSettings(LiveSettings):
     allow_trust_remote_code: bool = Field(
         False, description="Serve versions trained with model.trust_remote_code: true (that runs code from the model repository in every replica)."
     )
-    torch_threads: int | None = Field(None, ge=1, description="torch threads per model replica; default what Ray sets from num_cpus.")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per model replica; default its num_cpus (at least 1, at most the cores).")
     auth_token_env: str = Field(
         "LORAOPS_API_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the bearer token; auth is on when it is set."
     )

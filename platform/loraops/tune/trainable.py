@@ -34,11 +34,11 @@ ROUGE_METRIC = "rougeL"
 def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], space: SearchSpace, threads: int) -> None:
     """The function trainable: ``sampled`` is Tune's config (the searched keys, choice labels)."""
     import ray.tune
-    import torch
 
+    from loraops.model import use_reserved_cpus
     from loraops.train import train
 
-    torch.set_num_threads(threads)  # the CPUs reserved for this trial, not every core of the node
+    use_reserved_cpus(threads)  # the CPUs reserved for this trial, not every core of the node (nor more than it has)
     quiet_trial_output()
     context = ray.tune.get_context()
     config = trial_config(base, space.decode(sampled), name=trial_name(context.get_experiment_name(), context.get_trial_id()))
