@@ -17,7 +17,7 @@ import yaml
 from loraops.errors import LoraopsError
 from loraops.registry import IntegrityError, Lineage, PromotionRefused, Registry, data_fingerprint, lower_is_better
 from loraops.registry import db as registry_db
-from loraops.registry.store import ArtifactStore
+from loraops.registry.store import ArtifactStore, manifest_digest
 
 
 @pytest.fixture
@@ -291,7 +291,7 @@ def test_remote_store_downloads_into_a_verified_cache(make_run, db_url, tmp_path
     registry.register(make_run(tmp_path / "run", seed=1), "remote")
 
     cached = registry.resolve("remote:1")
-    assert cached == tmp_path / "ws" / "cache" / "registry" / "remote" / "v1"
+    assert cached == tmp_path / "ws" / "cache" / "registry" / f"sha256-{manifest_digest(registry.get('remote:1').files)}"
     assert sha256(cached / "adapter_model.safetensors") == sha256(remote_root / "remote" / "v1" / "adapter_model.safetensors")
     (cached / "adapter_config.json").write_text("{}")  # a damaged cache is fetched again
     assert json.loads((registry.resolve("remote:1") / "adapter_config.json").read_text())["r"] == 4

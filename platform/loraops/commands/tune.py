@@ -124,6 +124,22 @@ def print_outcome(outcome) -> None:
         print(f"best trial {best_line(outcome.best)}; adapter: {outcome.best['adapter_path']}")
     if (outcome.folder / RESULTS_FILE).is_file():
         print(f"results: {outcome.folder}")
+    print_storage(outcome)
+
+
+def print_storage(outcome) -> None:
+    """What the experiment holds in its storage: the figure that bounds a search's bucket."""
+    from loraops import storage
+
+    filesystem, path = outcome.location.filesystem()
+    try:
+        count, size, checkpoints = storage.usage(filesystem, path)
+    except OSError as exc:  # a figure only: an unreadable listing must not fail a finished search
+        print(f"storage: cannot list {outcome.location.uri}: {storage.describe_error(outcome.location.uri, exc)}")
+        return
+    keep = outcome.config.search.keep_checkpoints
+    print(f"storage: {count} objects, {storage.human_bytes(size)} in {outcome.location.uri} "
+          f"({checkpoints} checkpoints; search.keep_checkpoints={keep if keep is not None else 'all'} per trial)")
 
 
 def register(outcome, name: str) -> None:

@@ -24,6 +24,7 @@ import getpass
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from loraops.registry.db import AdapterRow, AliasEventRow, AliasRow, VersionRow
 from loraops.registry.lineage import Lineage, read_best_trial, read_run_folder
 from loraops.registry.records import AdapterInfo, AliasChange, AliasEvent, ModelVersion, same_files_as, utc
 from loraops.registry.refs import DEFAULT_ALIAS, parse_metrics, parse_ref, parse_version
-from loraops.registry.store import ArtifactStore, IntegrityError, StagedUpload, verify_local
+from loraops.registry.store import ArtifactStore, IntegrityError, StagedUpload, manifest_digest, verify_local
 
 #: PromotionRefused lives with the alias logic in :mod:`loraops.registry.aliases`; it stays importable from here.
 __all__ = ["PromotionRefused", "Registry", "default_actor"]
@@ -119,6 +120,7 @@ class Registry:
             lineage.description = description
         # Everything slow (hashing the data, copying the files) happens before any lock is taken.
         fields = lineage.version_fields(source, actor or default_actor())
+        self.store.check()
         staged = self.store.stage(name, source, skip=NOT_ADAPTER_FILES)
         try:
             row = self._commit_version(name, staged, fields)
@@ -139,10 +141,11 @@ class Registry:
         description: str | None = None,
         actor: str | None = None,
     ) -> ModelVersion:
-        """Register the best trial of a tune experiment folder, with its metrics and lineage."""
+        """Register the best trial of a tune experiment (a folder or a storage URI), with its metrics and lineage."""
         validate_name(name)
-        adapter, lineage = read_best_trial(experiment)
-        return self.register(adapter, name, metrics, lineage=lineage, description=description, actor=actor)
+        with tempfile.TemporaryDirectory(prefix="loraops-register-") as download:  # a remote experiment's checkpoint
+            adapter, lineage = read_best_trial(experiment, Path(download))
+            return self.register(adapter, name, metrics, lineage=lineage, description=description, actor=actor)
 
     def _commit_version(self, name: str, staged: StagedUpload, fields: dict[str, Any]) -> VersionRow:
         """Give the staged files the next version number, retrying when concurrent writers collide."""
@@ -256,7 +259,8 @@ class Registry:
         """A local folder with the verified files of ``ref``, ready to load with PEFT.
 
         A local store is read in place; a remote one is downloaded once into
-        ``WORKSPACE/cache/registry/NAME/vN``. Every call checks each file's sha256 against the
+        ``WORKSPACE/cache/registry/sha256-DIGEST`` (keyed by the files' checksums, so two registries
+        sharing a workspace never mix up their "v1"s). Every call checks each file's sha256 against the
         database and raises :class:`~loraops.registry.store.IntegrityError` naming the first bad
         file: a corrupt adapter is never handed out.
         """
@@ -266,7 +270,7 @@ class Registry:
         if self.store.is_local:
             verify_local(stored, version.files, label)
             return Path(stored)
-        cache = self.workspace / "cache" / "registry" / version.name / f"v{version.version}"
+        cache = self.workspace / "cache" / "registry" / f"sha256-{manifest_digest(version.files)}"
         if cache.is_dir():
             try:
                 verify_local(cache, version.files, f"{label}, cached copy")

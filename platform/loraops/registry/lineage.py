@@ -123,22 +123,54 @@ def _rouge(evaluation_file: Path, adapter_dir: Path) -> dict[str, float]:
     return {key: value for key, value in flatten_metrics(report["tuned"], strict=False).items() if key.startswith("rouge")}
 
 
-def read_best_trial(experiment: str | os.PathLike) -> tuple[Path, Lineage]:
-    """The adapter folder and lineage of an experiment's best trial (``best_trial.json``)."""
+def read_best_trial(experiment: str | os.PathLike, download: Path | None = None) -> tuple[Path, Lineage]:
+    """The adapter folder and lineage of an experiment's best trial (``best_trial.json``).
+
+    ``experiment``: a local folder or a storage URI (``s3://B/experiments/NAME``). The adapter is
+    the best trial's checkpoint inside the experiment (``checkpoint`` in best_trial.json), read
+    from storage into ``download`` when the experiment is remote, so this works on a machine that
+    holds none of the trials' files; ``adapter_path`` (where the driver put its copy) is the
+    fallback for experiments written before ``checkpoint`` was recorded.
+    """
+    from loraops import storage
+
+    where = str(experiment)
+    if storage.is_remote(where):
+        filesystem, root = storage.open_uri(where.rstrip("/"))
+        storage.check_access(filesystem, root, where)
+        best = _parse_best(_read_remote(filesystem, f"{root}/{BEST_TRIAL_FILE}", where), f"{where.rstrip('/')}/{BEST_TRIAL_FILE}")
+        if not best.get("checkpoint"):
+            raise LoraopsError(f"{where}/{BEST_TRIAL_FILE} names no checkpoint: register this experiment from the machine that ran it")
+        if download is None:
+            raise LoraopsError(f"{where} is remote: a download folder is needed")
+        adapter = check_adapter_dir(_download_dir(filesystem, f"{root}/{best['checkpoint']}", download / "adapter", where))
+        return adapter, _lineage(best, adapter, where)
     folder = Path(experiment).expanduser().resolve()
     if not folder.is_dir():
         raise LoraopsError(f"experiment folder not found: {folder}")
     best_file = folder / BEST_TRIAL_FILE
     if not best_file.is_file():
         raise LoraopsError(f"{best_file} not found: is {folder} a finished loraops tune experiment?")
+    best = _parse_best(best_file.read_text(), str(best_file))
+    if best.get("checkpoint") and (folder / best["checkpoint"]).is_dir():
+        adapter = check_adapter_dir(folder / best["checkpoint"])
+    else:
+        adapter = Path(best["adapter_path"]).expanduser()
+        adapter = check_adapter_dir(adapter if adapter.is_absolute() else folder / adapter)
+    return adapter, _lineage(best, adapter, str(folder))
+
+
+def _parse_best(text: str, where: str) -> dict[str, Any]:
     try:
-        best = json.loads(best_file.read_text())
+        best = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise LoraopsError(f"{best_file}: invalid JSON ({exc})") from None
-    if not isinstance(best, dict) or not best.get("adapter_path"):
-        raise LoraopsError(f"{best_file}: expected an object with at least 'adapter_path'")
-    adapter = Path(best["adapter_path"]).expanduser()
-    adapter = check_adapter_dir(adapter if adapter.is_absolute() else folder / adapter)
+        raise LoraopsError(f"{where}: invalid JSON ({exc})") from None
+    if not isinstance(best, dict) or not (best.get("adapter_path") or best.get("checkpoint")):
+        raise LoraopsError(f"{where}: expected an object with at least 'adapter_path'")
+    return best
+
+
+def _lineage(best: dict[str, Any], adapter: Path, experiment: str) -> Lineage:
     lineage = read_run_folder(adapter)  # the trial's own run folder, when it has one
     if isinstance(best.get("config"), dict):
         lineage.config = best["config"]
@@ -148,9 +180,43 @@ def read_best_trial(experiment: str | os.PathLike) -> tuple[Path, Lineage]:
         lineage.hyperparameters = best["params"]
     if isinstance(best.get("metrics"), dict):
         lineage.metrics.update(flatten_metrics(best["metrics"], strict=False))
-    lineage.experiment = str(best.get("experiment") or folder)
+    lineage.experiment = str(best.get("experiment") or experiment)
     lineage.trial_id = str(best["trial_id"]) if best.get("trial_id") is not None else None
-    return adapter, lineage
+    return lineage
+
+
+def _read_remote(filesystem: Any, path: str, uri: str) -> str:
+    from loraops import storage
+
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read().decode()
+    except FileNotFoundError:
+        raise LoraopsError(f"{uri}/{BEST_TRIAL_FILE} not found: is {uri} a finished loraops tune experiment?") from None
+    except OSError as exc:
+        raise LoraopsError(storage.describe_error(uri, exc)) from None
+
+
+def _download_dir(filesystem: Any, path: str, target: Path, uri: str) -> Path:
+    """Copy the folder ``path`` of a remote filesystem to the local ``target``."""
+    import pyarrow.fs as pafs
+
+    from loraops import storage
+
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        files = [info for info in infos if info.type == pafs.FileType.File]
+        if not files:
+            raise LoraopsError(f"{uri}: the best trial's checkpoint {path} holds no files")
+        for info in files:
+            local = target / info.path[len(path) :].lstrip("/")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with filesystem.open_input_stream(info.path) as reader, open(local, "wb") as writer:
+                while chunk := reader.read(4 * 1024 * 1024):
+                    writer.write(chunk)
+    except OSError as exc:
+        raise LoraopsError(storage.describe_error(uri, exc)) from None
+    return target
 
 
 def read_json_object(path: Path) -> dict[str, Any] | None:

@@ -67,6 +67,14 @@ def manifest_of(folder: str | os.PathLike) -> Manifest:
     return {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size} for rel in local_files(root)}
 
 
+def manifest_digest(manifest: Manifest) -> str:
+    """One sha256 for a whole version: of its files' paths and checksums, in path order."""
+    digest = hashlib.sha256()
+    for rel, entry in sorted(manifest.items()):
+        digest.update(f"{rel}\0{entry['sha256']}\n".encode())
+    return digest.hexdigest()
+
+
 def verify_local(folder: str | os.PathLike, manifest: Manifest, label: str) -> None:
     """Raise :class:`IntegrityError` naming the first file that is missing, resized or altered."""
     root = Path(folder)
@@ -104,17 +112,19 @@ class ArtifactStore:
 
     @staticmethod
     def _open(uri: str) -> tuple[pafs.FileSystem, str]:
-        if "://" not in uri:
-            # from_uri needs an absolute local path; a relative one is relative to the cwd.
-            uri = str(Path(uri).expanduser().resolve())
-        try:
-            filesystem, root = pafs.FileSystem.from_uri(uri)
-        except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise LoraopsError(f"cannot open artifact store {uri!r}: {first_line}") from None
-        if not root.strip("/"):  # e.g. "s3://": pyarrow accepts it, every write then fails
+        from loraops import storage
+
+        filesystem, root = storage.open_uri(uri)
+        if not root.strip("/"):  # e.g. "file://": pyarrow accepts it, every write then fails
             raise LoraopsError(f"artifact store {uri!r} names no bucket or folder: use e.g. s3://BUCKET/PREFIX")
         return filesystem, root
+
+    def check(self) -> None:
+        """Fail with one line naming the store and the variable to check when it cannot be used
+        (a wrong key, a missing bucket, an unreachable endpoint), before anything is written."""
+        from loraops import storage
+
+        storage.check_access(self.fs, self.root, self.uri)
 
     @property
     def is_local(self) -> bool:
@@ -146,6 +156,11 @@ class ArtifactStore:
             self.fs.create_dir(staging, recursive=True)
             for rel in local_files(source, skip):
                 manifest[rel] = self._upload(source / rel, f"{staging}/{rel}")
+        except OSError as exc:  # a remote store failing half-way: one line, and no debris left
+            self.delete(staging)
+            from loraops import storage
+
+            raise LoraopsError(storage.describe_error(self.uri, exc)) from None
         except BaseException:
             self.delete(staging)
             raise

@@ -63,25 +63,45 @@ class Location:
         else a mirror under WORKSPACE/experiments (and the files are uploaded to the URI too)."""
         return Path(self.uri) if self.is_local else workspace / "experiments" / self.name
 
+    def filesystem(self) -> tuple[Any, str]:
+        """The experiment's filesystem and its path there (see :mod:`loraops.storage`)."""
+        from loraops import storage
+
+        return storage.open_uri(self.uri)
+
+    def storage(self) -> tuple[Any, str]:
+        """For Tune's ``storage_filesystem``/``storage_path``: (None, the folder) when local, else
+        the filesystem set up from the environment and the root's path in it."""
+        if self.is_local:
+            return None, self.root
+        from loraops import storage
+
+        return storage.open_uri(self.root)
+
+    def check(self) -> None:
+        """One line naming the URI and the variable to check when the storage cannot be used."""
+        from loraops import storage
+
+        filesystem, path = storage.open_uri(self.root)
+        storage.check_access(filesystem, path, self.root)
+
     def exists(self) -> bool:
         import pyarrow.fs
 
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(self.uri)
+        filesystem, path = self.filesystem()
         return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
     def read_text(self, name: str) -> str:
         import pyarrow.fs
 
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(f"{self.uri}/{name}")
-        if filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        filesystem, path = self.filesystem()
+        if filesystem.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.NotFound:
             raise LoraopsError(f"{self.uri} is not a loraops experiment: {name} not found")
-        with filesystem.open_input_stream(path) as stream:
+        with filesystem.open_input_stream(f"{path}/{name}") as stream:
             return stream.read().decode()
 
     def write_text(self, name: str, text: str) -> None:
-        import pyarrow.fs
-
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(self.uri)
+        filesystem, path = self.filesystem()
         filesystem.create_dir(path, recursive=True)
         with filesystem.open_output_stream(f"{path}/{name}") as stream:
             stream.write(text.encode())
@@ -114,6 +134,7 @@ def run_experiment(
     space = check_search(config)  # a bad space fails before Ray starts
     base = base_config(config)
     location = Location(storage_root(config), check_name(name) if name else default_name(config))
+    location.check()  # a wrong key, a missing bucket: one line before anything is written
     if location.exists():
         raise LoraopsError(f"experiment {location.uri} already exists: continue it with `loraops tune --resume {location.uri}`, or pick another --name")
     config.workspace_path.mkdir(parents=True, exist_ok=True)  # also holds the default SQLite database
@@ -133,6 +154,7 @@ def run_experiment(
             *(location.uri, config.search.num_samples, concurrency, resources, location.name, _safe_url(db_url)),
         )
         location.write_text(EXPERIMENT_CONFIG_FILE, yaml.safe_dump(base, sort_keys=False))
+        filesystem, root = location.storage()
         tuner = tune.Tuner(
             build_trainable(base, space, resources),
             param_space=space.ray_param_space(),
@@ -146,7 +168,8 @@ def run_experiment(
             ),
             run_config=tune.RunConfig(
                 name=location.name,
-                storage_path=location.root,
+                storage_path=root,
+                storage_filesystem=filesystem,
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=config.search.keep_checkpoints, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
                 ),
@@ -166,6 +189,7 @@ def resume_experiment(path: str, worker_logs: bool = False) -> Outcome:
     """Continue an interrupted experiment: finished trials stay as they are, unfinished ones go
     on from their latest checkpoint, and the search proposes the trials still missing."""
     location = Location.parse(path)
+    location.check()
     config = read_experiment_config(location)
     space = SearchSpace.from_config(config)
     base = base_config(config)
@@ -176,10 +200,13 @@ def resume_experiment(path: str, worker_logs: bool = False) -> Outcome:
     from ray import tune
 
     with cluster.session(config.search.ray_address, num_cpus=os.cpu_count(), **ray_logging(worker_logs)):
-        if not tune.Tuner.can_restore(location.uri):
+        filesystem, root = location.storage()
+        experiment_path = f"{root}/{location.name}"
+        if not tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
             raise LoraopsError(f"{location.uri} has no Tune experiment state to resume")
         tuner = tune.Tuner.restore(
-            location.uri,
+            experiment_path,
+            storage_filesystem=filesystem,
             trainable=build_trainable(base, space, trial_resources(config)),
             resume_unfinished=True,
             resume_errored=False,  # a failed trial is a result, not something to run again
@@ -193,10 +220,11 @@ def resume_experiment(path: str, worker_logs: bool = False) -> Outcome:
 def show_experiment(path: str) -> Outcome:
     """The results of an experiment as they are now (finished, running or interrupted)."""
     location = Location.parse(path)
+    location.check()
     config = read_experiment_config(location)
     _, rows = results.load_trials(location.uri, config.search.metric)
     folder = location.local_dir(config.workspace_path)
-    best = results.read_best(folder) if folder.is_dir() else None
+    best = results.read_best(folder) if location.is_local else _remote_best(location)
     return Outcome(location, config, folder, rows, _all_finished(rows, config), best)
 
 
@@ -372,7 +400,8 @@ def best_record(analysis: Any, row: results.TrialRow, location: Location, folder
     adapter = Path(checkpoint.path) if location.is_local else Path(checkpoint.to_directory(str(folder / "best_adapter")))
     params = space.decode(row.params)
     full = trial_config(base_config(config), params, name=trial_name(location.name, row.trial_id))
-    return results.best_trial_record(row, location.name, location.uri, adapter.resolve(), dump_config(full), params, config.search.metric)
+    inside = Path(checkpoint.path).relative_to(location.uri if location.is_local else f"{location.storage()[1]}/{location.name}").as_posix()
+    return results.best_trial_record(row, location.name, location.uri, adapter.resolve(), dump_config(full), params, config.search.metric, inside)
 
 
 def plot_axes(space: SearchSpace) -> tuple[str | None, bool, str | None]:
@@ -388,8 +417,18 @@ def plot_axes(space: SearchSpace) -> tuple[str | None, bool, str | None]:
 def _upload(path: Path, location: Location) -> None:
     import pyarrow.fs
 
-    filesystem, target = pyarrow.fs.FileSystem.from_uri(location.uri)
+    filesystem, target = location.filesystem()
     pyarrow.fs.copy_files(str(path), f"{target}/{path.name}", destination_filesystem=filesystem)
+
+
+def _remote_best(location: Location) -> dict[str, Any] | None:
+    """best_trial.json of a remote experiment, None before the search has finished."""
+    import json
+
+    try:
+        return json.loads(location.read_text(BEST_TRIAL_FILE))
+    except LoraopsError:
+        return None
 
 
 def _all_finished(rows: list[results.TrialRow], config: Config) -> bool:

@@ -64,15 +64,20 @@ class TrialRow:
 
 
 def load_trials(experiment_uri: str, metric: str = METRIC) -> tuple[Any, list[TrialRow]]:
-    """Tune's analysis of an experiment folder (local path or URI) and its trials, best first by
-    ``metric`` (``eval_loss``: the lowest best eval loss; ``rougeL``: the highest ROUGE-L, then
-    the trials without one by eval loss)."""
+    """Tune's analysis of an experiment folder (local path or URI, opened by :mod:`loraops.storage`)
+    and its trials, best first by ``metric`` (``eval_loss``: the lowest best eval loss; ``rougeL``:
+    the highest ROUGE-L, then the trials without one by eval loss)."""
+    import pyarrow.fs
     from ray.tune import ExperimentAnalysis
+
+    from loraops import storage
 
     # Tune warns about every trial that has not reported yet; here that is just "pending".
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    filesystem, path = storage.open_uri(experiment_uri)
+    local = isinstance(filesystem, pyarrow.fs.LocalFileSystem)
     try:
-        analysis = ExperimentAnalysis(experiment_uri)
+        analysis = ExperimentAnalysis(path, storage_filesystem=None if local else filesystem)
     except (ValueError, FileNotFoundError) as exc:
         raise LoraopsError(f"{experiment_uri} is not a Tune experiment folder: {str(exc).splitlines()[0]}") from None
     rows = [_row(trial, analysis.trial_dataframes.get(trial.trial_id)) for trial in analysis.trials]
@@ -206,11 +211,20 @@ def best_row(rows: list[TrialRow], metric: str = METRIC) -> TrialRow | None:
 
 
 def best_trial_record(
-    row: TrialRow, experiment: str, experiment_path: str, adapter_path: Path, config: dict[str, Any], params: dict[str, Any], metric: str = METRIC
+    row: TrialRow,
+    experiment: str,
+    experiment_path: str,
+    adapter_path: Path,
+    config: dict[str, Any],
+    params: dict[str, Any],
+    metric: str = METRIC,
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """The ``best_trial.json`` contract that ``loraops registry`` reads: ``metrics`` describe the
     adapter at ``adapter_path`` (the best eval loss, or the last step's eval loss and ROUGE-L),
-    ``selected_by`` names the metric that chose it."""
+    ``selected_by`` names the metric that chose it. ``checkpoint``: the same adapter's folder
+    relative to the experiment, which every machine can read from storage (``adapter_path`` is a
+    path on the machine that wrote the record)."""
     if metric == ROUGE_METRIC:
         metrics = {"eval_loss": row.last_eval_loss, ROUGE_METRIC: row.rougeL, "step": row.steps, "steps": row.steps}
     else:
@@ -220,6 +234,7 @@ def best_trial_record(
         "experiment": experiment,
         "experiment_path": experiment_path,
         "adapter_path": str(adapter_path),
+        "checkpoint": checkpoint,
         "config": config,
         "metrics": metrics,
         "selected_by": metric,
