@@ -26,11 +26,11 @@ def _tiny_model_key() -> str:
     """Changes whenever the code that builds the tiny model (or its corpus) changes."""
     import hashlib
 
-    import loraops.builtin_data
-    import loraops.tiny_model
+    import loraops.training.builtin_data
+    import loraops.training.tiny_model
 
     digest = hashlib.sha256()
-    for module in (loraops.tiny_model, loraops.builtin_data):
+    for module in (loraops.training.tiny_model, loraops.training.builtin_data):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -42,7 +42,7 @@ def tiny_model_home() -> Path:
     Building it (tokenizer + a short pre-training) takes a minute or two, so it is cached in the
     git-ignored ``.loraops/test-cache/<key>`` and rebuilt only when its code changes.
     """
-    from loraops.tiny_model import ensure_tiny_model
+    from loraops.training.tiny_model import ensure_tiny_model
 
     home = REPO / ".loraops" / "test-cache" / _tiny_model_key()
     ensure_tiny_model(home)
@@ -133,7 +133,7 @@ def quick_config():
 @pytest.fixture(scope="session")
 def trained(tiny_model_home, tmp_path_factory, quick_config):
     """One short real training run (config, result) shared by the training and evaluation tests."""
-    from loraops.train import train
+    from loraops.training.train import train
 
     config = quick_config(f"workspace={tiny_model_home}")
     return config, train(config, output_dir=tmp_path_factory.mktemp("run"), progress=False)
@@ -145,7 +145,7 @@ def serving_home(tmp_path_factory, tiny_model_home) -> Path:
     checkpoints registered as ``tiny`` v1 (promoted to production) and v2."""
     from loraops.config import load_config
     from loraops.registry import Registry
-    from loraops.train import train
+    from loraops.training.train import train
 
     workspace = tmp_path_factory.mktemp("serve-home")
     shutil.copytree(tiny_model_home / "models", workspace / "models")

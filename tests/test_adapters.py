@@ -33,14 +33,14 @@ def two(request, serving_home):
 
 def _prompts(served, count: int) -> list[list[int]]:
     from loraops.bench.serve import builtin_test_dialogues
-    from loraops.data import prompt_ids
+    from loraops.training.data import prompt_ids
 
     return [prompt_ids(served.tokenizer, text, served.config.data, budget=10**9) for text in builtin_test_dialogues(count)]
 
 
 def _engine(served, **options):
-    from loraops.buckets import Buckets
-    from loraops.engine import Engine
+    from loraops.serve.engine.buckets import Buckets
+    from loraops.serve.engine.core import Engine
 
     return Engine(served, Buckets((1, 2, 4), (256, 512), (1, 2)), **options)
 
@@ -127,7 +127,7 @@ def test_streamed_tokens_arrive_before_the_end_and_make_up_the_answer(two):
 @pytest.mark.slow
 def test_a_request_for_an_unloaded_adapter_fails_alone(two):
     both, _ = two
-    from loraops.engine import RowFailed
+    from loraops.serve.engine.core import RowFailed
 
     prompts = _prompts(both, 2)
     engine = _engine(both)
@@ -301,8 +301,8 @@ def replica(ray_address, serving_home):
 
 
 def _served_alone(home, number: int, max_new_tokens: int) -> str:
-    from loraops.data import prompt_ids
     from loraops.generate import generate_completions
+    from loraops.training.data import prompt_ids
 
     served, _ = _load(home, number, "merged")
     prompt = prompt_ids(served.tokenizer, DIALOGUE, served.config.data, budget=10**9)

@@ -52,10 +52,10 @@ def test_bench_train_compares_the_recipe_with_the_seed_recipe(workspace, tmp_pat
 @pytest.mark.slow
 def test_random_init_phi2_has_phi2s_architecture_and_trains_through_the_4bit_path(workspace):
     """The real architecture at one layer of 32 (a whole Phi-2 is no CPU job): built, loaded 4-bit with LoRA, packed forward and backward."""
-    from loraops.batching import pack_rows
     from loraops.bench.train import PHI2_ARCHITECTURE, count_parameters, ensure_random_init_model
-    from loraops.model import load_base_model, load_tokenizer, prepare_for_training
-    from loraops.train import summed_loss
+    from loraops.training.batching import pack_rows
+    from loraops.training.model import load_base_model, load_tokenizer, prepare_for_training
+    from loraops.training.train import summed_loss
 
     folder = ensure_random_init_model("phi-2", workspace, num_hidden_layers=1)
     saved = json.loads((folder / "config.json").read_text())

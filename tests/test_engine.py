@@ -16,7 +16,7 @@ ADAPTER = "tiny"  # what the serving_home fixture registers: v1 and v2
 
 
 def test_default_buckets_are_powers_of_two_capped_by_the_limit():
-    from loraops.buckets import Buckets, batch_buckets, length_buckets
+    from loraops.serve.engine.buckets import Buckets, batch_buckets, length_buckets
 
     assert batch_buckets(16) == (1, 2, 4, 8, 16)
     assert batch_buckets(6) == (1, 2, 4, 6)
@@ -52,7 +52,7 @@ def served(request, serving_home):
 def _prompts(served, count: int, long: int = 0) -> list[list[int]]:
     """Prompts of the built-in test dialogues; ``long`` of them made longer (several dialogues joined) to reach the larger length buckets."""
     from loraops.bench.serve import builtin_test_dialogues
-    from loraops.data import prompt_ids
+    from loraops.training.data import prompt_ids
 
     dialogues = builtin_test_dialogues(count + 4 * long)
     texts = dialogues[:count]
@@ -61,8 +61,8 @@ def _prompts(served, count: int, long: int = 0) -> list[list[int]]:
 
 
 def _engine(served, batch=(1, 2, 4), length=(256, 512, 1024), prefill=(1, 2), **options):
-    from loraops.buckets import Buckets
-    from loraops.engine import Engine
+    from loraops.serve.engine.buckets import Buckets
+    from loraops.serve.engine.core import Engine
 
     return Engine(served, Buckets(tuple(batch), tuple(length), tuple(prefill)), **options)
 
@@ -191,7 +191,7 @@ def test_compiled_decode_steps_compile_during_warm_up_only(served):
 @pytest.mark.slow
 def test_a_request_whose_sampling_fails_fails_alone(served):
     _merged_only(served)
-    from loraops.engine import RowFailed
+    from loraops.serve.engine.core import RowFailed
 
     prompts = _prompts(served, 3)
     engine = _engine(served)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from loraops.evaluate import evaluate, format_report, rouge
+from loraops.training.evaluate import evaluate, format_report, rouge
 
 
 def test_rouge_takes_the_best_reference():

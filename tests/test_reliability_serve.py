@@ -56,7 +56,7 @@ def _save_adapters(workspace: Path, count: int) -> list[Path]:
     import torch
     from peft import get_peft_model
 
-    from loraops.model import load_base_model, lora_config
+    from loraops.training.model import load_base_model, lora_config
 
     config = _tiny_config(workspace)
     model = get_peft_model(load_base_model(config), lora_config(config.lora))
@@ -351,9 +351,9 @@ def _served_model(home: Path, ref: str):
 
 def _engine_rows(served, rows):
     """(dialogue, temperature) rows through one engine, batched together: each row's result or its exception."""
-    from loraops.buckets import Buckets
-    from loraops.data import prompt_ids
-    from loraops.engine import Engine
+    from loraops.serve.engine.buckets import Buckets
+    from loraops.serve.engine.core import Engine
+    from loraops.training.data import prompt_ids
 
     engine = Engine(served, Buckets((1, 2, 4), (256, 512, 1024), (1, 2)))
     futures = [engine.submit(prompt_ids(served.tokenizer, text, served.config.data, budget=10**9), 6, temperature) for text, temperature in rows]
@@ -365,7 +365,7 @@ def _engine_rows(served, rows):
 def test_a_request_whose_generation_fails_fails_alone_and_only_the_culprit_is_rejected(home):
     import asyncio
 
-    from loraops.engine import RowFailed
+    from loraops.serve.engine.core import RowFailed
     from loraops.serve.replica import Rejection, reject_or_raise
 
     served = _served_model(home, f"{ADAPTER}:1")
@@ -388,7 +388,7 @@ def test_a_request_whose_generation_fails_fails_alone_and_only_the_culprit_is_re
 def test_a_lone_failing_request_is_rejected_when_the_model_works_and_a_broken_model_raises():
     import asyncio
 
-    from loraops.engine import RowFailed
+    from loraops.serve.engine.core import RowFailed
     from loraops.serve.replica import Rejection, reject_or_raise
 
     async def works():

@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "loraops"
 README = PACKAGE.parents[1] / "README.md"
 #: Modules that are data tables rather than code.
-DATA_TABLES = {"loraops.builtin_data"}
+DATA_TABLES = {"loraops.training.builtin_data"}
 MAX_LINES = 450
 
 

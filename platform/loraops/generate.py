@@ -19,7 +19,7 @@ import torch
 from loraops.config import Config
 from loraops.errors import LoraopsError
 from loraops.layout import check_adapter_dir
-from loraops.model import DTYPES, device, load_base_model, load_tokenizer
+from loraops.training.model import DTYPES, device, load_base_model, load_tokenizer
 
 # --- batched generation ------------------------------------------------------------------------
 

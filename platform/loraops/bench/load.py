@@ -153,8 +153,8 @@ class GenerateBatcher:
         self._thread.join()
 
     def _loop(self) -> None:
-        from loraops.engine import Generated
         from loraops.generate import generate_completions
+        from loraops.serve.engine.core import Generated
 
         while True:
             with self._cond:

@@ -287,7 +287,7 @@ def reference_run(config: Config, folder: Path) -> dict[str, Any]:
 def _train_once(data: dict[str, Any], folder: str, threads: int) -> dict[str, Any]:
     import torch
 
-    from loraops.train import read_metrics, train
+    from loraops.training.train import read_metrics, train
     from loraops.tune.trainable import quiet_trial_output
 
     torch.set_num_threads(threads)

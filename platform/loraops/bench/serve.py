@@ -54,7 +54,7 @@ class WorkItem:
 
 def builtin_test_dialogues(count: int = 64) -> list[str]:
     """Dialogues of the built-in test split (no network)."""
-    from loraops.builtin_data import generate_splits
+    from loraops.training.builtin_data import generate_splits
 
     return [row["dialogue"] for row in generate_splits()["test"][:count]]
 
@@ -76,7 +76,7 @@ def read_workload(data: str | None, lengths: str, count: int = 64, seed: int = 0
     if lengths not in LENGTHS:
         raise LoraopsError(f"--lengths {lengths!r}: expected one of {', '.join(LENGTHS)}")
     if data:
-        from loraops.data import read_table_file
+        from loraops.training.data import read_table_file
 
         path = Path(data).expanduser()
         if not path.is_file():
@@ -86,7 +86,7 @@ def read_workload(data: str | None, lengths: str, count: int = 64, seed: int = 0
             raise LoraopsError(f"--data {data}: no rows with 'dialogue' and 'summary' columns")
         source = f"{path.name} ({len(rows)} usable rows)"
     else:
-        from loraops.builtin_data import generate_splits
+        from loraops.training.builtin_data import generate_splits
 
         rows = generate_splits()["test"]
         source = "built-in test split"
@@ -233,9 +233,9 @@ def _ms(seconds: float | None) -> float | None:
 
 def _tokenizer_for(settings):
     """The tokenizer of the adapter the settings serve (for --lengths reference over HTTP)."""
-    from loraops.model import load_tokenizer
     from loraops.registry import Registry
     from loraops.serve.replica import training_config
+    from loraops.training.model import load_tokenizer
 
     absolute = settings.with_absolute_paths()
     registry = Registry(db_url=absolute.db_url, artifact_uri=absolute.artifact_uri, workspace=absolute.workspace)
@@ -261,8 +261,8 @@ def benchmark_model(
 ) -> dict[str, Any]:
     """The replica's model and engine without Ray or HTTP: for each mode and batching, N client threads for each concurrency."""
     from loraops.errors import LoraopsError
-    from loraops.model import device
     from loraops.serve.settings import load_serve_config
+    from loraops.training.model import device
 
     unknown = sorted(set(batchings) - set(MODEL_BATCHINGS))
     if unknown:
@@ -340,7 +340,7 @@ def _runner(served, settings, batching: str, max_batch_size: int, context: int):
     """A started engine (after its warm-up) or the generate baseline, and its warm-up figures."""
     if batching == "generate":
         return GenerateBatcher(served, max_batch_size, settings.batch_wait_timeout_s), {"shapes": 0, "seconds": 0.0}
-    from loraops.engine import Engine
+    from loraops.serve.engine.core import Engine
 
     engine = Engine(
         served,
@@ -357,7 +357,7 @@ def _runner(served, settings, batching: str, max_batch_size: int, context: int):
 def _prompt(served, dialogue: str) -> list[int]:
     import sys
 
-    from loraops.data import prompt_ids
+    from loraops.training.data import prompt_ids
 
     return prompt_ids(served.tokenizer, dialogue, served.config.data, budget=sys.maxsize)
 

@@ -45,7 +45,7 @@ def random_init_config(folder: Path, workspace: Path):
     """The loraops config of a random-init model: the default recipe (4-bit nf4, LoRA r32 on q/k/v/dense, Phi-2 prompt),
     computing in bfloat16 on a GPU and float32 on a CPU (CPUs have no fast 16-bit matmul)."""
     from loraops.config import Config
-    from loraops.model import device
+    from loraops.training.model import device
 
     compute = "bfloat16" if device().type == "cuda" else "float32"
     return Config.model_validate({"model": {"name": str(folder)}, "quantization": {"bnb_4bit_compute_dtype": compute}, "workspace": str(workspace)})
@@ -59,7 +59,7 @@ def ensure_random_init_adapter(folder: Path, config) -> Path:
     """
     from peft import get_peft_model
 
-    from loraops.model import load_base_model, lora_config
+    from loraops.training.model import load_base_model, lora_config
 
     target = folder.parent / f"{folder.name}-adapter-r{config.lora.r}"
     if (target / ADAPTER_CONFIG_FILE).is_file():

@@ -187,7 +187,7 @@ def bench_config(config_path: str, overrides: list[str], steps: int) -> Config:
 
 def run_recipe(config: Config, parameters: int, progress: bool = False) -> dict[str, Any]:
     """Train ``config`` in a throw-away folder and measure it."""
-    from loraops.train import StepStats, train
+    from loraops.training.train import StepStats, train
 
     on_gpu = torch.cuda.is_available()
     release_memory()
@@ -266,7 +266,7 @@ def count_parameters(config: Config) -> int:
     """N of the 6N convention: the base model's parameters at full shape (built on the meta device, no weights loaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from loraops.model import resolve_model_path
+    from loraops.training.model import resolve_model_path
 
     model_config = AutoConfig.from_pretrained(resolve_model_path(config), trust_remote_code=config.model.trust_remote_code, revision=config.model.revision)
     with torch.device("meta"):
@@ -277,7 +277,7 @@ def count_parameters(config: Config) -> int:
 def _architecture(config: Config) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    from loraops.model import resolve_model_path
+    from loraops.training.model import resolve_model_path
 
     model_config = AutoConfig.from_pretrained(resolve_model_path(config), trust_remote_code=config.model.trust_remote_code, revision=config.model.revision)
     keys = (
@@ -298,8 +298,8 @@ def _architecture(config: Config) -> dict[str, Any]:
 
 def row_lengths(config: Config) -> list[int]:
     """Token lengths of the training rows the recipes train on."""
-    from loraops.data import encode_all, load_split
-    from loraops.model import load_tokenizer
+    from loraops.training.data import encode_all, load_split
+    from loraops.training.model import load_tokenizer
 
     examples = load_split(config.data, config.data.train_split)[0][: config.data.max_train_samples]
     return [len(row["input_ids"]) for row in encode_all(load_tokenizer(config), examples, config.data)]
@@ -386,9 +386,9 @@ def ensure_random_init_model(kind: str, workspace: Path, num_hidden_layers: int 
 def build_random_init_model(kind: str, folder: Path, num_hidden_layers: int | None = None) -> None:
     from transformers import PhiConfig, PhiForCausalLM
 
-    from loraops.builtin_data import corpus_texts, generate_splits
-    from loraops.model import device
-    from loraops.tiny_model import EOS, build_tokenizer
+    from loraops.training.builtin_data import corpus_texts, generate_splits
+    from loraops.training.model import device
+    from loraops.training.tiny_model import EOS, build_tokenizer
 
     tokenizer = build_tokenizer(corpus_texts(generate_splits()))  # the embedded tokenizer, as the tiny model builds it
     tokenizer.save_pretrained(folder)

@@ -23,7 +23,7 @@ def add_commands(sub: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraops.evaluate import evaluate, format_report
+    from loraops.training.evaluate import evaluate, format_report
 
     report = evaluate(load_config(args), adapter=args.adapter, output=args.output, include_base=not args.no_base)
     print(format_report(report))

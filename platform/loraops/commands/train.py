@@ -22,7 +22,7 @@ def add_commands(sub: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraops.train import run_dir, train
+    from loraops.training.train import run_dir, train
 
     config = load_config(args)
     folder = run_dir(config, args.output_dir)

@@ -48,7 +48,7 @@ _EXPORTS = {
     "ModelVersion": "loraops.registry.records",
     "PromotionRefused": "loraops.registry.aliases",
     "Registry": "loraops.registry.api",
-    "data_fingerprint": "loraops.data",
+    "data_fingerprint": "loraops.training.data",
     "lower_is_better": "loraops.registry.refs",
     "parse_ref": "loraops.registry.refs",
     "read_best_trial": "loraops.registry.lineage",
@@ -57,7 +57,6 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from loraops.data import data_fingerprint
     from loraops.layout import validate_name
     from loraops.registry.aliases import PromotionRefused
     from loraops.registry.api import Registry
@@ -66,6 +65,7 @@ if TYPE_CHECKING:
     from loraops.registry.records import AdapterInfo, AliasChange, AliasEvent, ModelVersion
     from loraops.registry.refs import lower_is_better, parse_ref
     from loraops.registry.store import ArtifactStore, IntegrityError
+    from loraops.training.data import data_fingerprint
 
 
 def __getattr__(name: str) -> Any:

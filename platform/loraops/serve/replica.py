@@ -171,7 +171,7 @@ class SummarizerModel:
 
     def _start_engine(self, max_batch_size: int):
         """The decode engine for the served model: buckets from the settings, every shape run once (warm-up), its loop started."""
-        from loraops.engine import Engine
+        from loraops.serve.engine.core import Engine
 
         buckets = self.settings.buckets(max_batch_size, self.context_tokens)
         engine = Engine(
@@ -312,7 +312,7 @@ class SummarizerModel:
         ``usage.model_ms`` is the time the request spent in the model engine (waiting for a slot, which
         ``usage.queue_ms`` gives, plus generating): the rest of what a client measures is Serve's overhead.
         """
-        from loraops.engine import RowFailed
+        from loraops.serve.engine.core import RowFailed
 
         prepared = await self._prepare(request)
         if isinstance(prepared, Rejection):
@@ -326,8 +326,8 @@ class SummarizerModel:
     async def summarize_stream(self, request: dict[str, Any]):
         """:meth:`summarize` as events: ``{"text"}`` as tokens are generated, then ``{"done": True, ...the answer}``;
         or one ``{"rejection": {...}}``. Concatenated, the texts are the summary."""
-        from loraops.engine import RowFailed
         from loraops.generate import TextStream
+        from loraops.serve.engine.core import RowFailed
 
         prepared = await self._prepare(request)
         if isinstance(prepared, Rejection):
@@ -392,7 +392,7 @@ class SummarizerModel:
             raise
 
     def _prompt(self, dialogue: str) -> list[int]:
-        from loraops.data import prompt_ids
+        from loraops.training.data import prompt_ids
 
         return prompt_ids(self.served.tokenizer, dialogue, self.served.config.data, budget=sys.maxsize)
 

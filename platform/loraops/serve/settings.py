@@ -149,7 +149,7 @@ class ServeSettings(LiveSettings):
 
     def buckets(self, max_batch_size: int, context_tokens: int):
         """The engine's :class:`~loraops.engine.Buckets`: batch buckets capped by ``max_batch_size``, length buckets by the context."""
-        from loraops.buckets import Buckets
+        from loraops.serve.engine.buckets import Buckets
 
         over = [n for n in self.length_buckets or [] if n > context_tokens]
         if over:

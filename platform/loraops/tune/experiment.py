@@ -282,7 +282,7 @@ def default_concurrency(resources: dict[str, float]) -> int:
 
 def prepare_model(config: Config) -> None:
     """Build the embedded tiny model once here, so concurrent trials do not race to build it."""
-    from loraops.model import resolve_model_path
+    from loraops.training.model import resolve_model_path
 
     resolve_model_path(config)
 

@@ -36,7 +36,7 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], space: SearchSpa
     import ray.tune
     import torch
 
-    from loraops.train import train
+    from loraops.training.train import train
 
     torch.set_num_threads(threads)  # the CPUs reserved for this trial, not every core of the node
     quiet_trial_output()
@@ -70,7 +70,7 @@ def placement_info() -> dict[str, str]:
     import ray
     import torch
 
-    from loraops.model import device
+    from loraops.training.model import device
 
     gpu_ids = ",".join(str(gpu) for gpu in ray.get_gpu_ids())
     if gpu_ids and not torch.cuda.is_available():
@@ -81,8 +81,8 @@ def placement_info() -> dict[str, str]:
 def rouge_evaluation(config: Any) -> Any:
     """ROUGE-L (F1 x 100) of greedy summaries of the first ``search.rouge_samples`` validation
     dialogues: a fixed subset, so trials are compared on the same dialogues."""
-    from loraops.data import load_split
-    from loraops.evaluate import generate_summaries, rouge
+    from loraops.training.data import load_split
+    from loraops.training.evaluate import generate_summaries, rouge
 
     examples = load_split(config.data, config.data.eval_split)[0][: config.search.rouge_samples]
 

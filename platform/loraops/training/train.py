@@ -26,13 +26,13 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from loraops.batching import BatchStream, eval_batches
-from loraops.checkpoint import TrainState, load_checkpoint, save_adapter, save_checkpoint
 from loraops.config import Config, dump_config
-from loraops.data import IGNORE_INDEX, encode_all, load_split
 from loraops.errors import LoraopsError
 from loraops.layout import ADAPTER_DIR, LOSS_PLOT_FILE, METRICS_FILE, RUN_CONFIG_FILE
-from loraops.model import DTYPES, device, load_base_model, load_tokenizer, prepare_for_training
+from loraops.training.batching import BatchStream, eval_batches
+from loraops.training.checkpoint import TrainState, load_checkpoint, save_adapter, save_checkpoint
+from loraops.training.data import IGNORE_INDEX, encode_all, load_split
+from loraops.training.model import DTYPES, device, load_base_model, load_tokenizer, prepare_for_training
 
 log = logging.getLogger(__name__)
 

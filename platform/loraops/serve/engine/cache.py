@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from loraops.buckets import Buckets
 from loraops.errors import LoraopsError
+from loraops.serve.engine.buckets import Buckets
 
 
 class _Window:

@@ -45,10 +45,10 @@ from typing import Any, Literal
 
 import torch
 
-from loraops.buckets import Buckets
 from loraops.errors import LoraopsError
 from loraops.generate import Completion, completion_from_ids
-from loraops.slots import SlotModel
+from loraops.serve.engine.buckets import Buckets
+from loraops.serve.engine.cache import SlotModel
 
 log = logging.getLogger(__name__)
 
