@@ -1,4 +1,4 @@
-"""Held-out evaluation (:mod:`loraops.evaluate`): ROUGE against the best reference, and the JSON report
+"""Held-out evaluation (:mod:`loraops.training.evaluate`): ROUGE against the best reference, and the JSON report
 of base vs. tuned summaries."""
 
 from __future__ import annotations

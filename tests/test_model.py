@@ -1,4 +1,4 @@
-"""Models (:mod:`loraops.model`) on the tiny Phi: a bitsandbytes 4-bit nf4 base with PEFT LoRA on the CPU,
+"""Models (:mod:`loraops.training.model`) on the tiny Phi: a bitsandbytes 4-bit nf4 base with PEFT LoRA on the CPU,
 and an adapter saved and loaded back onto a fresh 4-bit base."""
 
 from __future__ import annotations

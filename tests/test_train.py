@@ -1,4 +1,4 @@
-"""Training (:mod:`loraops.train`, :mod:`loraops.checkpoint`) for real on the tiny model: eval loss goes
+"""Training (:mod:`loraops.training.train`, :mod:`loraops.training.checkpoint`) for real on the tiny model: eval loss goes
 down, the run folder is complete, a resumed run matches an uninterrupted one, and float16 loss scaling."""
 
 import json

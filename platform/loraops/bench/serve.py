@@ -150,15 +150,7 @@ def benchmark(
         for mode in modes:
             urls: dict[str, str] = {}
             for batching in batchings:
-                config = load_serve_config(
-                    config_path,
-                    [*overrides, f"name=bench-{mode}-{batching}", f"route_prefix=/{mode}-{batching}", f"args.mode={mode}", f"args.batching={batching}",
-                     f"args.max_batch_size={max(concurrencies)}"],
-                )  # fmt: skip
-                model_options = config.deployment_options.setdefault(MODEL_DEPLOYMENT, {})
-                model_options.pop("autoscaling_config", None)
-                model_options["num_replicas"] = 1
-                model_options["max_ongoing_requests"] = max(model_options.get("max_ongoing_requests", 1), max(concurrencies))
+                config = _bench_config(config_path, overrides, mode, batching, max(concurrencies))
                 urls[batching] = deploy(config)
                 deployed.append(config.app_name)
                 warm_ups[f"{mode}/{batching}"] = httpx.get(urls[batching] + "/v1/models", timeout=60).json()["models"][0].get("warm_up")
@@ -196,6 +188,22 @@ def benchmark(
             for name in deployed:
                 serve.delete(name)
         cluster.shutdown(owned)
+
+
+def _bench_config(config_path: str, overrides: list[str], mode: str, batching: str, clients: int):
+    """The serve config of one (mode, batching) application: its own name and route, one model replica taking ``clients`` at once."""
+    from loraops.serve.settings import MODEL_DEPLOYMENT, load_serve_config
+
+    config = load_serve_config(
+        config_path,
+        [*overrides, f"name=bench-{mode}-{batching}", f"route_prefix=/{mode}-{batching}", f"args.mode={mode}", f"args.batching={batching}",
+         f"args.max_batch_size={clients}"],
+    )  # fmt: skip
+    model_options = config.deployment_options.setdefault(MODEL_DEPLOYMENT, {})
+    model_options.pop("autoscaling_config", None)
+    model_options["num_replicas"] = 1
+    model_options["max_ongoing_requests"] = max(model_options.get("max_ongoing_requests", 1), clients)
+    return config
 
 
 def _serve_floor(config, items: Sequence[WorkItem], body, duration_s: float) -> dict[str, Any]:
