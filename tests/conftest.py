@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+import helpers
+from helpers import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 #: A DialogSum-format .jsonl file (e.g. the official dialogsum.dev.jsonl); the tests that read real
 #: DialogSum data are skipped without it.
@@ -62,14 +65,7 @@ def workspace(tmp_path, tiny_model_home, monkeypatch) -> Path:
 def cli_env():
     """A function: the environment for a ``loraops`` subprocess working in workspace ``home``."""
 
-    def make(home: Path) -> dict[str, str]:
-        # The workspace decides where the registry is: a developer's own settings must not leak in.
-        env = {key: value for key, value in os.environ.items() if key not in ("LORAOPS_DATABASE_URL", "LORAOPS_ARTIFACT_URI")}
-        env["LORAOPS_HOME"] = str(home)
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
-
-    return make
+    return helpers.cli_env
 
 
 @pytest.fixture(scope="session")
@@ -187,16 +183,12 @@ def deploy_tiny_app(ray_address):
     ]
 
     def deploy_app(overrides: list[str]) -> str:
-        import socket
-
         from ray import serve
 
         from loraops.serve.deploy import deploy
         from loraops.serve.settings import load_serve_config
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         return deploy(load_serve_config(REPO / "serve" / "tiny.yaml", [f"http_options.port={port}", *small, *overrides]))
 

@@ -1,13 +1,12 @@
 """``loraops bench train`` on the CPU with the tiny model, the random-init Phi-2 architecture, and the fast Phi-2 recipe."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import run_cli
 from loraops.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,10 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_bench_train_compares_the_recipe_with_the_seed_recipe(workspace, tmp_path, cli_env):
     output = tmp_path / "train.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "loraops", "bench", "train", "--config", str(REPO / "tune" / "tiny.yaml"), "--steps", "20", "--output", str(output),
-         "--set", "data.builtin_size=300", "--set", "training.packing=true", "--set", "training.max_tokens_per_batch=2048", "--eval-samples", "24"],
-        check=False, capture_output=True, text=True, env=cli_env(workspace), cwd=tmp_path, timeout=900,
+    run = run_cli(
+        "bench", "train", "--config", str(REPO / "tune" / "tiny.yaml"), "--steps", "20", "--output", str(output),
+        "--set", "data.builtin_size=300", "--set", "training.packing=true", "--set", "training.max_tokens_per_batch=2048", "--eval-samples", "24",
+        env=cli_env(workspace), cwd=tmp_path, timeout=900,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_cli
 from loraops.errors import LoraopsError
 from loraops.registry import IntegrityError, Registry
 from loraops.registry import db as registry_db
@@ -277,8 +277,7 @@ def test_metrics_count_in_memory_without_ray():
 
 def test_cli_start_status_promote_abort(registry, cli_env, tmp_path):
     def loraops(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "loraops", "canary", args[0], "--db", registry.db_url, "--store", registry.artifact_uri, *args[1:]]
-        return subprocess.run(command, capture_output=True, text=True, env=cli_env(tmp_path / "ws"), cwd=tmp_path, timeout=120)
+        return run_cli("canary", args[0], "--db", registry.db_url, "--store", registry.artifact_uri, *args[1:], env=cli_env(tmp_path / "ws"), cwd=tmp_path)
 
     started = loraops("start", f"{NAME}:2", "--percent", "30", "--reason", "try v2")
     assert started.returncode == 0, started.stderr
