@@ -1,4 +1,4 @@
-"""One Tune trial = one :func:`loraops.train.train` run, in its own Ray worker process.
+"""One Tune trial = one :func:`loraops.training.train.train` run, in its own Ray worker process.
 
 Tune starts a fresh actor (process) per trial (``reuse_actors=False``), so the GPU memory of a
 trial is returned when it ends, however it ends. The trial reports after every evaluation:
@@ -17,13 +17,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from loraops.metrics import mode_of
 from loraops.tune.space import SearchSpace, trial_config, trial_name
 
 log = logging.getLogger(__name__)
 
 #: The metric every trial reports at every evaluation; ASHA stops trials on it.
 METRIC = "eval_loss"
-MODE = "min"
+MODE = mode_of(METRIC)
 #: Reported with every result: the best eval loss so far, the optimizer step, the step budget.
 BEST_METRIC = "best_eval_loss"
 STEP, MAX_STEPS = "step", "max_steps"
