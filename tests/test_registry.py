@@ -439,6 +439,6 @@ def test_the_search_and_promotion_read_one_direction_table_and_urls_are_masked_o
     from loraops.tune import experiment, trainable
 
     assert (mode_of("eval_loss"), mode_of("rougeL")) == ("min", "max")
-    assert trainable.MODE == mode_of(trainable.METRIC) and lower_is_better("eval_loss")
+    assert mode_of(trainable.METRIC) == trainable.MODE and lower_is_better("eval_loss")
     assert db.display_url is config.display_url and experiment.display_url is config.display_url
     assert config.display_url("postgresql://loraops:secret@db.example/loraops") == "postgresql://loraops:***@db.example/loraops"
