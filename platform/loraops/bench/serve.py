@@ -8,7 +8,7 @@ Two levels, the same workload and statistics:
   carries the model's own time (``usage.model_ms``), so the end-to-end time minus it is what Serve
   adds: HTTP, proxy, ingress, routing, tokenization (``overhead`` in the results).
 - **Model** (``--model-only``): no Ray, no HTTP. The replica's :class:`~loraops.generate.ServingModel`
-  and :class:`~loraops.engine.Engine`, called by N client threads directly. ``--random-init phi-2``
+  and :class:`~loraops.serve.engine.core.Engine`, called by N client threads directly. ``--random-init phi-2``
   serves Phi-2's architecture with random weights (no download, no registry), so it runs on a GPU
   machine without Ray. ``generate`` is the batching the replica had before the engine: one
   ``generate`` call per batch of waiting requests (:class:`GenerateBatcher`), as a baseline.
@@ -212,15 +212,15 @@ def _serve_floor(config, items: Sequence[WorkItem], body, duration_s: float) -> 
     from ray import serve
 
     from loraops.serve.app import SummarizerAPI
+    from loraops.serve.contract import AnsweredBy, SummaryRequest, SummaryResult, Usage
     from loraops.serve.deploy import app_url
     from loraops.serve.settings import API_DEPLOYMENT, MODEL_DEPLOYMENT
 
-    usage = {"prompt_tokens": 0, "completion_tokens": 1, "model_ms": 0.0, "queue_ms": 0.0}
-    answer = {"summary": "", "model": {"name": "echo", "version": 0}, "usage": usage, "finish_reason": "stop"}
+    answer = SummaryResult("", AnsweredBy("echo", 0), Usage(prompt_tokens=0, completion_tokens=1, model_ms=0.0, queue_ms=0.0), "stop")
 
     @serve.deployment(name=MODEL_DEPLOYMENT)
     class EchoModel:
-        async def summarize(self, request: dict[str, Any]) -> dict[str, Any]:
+        async def summarize(self, request: SummaryRequest) -> SummaryResult:
             return answer
 
     model_options = {k: v for k, v in config.deployment_options.get(MODEL_DEPLOYMENT, {}).items() if k == "ray_actor_options"}
@@ -241,12 +241,11 @@ def _ms(seconds: float | None) -> float | None:
 
 def _tokenizer_for(settings):
     """The tokenizer of the adapter the settings serve (for --lengths reference over HTTP)."""
-    from loraops.registry import Registry
     from loraops.serve.replica import training_config
     from loraops.training.model import load_tokenizer
 
     absolute = settings.with_absolute_paths()
-    registry = Registry(db_url=absolute.db_url, artifact_uri=absolute.artifact_uri, workspace=absolute.workspace)
+    registry = absolute.open_registry()
     return load_tokenizer(training_config(registry.get(settings.adapter), absolute.workspace, settings.allow_trust_remote_code))
 
 
@@ -298,7 +297,7 @@ def benchmark_model(
         runners = {}
         try:
             for batching in batchings:
-                runners[batching], warm_up = _runner(served, settings, batching, max(concurrencies), context)
+                runners[batching], warm_up = _runner(served, settings, batching, max(concurrencies))
                 warm_ups[f"{mode}/{batching}"] = warm_up | {"model_load_s": round(load_s, 1)}
             # Batchings take turns at each concurrency: a load change on the machine hits them alike.
             for clients in concurrencies:
@@ -344,22 +343,15 @@ def _replica_threads(serve_config) -> int:
     return threads
 
 
-def _runner(served, settings, batching: str, max_batch_size: int, context: int):
+def _runner(served, settings, batching: str, max_batch_size: int):
     """A started engine (after its warm-up) or the generate baseline, and its warm-up figures."""
     if batching == "generate":
-        return GenerateBatcher(served, max_batch_size, settings.batch_wait_timeout_s), {"shapes": 0, "seconds": 0.0}
+        context = settings.context_tokens or served.context_tokens
+        return GenerateBatcher(served, max_batch_size, settings.batch_wait_timeout_s, context), {"shapes": 0, "seconds": 0.0}
     from loraops.serve.engine.core import Engine
 
-    engine = Engine(
-        served,
-        settings.buckets(max_batch_size, context),
-        policy=batching,
-        batch_wait_s=settings.batch_wait_timeout_s,
-        compile=settings.compiles(served),
-    )
-    shapes, seconds = engine.warm_up()
-    engine.start()
-    return engine, {"shapes": shapes, "seconds": round(seconds, 2), "compiled": engine.compiled}
+    engine = Engine.from_settings(served, settings, max_batch_size, policy=batching)
+    return engine, engine.warm_start()
 
 
 def _prompt(served, dialogue: str) -> list[int]:

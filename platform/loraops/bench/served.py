@@ -31,10 +31,9 @@ def load_served(settings, mode: str, random_init: str | None, random_init_layers
         layers = f", {random_init_layers} layers" if random_init_layers else ""
         label = f"random-init {random_init} (its architecture, RANDOM weights, embedded tokenizer{layers}) + a fresh LoRA adapter"
         return load_for_serving(config, adapter, mode, dtype=settings.dtype), label
-    from loraops.registry import Registry
     from loraops.serve.replica import adapter_slot, training_config
 
-    registry = Registry(db_url=settings.db_url, artifact_uri=settings.artifact_uri, workspace=settings.workspace)
+    registry = settings.open_registry()
     version = registry.get(settings.adapter)
     config = training_config(version, settings.workspace, settings.allow_trust_remote_code)
     served = load_for_serving(config, registry.resolve(version.ref), mode, adapter_name=adapter_slot(version.name, version.version), dtype=settings.dtype)

@@ -23,7 +23,7 @@ import threading
 import uuid
 
 from loraops.registry.canary import RUNNING, CanaryState, Totals, judge
-from loraops.registry.refs import DEFAULT_ALIAS, parse_ref
+from loraops.registry.refs import DEFAULT_ALIAS, Bare, Ref
 from loraops.serve.metrics import VersionMetrics
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,11 @@ AUTO_ACTOR = "auto"
 def candidate_to_serve(registry, ref: str) -> str | None:
     """``NAME:VERSION`` of the running canary of ``ref``'s alias, which model replicas serving ``ref`` load next to it;
     None when there is none (always for a pinned ``NAME:VERSION``)."""
-    name, alias, _ = parse_ref(ref)
-    if alias is None:
+    parsed = Ref.parse(ref, bare=Bare.DEFAULT_ALIAS)
+    if parsed.pinned:
         return None
-    state = registry.canary(name)
-    return f"{name}:{state.candidate}" if state is not None and state.state == RUNNING and state.alias == alias else None
+    state = registry.canary(parsed.name)
+    return f"{parsed.name}:{state.candidate}" if state is not None and state.state == RUNNING and state.alias == parsed.alias else None
 
 
 def bucket(canary_id: int, request_id: str) -> float:
