@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+import helpers
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 #: A DialogSum-format .jsonl file (e.g. the official dialogsum.dev.jsonl); the tests that read real
@@ -32,11 +34,11 @@ def _tiny_model_key() -> str:
     """Changes whenever the code that builds the tiny model (or its corpus) changes."""
     import hashlib
 
-    import loraops.builtin_data
-    import loraops.tiny_model
+    import loraops.training.builtin_data
+    import loraops.training.tiny_model
 
     digest = hashlib.sha256()
-    for module in (loraops.tiny_model, loraops.builtin_data):
+    for module in (loraops.training.tiny_model, loraops.training.builtin_data):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -48,7 +50,7 @@ def tiny_model_home() -> Path:
     Building it (tokenizer + a short pre-training) takes a minute or two, so it is cached in the
     git-ignored ``.loraops/test-cache/<key>`` and rebuilt only when its code changes.
     """
-    from loraops.tiny_model import ensure_tiny_model
+    from loraops.training.tiny_model import ensure_tiny_model
 
     home = REPO / ".loraops" / "test-cache" / _tiny_model_key()
     ensure_tiny_model(home)
@@ -68,14 +70,7 @@ def workspace(tmp_path, tiny_model_home, monkeypatch) -> Path:
 def cli_env():
     """A function: the environment for a ``loraops`` subprocess working in workspace ``home``."""
 
-    def make(home: Path) -> dict[str, str]:
-        # The workspace decides where the registry is: a developer's own settings must not leak in.
-        env = {key: value for key, value in os.environ.items() if key not in ("LORAOPS_DATABASE_URL", "LORAOPS_ARTIFACT_URI")}
-        env["LORAOPS_HOME"] = str(home)
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
-
-    return make
+    return helpers.cli_env
 
 
 @pytest.fixture(scope="session")
@@ -139,7 +134,7 @@ def quick_config():
 @pytest.fixture(scope="session")
 def trained(tiny_model_home, tmp_path_factory, quick_config):
     """One short real training run (config, result) shared by the training and evaluation tests."""
-    from loraops.train import train
+    from loraops.training.train import train
 
     config = quick_config(f"workspace={tiny_model_home}")
     return config, train(config, output_dir=tmp_path_factory.mktemp("run"), progress=False)
@@ -151,7 +146,7 @@ def serving_home(tmp_path_factory, tiny_model_home) -> Path:
     checkpoints registered as ``tiny`` v1 (promoted to production) and v2."""
     from loraops.config import load_config
     from loraops.registry import Registry
-    from loraops.train import train
+    from loraops.training.train import train
 
     workspace = tmp_path_factory.mktemp("serve-home")
     shutil.copytree(tiny_model_home / "models", workspace / "models")
@@ -193,16 +188,12 @@ def deploy_tiny_app(ray_address):
     ]
 
     def deploy_app(overrides: list[str]) -> str:
-        import socket
-
         from ray import serve
 
         from loraops.serve.deploy import deploy
         from loraops.serve.settings import load_serve_config
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         return deploy(load_serve_config(REPO / "serve" / "tiny.yaml", [f"http_options.port={port}", *small, *overrides]))
 
@@ -341,12 +332,6 @@ def weed_binary() -> str | None:
     return str(beside) if beside.is_file() else shutil.which("weed")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_s3_server(data: Path, timeout: float = 90.0) -> S3Server:
     """Start ``weed server`` (master, volume, filer, S3) in ``data`` and wait until S3 answers."""
     weed = weed_binary()
@@ -358,7 +343,7 @@ def start_s3_server(data: Path, timeout: float = 90.0) -> S3Server:
     identities = {"identities": [identity]}
     config = data / "s3.json"
     config.write_text(json.dumps(identities))
-    ports = {f"{server}.port{kind}": _free_port() for server in ("master", "volume", "filer", "s3") for kind in ("", ".grpc")}
+    ports = {f"{server}.port{kind}": free_port() for server in ("master", "volume", "filer", "s3") for kind in ("", ".grpc")}
     # Every port is named: the defaults (and port+10000 for gRPC) would collide with other servers.
     command = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-filer", "-s3", f"-s3.config={config}"]
     command += [f"-{flag}={port}" for flag, port in ports.items()]

@@ -1,10 +1,12 @@
 """Several adapters on one base model: the serving model's add/remove (:mod:`loraops.generate`), mixed-adapter
-batches in the engine (:mod:`loraops.engine`) that answer per row what that adapter alone answers, token
+batches in the engine (:mod:`loraops.serve.engine.core`) that answer per row what that adapter alone answers, token
 streaming, the adapter settings, and a replica serving two versions at once (:mod:`loraops.serve.adapters`)."""
 
 from __future__ import annotations
 
 import pytest
+
+from helpers import free_port
 
 ADAPTER = "tiny"  # what the serving_home fixture registers: v1 (production) and v2
 
@@ -33,14 +35,14 @@ def two(request, serving_home):
 
 def _prompts(served, count: int) -> list[list[int]]:
     from loraops.bench.serve import builtin_test_dialogues
-    from loraops.data import prompt_ids
+    from loraops.training.data import prompt_ids
 
     return [prompt_ids(served.tokenizer, text, served.config.data, budget=10**9) for text in builtin_test_dialogues(count)]
 
 
 def _engine(served, **options):
-    from loraops.buckets import Buckets
-    from loraops.engine import Engine
+    from loraops.serve.engine.buckets import Buckets
+    from loraops.serve.engine.core import Engine
 
     return Engine(served, Buckets((1, 2, 4), (256, 512), (1, 2)), **options)
 
@@ -127,7 +129,7 @@ def test_streamed_tokens_arrive_before_the_end_and_make_up_the_answer(two):
 @pytest.mark.slow
 def test_a_request_for_an_unloaded_adapter_fails_alone(two):
     both, _ = two
-    from loraops.engine import RowFailed
+    from loraops.serve.engine.core import RowFailed
 
     prompts = _prompts(both, 2)
     engine = _engine(both)
@@ -281,16 +283,13 @@ DIALOGUE = "#Person1#: Hi, I'd like to book a table for two tonight.\n#Person2#:
 @pytest.fixture(scope="module")
 def replica(ray_address, serving_home):
     """The model deployment alone (no HTTP ingress) serving tiny@production (v1), room for one more; yields its handle."""
-    import socket
 
     from ray import serve
 
     from loraops.serve.replica import SummarizerModel
     from loraops.serve.settings import validate_settings
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = validate_settings({"workspace": str(serving_home), "adapter": ADAPTER, "max_adapters": 2, "max_batch_size": 4, "registry_poll_s": 1})
     deployment = SummarizerModel.options(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, user_config=settings.live())
@@ -301,8 +300,8 @@ def replica(ray_address, serving_home):
 
 
 def _served_alone(home, number: int, max_new_tokens: int) -> str:
-    from loraops.data import prompt_ids
     from loraops.generate import generate_completions
+    from loraops.training.data import prompt_ids
 
     served, _ = _load(home, number, "merged")
     prompt = prompt_ids(served.tokenizer, DIALOGUE, served.config.data, budget=10**9)
@@ -312,20 +311,20 @@ def _served_alone(home, number: int, max_new_tokens: int) -> str:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_each_request_is_answered_by_the_version_it_named(replica, serving_home):
-    from loraops.serve.replica import Rejection
+    from loraops.serve.contract import Rejection, SummaryRequest
 
     listing = replica.load_extra.remote(f"{ADAPTER}:2").result(timeout_s=120)  # now two versions at once
     models = [None, f"{ADAPTER}:2", f"{ADAPTER}@production", ADAPTER, f"{ADAPTER}:1"]  # tiny:1 is what tiny@production serves
-    responses = [replica.summarize.remote({"dialogue": DIALOGUE, "max_new_tokens": 16, "model": m}) for m in models]
+    responses = [replica.summarize.remote(SummaryRequest(DIALOGUE, 16, model=m)) for m in models]
     answers = [r.result(timeout_s=120) for r in responses]
-    unknown = replica.summarize.remote({"dialogue": DIALOGUE, "model": f"{ADAPTER}:7"}).result(timeout_s=60)
+    unknown = replica.summarize.remote(SummaryRequest(DIALOGUE, model=f"{ADAPTER}:7")).result(timeout_s=60)
     info = replica.info.remote().result(timeout_s=60)
 
     assert listing == {"ref": f"{ADAPTER}:2", "name": ADAPTER, "version": 2}
-    assert [a["model"]["version"] for a in answers] == [2 if m == f"{ADAPTER}:2" else 1 for m in models]
-    assert {a["summary"] for a in answers if a["model"]["version"] == 1} == {_served_alone(serving_home, 1, 16)}
-    assert answers[1]["summary"] == _served_alone(serving_home, 2, 16)
-    assert all(a["finish_reason"] in ("stop", "length") for a in answers)
+    assert [a.model.version for a in answers] == [2 if m == f"{ADAPTER}:2" else 1 for m in models]
+    assert {a.summary for a in answers if a.model.version == 1} == {_served_alone(serving_home, 1, 16)}
+    assert answers[1].summary == _served_alone(serving_home, 2, 16)
+    assert all(a.finish_reason in ("stop", "length") for a in answers)
     assert isinstance(unknown, Rejection) and (unknown.status, unknown.type, unknown.field) == (404, "model_not_found", "model")
     assert "loaded: tiny@production, tiny:2" in unknown.message
     assert info["adapters"] == [{"ref": "tiny@production", "name": ADAPTER, "version": 1}, {"ref": "tiny:2", "name": ADAPTER, "version": 2}]
@@ -335,16 +334,18 @@ def test_each_request_is_answered_by_the_version_it_named(replica, serving_home)
 @pytest.mark.ray
 @pytest.mark.slow
 def test_streamed_events_make_up_the_summary_and_a_refusal_is_one_event(replica):
+    from loraops.serve.contract import SummaryRequest
+
     replica.load_extra.remote(f"{ADAPTER}:2").result(timeout_s=120)
     streaming = replica.options(stream=True)
-    events = list(streaming.summarize_stream.remote({"dialogue": DIALOGUE, "max_new_tokens": 24, "model": f"{ADAPTER}:2"}))
-    refused = list(streaming.summarize_stream.remote({"dialogue": DIALOGUE, "model": "other@production"}))
-    plain = replica.summarize.remote({"dialogue": DIALOGUE, "max_new_tokens": 24, "model": f"{ADAPTER}:2"}).result(timeout_s=60)
+    events = list(streaming.summarize_stream.remote(SummaryRequest(DIALOGUE, 24, model=f"{ADAPTER}:2")))
+    refused = list(streaming.summarize_stream.remote(SummaryRequest(DIALOGUE, model="other@production")))
+    plain = replica.summarize.remote(SummaryRequest(DIALOGUE, 24, model=f"{ADAPTER}:2")).result(timeout_s=60)
 
     *texts, done = events
     assert texts and all(set(e) == {"text"} and e["text"] for e in texts)
-    assert done["done"] is True and "".join(e["text"] for e in texts) == done["summary"] == plain["summary"]
-    assert done["model"] == {"name": ADAPTER, "version": 2} and done["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
+    assert done["done"] is True and "".join(e["text"] for e in texts) == done["summary"] == plain.summary
+    assert done["model"] == {"name": ADAPTER, "version": 2} and done["usage"]["completion_tokens"] == plain.usage.completion_tokens
     assert len(refused) == 1 and refused[0]["rejection"]["status"] == 404 and refused[0]["rejection"]["field"] == "model"
 
 
@@ -353,10 +354,10 @@ def test_streamed_events_make_up_the_summary_and_a_refusal_is_one_event(replica)
 def test_an_extra_reference_loads_and_unloads_without_failing_requests(replica):
     from concurrent.futures import ThreadPoolExecutor
 
-    from loraops.serve.replica import Rejection
+    from loraops.serve.contract import Rejection, SummaryRequest
 
     def call(model):
-        return replica.summarize.remote({"dialogue": DIALOGUE, "max_new_tokens": 12, "model": model}).result(timeout_s=120)
+        return replica.summarize.remote(SummaryRequest(DIALOGUE, 12, model=model)).result(timeout_s=120)
 
     replica.unload_extra.remote(f"{ADAPTER}:2").result(timeout_s=120)
     with ThreadPoolExecutor(4) as pool:
@@ -368,7 +369,7 @@ def test_an_extra_reference_loads_and_unloads_without_failing_requests(replica):
     gone = call(f"{ADAPTER}:2")
     info = replica.info.remote().result(timeout_s=60)
 
-    assert loaded["version"] == 2 and extra["model"]["version"] == 2 and removed is True
-    assert all(a["model"]["version"] == 1 for a in answers)
+    assert loaded["version"] == 2 and extra.model.version == 2 and removed is True
+    assert all(a.model.version == 1 for a in answers)
     assert isinstance(gone, Rejection) and gone.status == 404
     assert [a["ref"] for a in info["adapters"]] == ["tiny@production"]

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraops.batching import batch_cost, pack_rows, split_by_tokens
 from loraops.config import ConfigError, load_config
-from loraops.data import IGNORE_INDEX, encode_all, load_split, pad_batch
-from loraops.model import load_base_model, load_tokenizer, prepare_for_training
+from loraops.training.batching import batch_cost, pack_rows, split_by_tokens
+from loraops.training.data import IGNORE_INDEX, encode_all, load_split, pad_batch
+from loraops.training.model import load_base_model, load_tokenizer, prepare_for_training
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.builtin_size=200", "lora.dropout=0.0", "training.eval_max_samples=24"]
@@ -87,7 +87,7 @@ def test_a_token_budget_below_the_row_length_is_a_config_error():
 
 
 def test_budgeted_steps_hold_the_same_rows_and_resume_at_the_same_place(rows):
-    from loraops.batching import BatchStream
+    from loraops.training.batching import BatchStream
 
     rows, pad_id = rows
     config = tiny_config(
@@ -142,7 +142,7 @@ def test_an_all_ones_attention_mask_would_let_packed_rows_attend_across(lora_mod
 
 
 def test_packed_loss_equals_padded_loss(lora_model, rows):
-    from loraops.train import summed_loss
+    from loraops.training.train import summed_loss
 
     rows, pad_id = rows
     padded = pad_batch(rows[:6], pad_id)
@@ -174,8 +174,8 @@ def test_bounded_packed_sequences_keep_rows_apart(lora_model, rows):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_packed_and_budgeted_steps_give_the_padded_gradients(tiny_model_home, rows, checkpointing):
     """One optimizer step's gradients: 12 rows padded in 2 micro-batches of 6 vs packed under a token budget (sequences of <= 384 tokens)."""
-    from loraops.batching import BatchStream
-    from loraops.train import autocast_context, train_step
+    from loraops.training.batching import BatchStream
+    from loraops.training.train import autocast_context, train_step
 
     rows, pad_id = rows
     base = [
@@ -203,7 +203,7 @@ def test_packed_and_budgeted_steps_give_the_padded_gradients(tiny_model_home, ro
 
 
 def test_packed_eval_loss_equals_padded_eval_loss(lora_model, rows):
-    from loraops.train import autocast_context, evaluate_loss
+    from loraops.training.train import autocast_context, evaluate_loss
 
     rows, pad_id = rows
     config = tiny_config("training.per_device_eval_batch_size=5")
@@ -217,7 +217,7 @@ def test_a_packed_run_learns_like_the_padded_run_and_resumes_exactly(tiny_model_
     """Same samples, same eval loss (within 2%); a packed, budgeted run resumes from a checkpoint exactly."""
     from safetensors.torch import load_file
 
-    from loraops.train import train
+    from loraops.training.train import train
 
     short = [
         f"workspace={tiny_model_home}",
@@ -240,7 +240,7 @@ def test_a_packed_run_learns_like_the_padded_run_and_resumes_exactly(tiny_model_
 
 def test_flex_attention_training_on_a_cpu_is_a_clear_error(workspace, tmp_path):
     from loraops.errors import LoraopsError
-    from loraops.train import train
+    from loraops.training.train import train
 
     with pytest.raises(LoraopsError, match="training.attn_implementation flex_attention trains only on a GPU"):
         train(tiny_config("training.attn_implementation=flex_attention"), output_dir=tmp_path, progress=False)

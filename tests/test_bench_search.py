@@ -7,12 +7,11 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_cli
 from loraops.bench.search import BudgetLedger
 from loraops.bench.search_report import best_so_far, steps_to, summarize, value_at
 
@@ -64,7 +63,7 @@ def test_bench_search_spends_equal_budgets_and_writes_json_and_png(ray_address, 
     config = str(REPO / "tune" / "tiny-bench.yaml")
     command = ["bench", "search", "--config", config, *overrides, "--seeds", "1", "--budget", str(BUDGET)]
     env = cli_env(workspace) | {"RAY_ADDRESS": ray_address}
-    done = subprocess.run([sys.executable, "-m", "loraops", *command], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    done = run_cli(*command, env=env, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
     # The terminal shows loraops' own lines; Ray's, Tune's and the trials' output go to the log file.

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,11 +57,11 @@ def test_workload_mixes_lengths_and_reads_dialogsum_files(tmp_path):
 
 def _bench(cli_env, home: Path, output: Path | None, *extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "loraops", "bench", "serve", "--model-only", "--config", str(REPO / "serve" / "tiny.yaml"),
+        "bench", "serve", "--model-only", "--config", str(REPO / "serve" / "tiny.yaml"),
         "--set", f"args.workspace={home}", "--set", "args.context_tokens=256", "--modes", "merged",
         "--concurrency", "1,2", "--duration", "3", "--max-new-tokens", "8", *(["--output", str(output)] if output else []), *extra,
     ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, env=cli_env(home), timeout=900, cwd=cwd)
+    return run_cli(*command, env=cli_env(home), timeout=900, cwd=cwd)
 
 
 @pytest.mark.slow
@@ -106,5 +107,5 @@ def test_bench_serve_refuses_bad_arguments_with_one_line(cli_env, tmp_path):
         (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),  # before Ray starts and a model loads
         (["--model-only", "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),  # before the model loads
     ]:
-        done = subprocess.run([sys.executable, "-m", "loraops", "bench", "serve", *args], capture_output=True, text=True, env=cli_env(tmp_path), timeout=120)
+        done = run_cli("bench", "serve", *args, env=cli_env(tmp_path), timeout=120)
         assert done.returncode == 2 and done.stderr.startswith("loraops: error:") and message in done.stderr, done.stderr

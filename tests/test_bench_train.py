@@ -1,13 +1,12 @@
 """``loraops bench train`` on the CPU with the tiny model, the random-init Phi-2 architecture, and the fast Phi-2 recipe."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import run_cli
 from loraops.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,10 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_train_compares_the_recipe_with_the_seed_recipe(workspace, tmp_path, cli_env):
     """Without --output the figures go to the workspace, never into the repository's benchmarks/results/ (cwd here)."""
     output = workspace / "benchmarks" / "train.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "loraops", "bench", "train", "--config", str(REPO / "tune" / "tiny.yaml"), "--steps", "20",
-         "--set", "data.builtin_size=300", "--set", "training.packing=true", "--set", "training.max_tokens_per_batch=2048", "--eval-samples", "24"],
-        check=False, capture_output=True, text=True, env=cli_env(workspace), cwd=tmp_path, timeout=900,
+    run = run_cli(
+        "bench", "train", "--config", str(REPO / "tune" / "tiny.yaml"), "--steps", "20",
+        "--set", "data.builtin_size=300", "--set", "training.packing=true", "--set", "training.max_tokens_per_batch=2048", "--eval-samples", "24",
+        env=cli_env(workspace), cwd=tmp_path, timeout=900,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
@@ -54,10 +53,10 @@ def test_bench_train_compares_the_recipe_with_the_seed_recipe(workspace, tmp_pat
 @pytest.mark.slow
 def test_random_init_phi2_has_phi2s_architecture_and_trains_through_the_4bit_path(workspace):
     """The real architecture at one layer of 32 (a whole Phi-2 is no CPU job): built, loaded 4-bit with LoRA, packed forward and backward."""
-    from loraops.batching import pack_rows
     from loraops.bench.train import PHI2_ARCHITECTURE, count_parameters, ensure_random_init_model
-    from loraops.model import load_base_model, load_tokenizer, prepare_for_training
-    from loraops.train import summed_loss
+    from loraops.training.batching import pack_rows
+    from loraops.training.model import load_base_model, load_tokenizer, prepare_for_training
+    from loraops.training.train import summed_loss
 
     folder = ensure_random_init_model("phi-2", workspace, num_hidden_layers=1)
     saved = json.loads((folder / "config.json").read_text())

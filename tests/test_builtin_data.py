@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from loraops.builtin_data import NAMES, TOPICS, corpus_texts, generate_splits
+from loraops.training.builtin_data import NAMES, TOPICS, corpus_texts, generate_splits
 
 PLATFORM_DIR = Path(__file__).resolve().parents[1] / "platform"
 TURN = re.compile(r"^#Person([12])#: \S")
@@ -48,7 +48,7 @@ def test_same_seed_gives_same_data_and_another_seed_does_not() -> None:
 def test_same_data_in_another_process_with_another_hash_seed() -> None:
     """No choice may depend on set or hash order, which changes between processes."""
     script = (
-        "import hashlib, json; from loraops.builtin_data import generate_splits; "
+        "import hashlib, json; from loraops.training.builtin_data import generate_splits; "
         "print(hashlib.sha256(json.dumps(generate_splits(300, seed=3)).encode()).hexdigest())"
     )
     digests = set()

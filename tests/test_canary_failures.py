@@ -32,7 +32,7 @@ def _save_adapters(workspace: Path, count: int) -> list[Path]:
     from peft import get_peft_model
 
     from loraops.config import load_config
-    from loraops.model import load_base_model, lora_config
+    from loraops.training.model import load_base_model, lora_config
 
     config = load_config(REPO / "tune" / "tiny.yaml", [f"workspace={workspace}"])
     model = get_peft_model(load_base_model(config), lora_config(config.lora))

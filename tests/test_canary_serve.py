@@ -10,12 +10,13 @@ from __future__ import annotations
 import collections
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from helpers import run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -54,7 +55,7 @@ def url(deploy_tiny_app, serving_home, registry):
 
 
 def _cli(cli_env, home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loraops", *args], env=cli_env(home), capture_output=True, text=True, timeout=120)
+    return run_cli(*args, env=cli_env(home), timeout=120)
 
 
 def _versions(http: httpx.Client, ids: list[str]) -> dict[str, int]:

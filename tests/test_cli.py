@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -55,10 +57,7 @@ def test_the_command_line_loads_no_heavy_library():
     ],
 )
 def test_train_cli_exits_2_with_one_line(cli_env, tmp_path, args, expected):
-    run = subprocess.run(
-        [sys.executable, "-m", "loraops", "train", "--config", str(REPO / "tune" / "tiny.yaml"), *args],
-        capture_output=True, text=True, env=cli_env(tmp_path), cwd=tmp_path, timeout=300,
-    )
+    run = run_cli("train", "--config", str(REPO / "tune" / "tiny.yaml"), *args, env=cli_env(tmp_path), cwd=tmp_path, timeout=300)
     assert run.returncode == 2, run.stderr
     assert expected in run.stderr
     assert "Traceback" not in run.stderr
@@ -67,8 +66,7 @@ def test_train_cli_exits_2_with_one_line(cli_env, tmp_path, args, expected):
 
 
 def test_missing_config_file_exits_2(cli_env, tmp_path):
-    command = [sys.executable, "-m", "loraops", "train", "--config", "nope.yaml"]
-    run = subprocess.run(command, capture_output=True, text=True, env=cli_env(tmp_path), cwd=tmp_path)
+    run = run_cli("train", "--config", "nope.yaml", env=cli_env(tmp_path), cwd=tmp_path)
     assert run.returncode == 2 and "config file not found: nope.yaml" in run.stderr
 
 

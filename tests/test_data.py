@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from loraops.config import DataConfig
-from loraops.data import IGNORE_INDEX, Example, batch_order, encode_example, load_split, pad_batch
 from loraops.errors import LoraopsError
+from loraops.training.data import IGNORE_INDEX, Example, batch_order, encode_example, load_split, pad_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_real_dialogsum_sample(dialogsum_sample):
 
 def test_loss_only_on_summary_and_truncation_keeps_summary(workspace):
     from loraops.config import load_config
-    from loraops.model import load_tokenizer
+    from loraops.training.model import load_tokenizer
 
     config = load_config(REPO / "tune" / "tiny.yaml", ["data.max_length=64", "data.max_summary_length=20"])
     tokenizer = load_tokenizer(config)
@@ -124,7 +124,7 @@ def test_pad_batch_masks_the_padding():
 
 
 def test_data_fingerprint(tmp_path):
-    from loraops.data import data_fingerprint
+    from loraops.training.data import data_fingerprint
 
     builtin = data_fingerprint({"source": "builtin", "builtin_size": 300})
     assert builtin == data_fingerprint({"source": "builtin", "builtin_size": 300, "train_split": "train"})  # defaults filled in

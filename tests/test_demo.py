@@ -4,12 +4,13 @@ rest in the log file."""
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 #: The demo's own budget, small: 2 trials of 80 steps, 8 dialogues over HTTP.
@@ -26,12 +27,6 @@ MINIMAL = [
 ]
 #: `make demo`'s whole output must fit on about two screens.
 MAX_LINES = 120
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

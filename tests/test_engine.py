@@ -1,4 +1,4 @@
-"""The serving engine (:mod:`loraops.engine`, :mod:`loraops.slots`, :mod:`loraops.buckets`), in-process
+"""The serving engine (:mod:`loraops.serve.engine.core`, :mod:`loraops.serve.engine.cache`, :mod:`loraops.serve.engine.buckets`), in-process
 without Ray: fixed shapes, warm-up covering every shape a request can reach, continuous batching that
 answers what ``generate_completions`` answers, and failures that stay with their own request."""
 
@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
+
+from helpers import wait_until
 
 ADAPTER = "tiny"  # what the serving_home fixture registers: v1 and v2
 
@@ -16,7 +19,7 @@ ADAPTER = "tiny"  # what the serving_home fixture registers: v1 and v2
 
 
 def test_default_buckets_are_powers_of_two_capped_by_the_limit():
-    from loraops.buckets import Buckets, batch_buckets, length_buckets
+    from loraops.serve.engine.buckets import Buckets, batch_buckets, length_buckets
 
     assert batch_buckets(16) == (1, 2, 4, 8, 16)
     assert batch_buckets(6) == (1, 2, 4, 6)
@@ -52,7 +55,7 @@ def served(request, serving_home):
 def _prompts(served, count: int, long: int = 0) -> list[list[int]]:
     """Prompts of the built-in test dialogues; ``long`` of them made longer (several dialogues joined) to reach the larger length buckets."""
     from loraops.bench.serve import builtin_test_dialogues
-    from loraops.data import prompt_ids
+    from loraops.training.data import prompt_ids
 
     dialogues = builtin_test_dialogues(count + 4 * long)
     texts = dialogues[:count]
@@ -61,8 +64,8 @@ def _prompts(served, count: int, long: int = 0) -> list[list[int]]:
 
 
 def _engine(served, batch=(1, 2, 4), length=(256, 512, 1024), prefill=(1, 2), **options):
-    from loraops.buckets import Buckets
-    from loraops.engine import Engine
+    from loraops.serve.engine.buckets import Buckets
+    from loraops.serve.engine.core import Engine
 
     return Engine(served, Buckets(tuple(batch), tuple(length), tuple(prefill)), **options)
 
@@ -191,7 +194,7 @@ def test_compiled_decode_steps_compile_during_warm_up_only(served):
 @pytest.mark.slow
 def test_a_request_whose_sampling_fails_fails_alone(served):
     _merged_only(served)
-    from loraops.engine import RowFailed
+    from loraops.serve.engine.core import RowFailed
 
     prompts = _prompts(served, 3)
     engine = _engine(served)
@@ -230,18 +233,19 @@ def test_exclusive_waits_for_running_requests_and_holds_new_ones(served):
     engine.start()
     try:
         first = engine.submit(prompts[0], 16)
-        while not engine._rows and not first.done():
-            time.sleep(0.01)
+        wait_until(lambda: engine.running or first.done(), 60, "the first request to start")
         with engine.exclusive():
             assert first.done()  # it finished before the swap could start
             later = engine.submit(prompts[1], 8)
-            time.sleep(0.3)
-            assert not later.done()  # held while the model is being swapped
+            held = time.perf_counter()
+            with pytest.raises(FutureTimeout):
+                later.result(timeout=0.3)  # held while the model is being swapped
+            held = time.perf_counter() - held
         answers = [first.result(timeout=60), later.result(timeout=60)]
     finally:
         engine.stop()
 
-    assert answers[1].queue_s >= 0.3  # it waited for the swap to end
+    assert answers[1].queue_s >= held  # it waited for the swap to end
     assert all(0 <= a.queue_s <= a.model_s for a in answers)
 
 
@@ -257,7 +261,7 @@ def test_cancelled_requests_are_dropped(served):
         engine.run_once(wait=False)
     engine.run_once(wait=False)
 
-    assert dropped.cancelled() and not engine._rows and not engine._pending
+    assert dropped.cancelled() and engine.running == 0 and engine.waiting == 0
 
 
 @pytest.mark.slow
@@ -305,7 +309,7 @@ def test_a_new_engine_takes_over_the_requests_waiting_in_the_old_one(served):
     while not all(f.done() for f in futures):
         new.run_once(wait=False)
 
-    assert not old._pending
+    assert old.waiting == 0
     assert [f.result().completion.token_ids for f in futures] == _reference(served, prompts, [8, 8])
 
 
@@ -319,3 +323,40 @@ def test_an_idle_engine_starts_over_wherever_the_last_request_ended(served):
     answers = [engine.generate([prompt], 256 - len(prompt))[0].token_ids for prompt in prompts]
 
     assert answers == _reference(served, prompts, [256 - len(p) for p in prompts])
+
+
+# --- construction from settings, and the benchmark's baseline ---------------------------------------
+
+
+@pytest.mark.slow
+def test_an_engine_from_serve_settings_takes_its_limits_from_them(served, serving_home):
+    from loraops.serve.engine.core import Engine
+    from loraops.serve.settings import validate_settings
+
+    settings = validate_settings({"workspace": str(serving_home), "adapter": ADAPTER, "max_batch_size": 4, "batching": "static", "batch_wait_timeout_s": 0.05})
+    engine = Engine.from_settings(served, settings)
+    wider = Engine.from_settings(served, settings, 8, policy="continuous", batch_wait_s=0.0)
+
+    assert (engine.policy, engine.max_batch_size, engine.buckets.max_batch, engine.batch_wait_s) == ("static", 4, 4, 0.05)
+    assert engine.buckets.max_length == served.context_tokens  # no context_tokens setting: the model's context
+    assert (wider.policy, wider.max_batch_size, wider.buckets.max_batch, wider.batch_wait_s) == ("continuous", 8, 8, 0.0)
+
+
+@pytest.mark.slow
+def test_the_generate_baseline_admits_with_the_engines_static_scheduler(served):
+    """bench serve --batching generate: the engine's static admission, one generate call per batch."""
+    from loraops.bench.load import GenerateBatcher
+    from loraops.serve.engine.scheduler import Scheduler
+
+    _merged_only(served)
+    prompts = _prompts(served, 3)
+    batcher = GenerateBatcher(served, max_batch_size=1, batch_wait_s=0.0, context_tokens=served.context_tokens)
+    try:
+        answers = [future.result(timeout=120) for future in [batcher.submit(prompt, 8) for prompt in prompts]]
+    finally:
+        batcher.stop()
+
+    assert isinstance(batcher.scheduler, Scheduler) and batcher.scheduler.policy == "static"
+    # One request per batch: each is generate_completions alone, so the tokens are the reference's.
+    assert [a.completion.token_ids for a in answers] == _reference(served, prompts, [8] * len(prompts))
+    assert all(0 <= a.queue_s <= a.model_s for a in answers)

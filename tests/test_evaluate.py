@@ -1,4 +1,4 @@
-"""Held-out evaluation (:mod:`loraops.evaluate`): ROUGE against the best reference, and the JSON report
+"""Held-out evaluation (:mod:`loraops.training.evaluate`): ROUGE against the best reference, and the JSON report
 of base vs. tuned summaries."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from loraops.evaluate import evaluate, format_report, rouge
+from loraops.training.evaluate import evaluate, format_report, rouge
 
 
 def test_rouge_takes_the_best_reference():

@@ -30,8 +30,8 @@ def _served(home: Path, ref: str, mode: str):
 
 
 def _greedy_tokens(served, dialogues: list[str], max_new_tokens: int) -> list[list[int]]:
-    from loraops.data import prompt_ids
     from loraops.generate import generate_completions
+    from loraops.training.data import prompt_ids
 
     prompts = [prompt_ids(served.tokenizer, d, served.config.data, budget=10**9) for d in dialogues]
     tokens = []
@@ -66,9 +66,9 @@ def test_merged_mode_agrees_with_nf4_on_the_builtin_test_dialogues(serving_home)
 def test_adapter_swap_equals_a_fresh_load(serving_home, mode):
     import torch
 
-    from loraops.data import prompt_ids
     from loraops.generate import left_pad
     from loraops.serve.replica import adapter_slot
+    from loraops.training.data import prompt_ids
 
     swapped, registry = _served(serving_home, f"{ADAPTER}:1", mode)
     fresh, _ = _served(serving_home, f"{ADAPTER}:2", mode)

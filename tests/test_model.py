@@ -1,4 +1,4 @@
-"""Models (:mod:`loraops.model`) on the tiny Phi: a bitsandbytes 4-bit nf4 base with PEFT LoRA on the CPU,
+"""Models (:mod:`loraops.training.model`) on the tiny Phi: a bitsandbytes 4-bit nf4 base with PEFT LoRA on the CPU,
 and an adapter saved and loaded back onto a fresh 4-bit base."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loraops.errors import LoraopsError
-from loraops.model import load_base_model, load_for_inference, load_tokenizer, prepare_for_training
+from loraops.training.model import load_base_model, load_for_inference, load_tokenizer, prepare_for_training
 
 
 def test_base_is_4bit_and_lora_on_the_phi_targets(quick_config, workspace):
@@ -30,10 +30,10 @@ def test_unknown_target_module_is_an_error(quick_config, workspace):
 
 @pytest.mark.slow
 def test_saved_adapter_on_a_fresh_4bit_base_reproduces_logits(quick_config, workspace, tmp_path):
-    from loraops.batching import BatchStream
-    from loraops.checkpoint import save_adapter
-    from loraops.data import encode_all, load_split, pad_batch
-    from loraops.train import autocast_context, build_optimizer, train_step
+    from loraops.training.batching import BatchStream
+    from loraops.training.checkpoint import save_adapter
+    from loraops.training.data import encode_all, load_split, pad_batch
+    from loraops.training.train import autocast_context, build_optimizer, train_step
 
     config = quick_config()
     tokenizer = load_tokenizer(config)

@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from helpers import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -55,17 +56,6 @@ TUNE = [
 class Cluster:
     address: str  # the head's GCS address, what RAY_ADDRESS takes
     env: dict[str, str]  # RAY_ADDRESS plus the token settings every process of the cluster needs
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def start_node(args: list[str], temp_dir: Path, env: dict[str, str], log: Path) -> subprocess.Popen:

@@ -212,7 +212,7 @@ def test_a_prompt_far_over_the_context_is_refused_before_it_is_tokenized(http, s
     import time
 
     from loraops.config import load_config
-    from loraops.model import load_tokenizer
+    from loraops.training.model import load_tokenizer
 
     prompt = ("#Person1#: " + "The weather is lovely today, shall we walk? " * 22_000)[:1_000_000]
     tokenizer = load_tokenizer(load_config(REPO / "tune" / "tiny.yaml", [f"workspace={serving_home}"]))

@@ -438,3 +438,30 @@ def test_registry_keeps_the_training_config_and_upgrades_old_databases(serving_h
     assert version.config["model"]["name"] == "builtin:tiny-phi"
     assert version.config["data"]["prompt_template"].startswith("Instruct:")
     registry_db.dispose_engine(url)
+
+
+def test_a_bare_name_means_what_its_reader_says():
+    """One Ref type: the registry and the CLI read a bare NAME as the latest version, serving as NAME@production."""
+    from loraops.registry.refs import Bare, Ref, normalize_ref, parse_ref
+
+    assert Ref.parse("tiny", bare=Bare.LATEST) == Ref("tiny") and Ref("tiny").latest and str(Ref("tiny")) == "tiny"
+    assert Ref.parse("tiny", bare=Bare.DEFAULT_ALIAS) == Ref("tiny", alias="production")
+    pinned = Ref.parse("tiny:v3", bare=Bare.DEFAULT_ALIAS)
+    assert pinned == Ref("tiny", version=3) and pinned.pinned and str(pinned) == "tiny:3"
+    assert str(Ref.parse("tiny@staging", bare=Bare.LATEST)) == "tiny@staging"
+    assert normalize_ref("tiny") == "tiny@production" and normalize_ref("tiny:v3") == "tiny:v3"  # serving keeps what was written
+    assert parse_ref("tiny") == ("tiny", None, None)
+    with pytest.raises(TypeError):
+        Ref.parse("tiny")  # every caller says what a bare name means
+
+
+def test_the_search_and_promotion_read_one_direction_table_and_urls_are_masked_once():
+    from loraops import config
+    from loraops.metrics import lower_is_better, mode_of
+    from loraops.registry import db
+    from loraops.tune import experiment, trainable
+
+    assert (mode_of("eval_loss"), mode_of("rougeL")) == ("min", "max")
+    assert mode_of(trainable.METRIC) == trainable.MODE and lower_is_better("eval_loss")
+    assert db.display_url is config.display_url and experiment.display_url is config.display_url
+    assert config.display_url("postgresql://loraops:secret@db.example/loraops") == "postgresql://loraops:***@db.example/loraops"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_cli
 
 
 @pytest.fixture
@@ -16,12 +17,12 @@ def loraops(cli_env):
     """A function: run ``loraops ARGS --db DB_URL`` in a subprocess with workspace TMP_PATH/ws."""
 
     def run(tmp_path: Path, db_url: str, *args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "loraops", *args]
+        command = list(args)
         if args[0] == "registry":
-            command[3:5] = [args[0], args[1], "--db", db_url]
+            command[0:2] = [args[0], args[1], "--db", db_url]
         else:
-            command[4:4] = ["--db", db_url]
-        return subprocess.run(command, capture_output=True, text=True, env=cli_env(tmp_path / "ws"), cwd=tmp_path, timeout=120)
+            command[1:1] = ["--db", db_url]
+        return run_cli(*command, env=cli_env(tmp_path / "ws"), cwd=tmp_path)
 
     return run
 

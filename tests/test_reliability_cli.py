@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_cli
 
 pytestmark = pytest.mark.reliability
 
@@ -82,8 +83,7 @@ def scene(tmp_path_factory, make_run) -> dict[str, str]:
 def test_bad_command_line_is_one_error_line_and_exit_2(scene, cli_env, arguments, fragment):
     env = cli_env(Path(scene["tmp"]) / "ws")
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "loraops", *(argument.format(**scene) for argument in arguments)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=scene["tmp"], timeout=180)
+    done = run_cli(*(argument.format(**scene) for argument in arguments), env=env, cwd=scene["tmp"], timeout=180)
     assert_one_error_line(done, fragment.format(**scene))
     assert "Started a local Ray instance" not in done.stderr + done.stdout
 
@@ -104,8 +104,7 @@ def test_a_diverging_training_run_is_one_error_line_and_exit_2(workspace, cli_en
     so an absurd weight decay makes step 1's update overflow; the loss is NaN from step 2."""
     settings = ["training.learning_rate=1", "training.weight_decay=1e40", "training.max_steps=2", "training.warmup_steps=0"]
     settings += ["data.builtin_size=120", "training.per_device_train_batch_size=4"]
-    command = [sys.executable, "-m", "loraops", "train", "--config", TUNE, *[arg for item in settings for arg in ("--set", item)]]
-    done = subprocess.run(command, capture_output=True, text=True, env=cli_env(workspace), cwd=tmp_path, timeout=300)
+    done = run_cli("train", "--config", TUNE, *[arg for item in settings for arg in ("--set", item)], env=cli_env(workspace), cwd=tmp_path, timeout=300)
     assert_one_error_line(done, "training diverged: the loss became nan at step 2; lower training.learning_rate (now 1)")
     assert not (workspace / "runs" / "tiny" / "adapter").exists()
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from helpers import free_port, run_cli
 
 pytestmark = pytest.mark.reliability
 
@@ -29,7 +30,7 @@ def loraops(cli_env, tmp_path):
         env["LORAOPS_ARTIFACT_URI"] = str(tmp_path / "store")
         env.pop("RAY_ADDRESS", None)
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "loraops", *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+        done = run_cli(*args, env=env, cwd=tmp_path, timeout=180)
         return done, time.monotonic() - started
 
     return run
@@ -42,12 +43,6 @@ def one_error_line(done: subprocess.CompletedProcess) -> str:
     errors = [line for line in done.stderr.splitlines() if line.startswith("loraops: error: ")]
     assert len(errors) == 1, done.stderr[-3000:]
     return errors[0]
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def assert_nothing_written(tmp_path: Path) -> None:
@@ -73,7 +68,7 @@ COMMANDS = {
 def test_postgresql_server_down(loraops, make_run, tmp_path, command):
     """Nothing listens on the port: the connection is refused at once."""
     adapter = make_run(tmp_path / "run", seed=1)
-    url = f"postgresql://loraops:secret@127.0.0.1:{closed_port()}/loraops"
+    url = f"postgresql://loraops:secret@127.0.0.1:{free_port()}/loraops"
     done, seconds = loraops(url, *(part.format(adapter=adapter) for part in COMMANDS[command]))
     error = one_error_line(done)
     assert "cannot use the database postgresql+psycopg2://loraops:***@127.0.0.1:" in error and "Connection refused" in error, error

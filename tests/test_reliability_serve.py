@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from helpers import elapsed_until, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def _save_adapters(workspace: Path, count: int) -> list[Path]:
     import torch
     from peft import get_peft_model
 
-    from loraops.model import load_base_model, lora_config
+    from loraops.training.model import load_base_model, lora_config
 
     config = _tiny_config(workspace)
     model = get_peft_model(load_base_model(config), lora_config(config.lora))
@@ -87,12 +87,6 @@ def home(tmp_path_factory, tiny_model_home) -> Path:
     registry.promote(ADAPTER, 1)
     registry.promote(ADAPTER, 2)
     return workspace
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.ray
@@ -351,9 +345,9 @@ def _served_model(home: Path, ref: str):
 
 def _engine_rows(served, rows):
     """(dialogue, temperature) rows through one engine, batched together: each row's result or its exception."""
-    from loraops.buckets import Buckets
-    from loraops.data import prompt_ids
-    from loraops.engine import Engine
+    from loraops.serve.engine.buckets import Buckets
+    from loraops.serve.engine.core import Engine
+    from loraops.training.data import prompt_ids
 
     engine = Engine(served, Buckets((1, 2, 4), (256, 512, 1024), (1, 2)))
     futures = [engine.submit(prompt_ids(served.tokenizer, text, served.config.data, budget=10**9), 6, temperature) for text, temperature in rows]
@@ -365,7 +359,7 @@ def _engine_rows(served, rows):
 def test_a_request_whose_generation_fails_fails_alone_and_only_the_culprit_is_rejected(home):
     import asyncio
 
-    from loraops.engine import RowFailed
+    from loraops.serve.engine.core import RowFailed
     from loraops.serve.replica import Rejection, reject_or_raise
 
     served = _served_model(home, f"{ADAPTER}:1")
@@ -388,7 +382,7 @@ def test_a_request_whose_generation_fails_fails_alone_and_only_the_culprit_is_re
 def test_a_lone_failing_request_is_rejected_when_the_model_works_and_a_broken_model_raises():
     import asyncio
 
-    from loraops.engine import RowFailed
+    from loraops.serve.engine.core import RowFailed
     from loraops.serve.replica import Rejection, reject_or_raise
 
     async def works():
@@ -441,6 +435,10 @@ def test_stalled_clients_do_not_stall_the_api(url, http):
     )
     assert health.status_code == 200 and answer.status_code == 200, answer.text
     assert statuses == [408] * len(stalled)
+    # Stalled bodies hold the API for at most about one body timeout (they are cut off at its deadline) ...
+    assert healthy_after < 2 * BODY_TIMEOUT_S, f"/healthz waited {healthy_after:.2f} s behind stalled clients"
+    # ... and each stalled client gets its 408 near the body deadline, not at its own 15 s socket timeout (read after the summary).
+    assert cut_off_after < answered_after + 2 * BODY_TIMEOUT_S, f"the 408s came {cut_off_after:.2f} s after the stall"
 
 
 @pytest.mark.ray
@@ -523,11 +521,12 @@ def _replica_states() -> dict[str, int]:
 
 
 def _wait_for(condition, timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"timed out waiting for {what}; replicas: {_replica_states()}"
-        time.sleep(0.25)
-    return time.monotonic() - started
+    return elapsed_until(condition, timeout_s, what, detail=lambda: f"replicas: {_replica_states()}")
+
+
+def _answers_after(records: list[Answer], moment: float, count: int = 4) -> None:
+    """Wait until ``count`` requests that started after ``moment`` have their answer: the load ran past it."""
+    _wait_for(lambda: sum(r.started > moment for r in list(records)) >= count, 60, f"{count} answers to requests sent after the event")
 
 
 def _versions_served(http, probes: int = 12) -> set[int]:
@@ -631,11 +630,11 @@ def test_drill_promotion_to_a_corrupt_version(http, url, home):
     stop = threading.Event()
     load, records = _load(url, stop)
     try:
-        time.sleep(2)
+        _answers_after(records, 0.0)  # the load runs before the alias moves
         moved_at = time.monotonic()
         _point_alias_without_checks(home, 3)
         reported_after = _wait_for(lambda: any(m["problem"] for m in _models(http, 4)), 30, "a replica reporting the corrupt version")
-        time.sleep(3)
+        _answers_after(records, time.monotonic())  # and goes on after the problem is reported
     finally:
         _stop(load, stop)
     models = _models(http, 6)
@@ -665,13 +664,13 @@ def test_drill_replica_killed_under_load_while_production_is_corrupt(http, url, 
     stop = threading.Event()
     load, records = _load(url, stop)
     try:
-        time.sleep(3)
+        _answers_after(records, 0.0)  # the load runs before the kill
         killed_at = time.monotonic()
         victim = _kill_one_model_replica()
         _wait_for(lambda: _replica_states().get("RUNNING", 0) < MODEL_REPLICAS, 30, "Serve noticing the dead replica")
         recovered_after = _wait_for(lambda: _replica_states() == {"RUNNING": MODEL_REPLICAS}, 180, "capacity back")
         _wait_for(lambda: any(r.version == 1 and r.started > killed_at for r in list(records)), 30, "answers from the fallback version")
-        time.sleep(2)
+        _answers_after(records, time.monotonic())  # and goes on after the fallback answers
     finally:
         _stop(load, stop)
     degraded = [m for m in _models(http, 8) if m["problem"]]
@@ -707,10 +706,7 @@ def test_trust_remote_code_of_a_registered_version_is_refused_unless_allowed(hom
     with pytest.raises(LoraopsError, match="allow_trust_remote_code"):
         training_config(version, str(home))
     assert training_config(version, str(home), allow_trust_remote_code=True).model.trust_remote_code is True
-    done = subprocess.run(
-        [sys.executable, "-m", "loraops", "serve", "--config", str(REPO / "serve" / "tiny.yaml"), "--detach", "--set", "args.adapter=remote:1"],
-        capture_output=True, text=True, env=cli_env(home), timeout=120,
-    )
+    done = run_cli("serve", "--config", str(REPO / "serve" / "tiny.yaml"), "--detach", "--set", "args.adapter=remote:1", env=cli_env(home), timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("loraops: error: remote:1 was trained with model.trust_remote_code: true") and done.stderr.count("\n") == 1
 
@@ -721,10 +717,7 @@ def test_cli_serve_on_a_port_in_use_is_one_line(home, cli_env):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = subprocess.run(
-            [sys.executable, "-m", "loraops", "serve", "--config", str(REPO / "serve" / "tiny.yaml"), "--set", f"http_options.port={port}"],
-            capture_output=True, text=True, env=env, timeout=120,
-        )
+        done = run_cli("serve", "--config", str(REPO / "serve" / "tiny.yaml"), "--set", f"http_options.port={port}", env=env, timeout=120)
 
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.startswith(f"loraops: error: http_options: cannot listen on 127.0.0.1:{port} (Address already in use): ")

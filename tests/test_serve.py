@@ -9,7 +9,6 @@ default). The merged-vs-nf4 numerics and the adapter swap are in test_generate.p
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from helpers import free_port, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,12 +38,6 @@ SETTLE_S = 8.0
 # --- set-up: two Serve applications on the serving_home registry (conftest) ---------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def serve_urls(ray_address, serving_home):
     """Deploy both applications from serve/tiny.yaml through the code path of `loraops serve`; yields their URLs."""
@@ -51,7 +46,7 @@ def serve_urls(ray_address, serving_home):
     from loraops.serve.deploy import deploy
     from loraops.serve.settings import load_serve_config
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = [
         f"http_options.port={port}",
@@ -228,14 +223,8 @@ def test_cli_summarize_against_the_endpoint(cli_env, serve_urls, serving_home, t
     dialogue_file.write_text(DIALOGUE)
     env = cli_env(serving_home) | {"LORAOPS_API_TOKEN": TOKEN}
 
-    done = subprocess.run(
-        [sys.executable, "-m", "loraops", "summarize", "--url", serve_urls["main"], "--file", str(dialogue_file), "--max-new-tokens", "6", "--json"],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
-    refused = subprocess.run(
-        [sys.executable, "-m", "loraops", "summarize", "--url", serve_urls["main"], "--token", "wrong", DIALOGUE],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
+    done = run_cli("summarize", "--url", serve_urls["main"], "--file", str(dialogue_file), "--max-new-tokens", "6", "--json", env=env, timeout=120)
+    refused = run_cli("summarize", "--url", serve_urls["main"], "--token", "wrong", DIALOGUE, env=env, timeout=120)
 
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["model"]["name"] == ADAPTER
@@ -396,10 +385,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_urls):
 
 
 def test_cli_serve_rejects_a_bad_config_with_one_line(cli_env, tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "loraops", "serve", "--config", str(REPO / "serve" / "tiny.yaml"), "--set", "args.mode=fast"],
-        capture_output=True, text=True, env=cli_env(tmp_path), timeout=120,
-    )
+    done = run_cli("serve", "--config", str(REPO / "serve" / "tiny.yaml"), "--set", "args.mode=fast", env=cli_env(tmp_path), timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("loraops: error:") and "mode" in done.stderr
 

@@ -1,5 +1,5 @@
 """The served answer is the evaluated answer, whatever whitespace and line endings the caller sends:
-one function (:func:`loraops.data.prompt_ids`) builds the prompt for training, evaluation, every
+one function (:func:`loraops.training.data.prompt_ids`) builds the prompt for training, evaluation, every
 HTTP route and so the CLI. Real Serve application on the session's local Ray, real HTTP."""
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ def url(deploy_tiny_app, serving_home):
 
 def _evaluated(home, dialogues: list[str]) -> list[str]:
     """Greedy summaries through `loraops evaluate`'s own code path (generate_summaries) on the registered version."""
-    from loraops.evaluate import generate_summaries
-    from loraops.model import attach_adapter, load_base_model, load_tokenizer
     from loraops.registry import Registry
     from loraops.serve.adapters import training_config
+    from loraops.training.evaluate import generate_summaries
+    from loraops.training.model import attach_adapter, load_base_model, load_tokenizer
 
     registry = Registry(workspace=home)
     version = registry.get(REF)

@@ -166,7 +166,7 @@ def test_tune_on_s3_then_show_register_promote_and_load_on_machines_without_its_
     assert weights == stored[f"{root}/{best['checkpoint']}/adapter_model.safetensors"]  # the trial's checkpoint, not a node's copy
     assert version.trial_id == best["trial_id"] and version.metrics["eval_loss"] == pytest.approx(best["metrics"]["eval_loss"])
     from loraops.config import Config, validate
-    from loraops.model import load_for_inference
+    from loraops.training.model import load_for_inference
 
     model, _ = load_for_inference(validate(Config, version.config, origin="the registered version"), folder)
     assert type(model).__name__.startswith("Peft")

@@ -11,8 +11,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "loraops"
 README = PACKAGE.parents[1] / "README.md"
 #: Modules that are data tables rather than code.
-DATA_TABLES = {"loraops.builtin_data"}
+DATA_TABLES = {"loraops.training.builtin_data"}
 MAX_LINES = 450
+MAX_FUNCTION_LINES = 80
+#: Modules at the package root: only what every layer shares; each stage has its own folder.
+MAX_ROOT_MODULES = 12
 
 
 def module_name(path: Path) -> str:
@@ -83,6 +86,35 @@ def test_the_package_has_no_import_cycle():
 def test_no_module_is_over_the_size_limit(name):
     lines = len(package_modules()[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"{name} has {lines} lines (limit {MAX_LINES}): split it by concern"
+
+
+def long_functions(path: Path) -> list[str]:
+    """Functions and methods of ``path`` over the limit, as ``name (lines)``: decorators and docstring included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            lines = node.end_lineno - first + 1
+            if lines > MAX_FUNCTION_LINES:
+                found.append(f"{node.name} ({lines} lines)")
+    return found
+
+
+def test_long_function_finder_counts_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "m.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}\n")
+    assert long_functions(tmp_path / "m.py") == [f"long ({MAX_FUNCTION_LINES + 1} lines)"]
+
+
+@pytest.mark.parametrize("name", sorted(set(package_modules()) - DATA_TABLES))
+def test_no_function_is_over_the_size_limit(name):
+    offenders = long_functions(package_modules()[name])
+    assert offenders == [], f"{name}: {', '.join(offenders)} over {MAX_FUNCTION_LINES} lines: split by step"
+
+
+def test_the_package_root_holds_only_the_shared_modules():
+    root = sorted(path.name for path in PACKAGE.glob("*.py"))
+    assert len(root) <= MAX_ROOT_MODULES, f"{len(root)} modules at the package root (limit {MAX_ROOT_MODULES}): {', '.join(root)}; give a stage its folder"
 
 
 def readme_layout_paths() -> set[str]:

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.ray
 
 
 def test_threads_are_the_whole_reserved_cpus_capped_at_the_machine():
-    from loraops.model import cpu_threads
+    from loraops.training.model import cpu_threads
 
     machine = os.cpu_count()
     assert cpu_threads(0.25) == 1 and cpu_threads(1) == 1 and cpu_threads(None) == machine
@@ -27,7 +27,7 @@ def test_a_ray_worker_takes_the_cpus_ray_gave_it_not_what_the_environment_says(r
     def threads() -> tuple[int | None, int]:
         import torch
 
-        from loraops.model import use_reserved_cpus
+        from loraops.training.model import use_reserved_cpus
 
         return use_reserved_cpus(), torch.get_num_threads()
 

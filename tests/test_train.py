@@ -1,4 +1,4 @@
-"""Training (:mod:`loraops.train`, :mod:`loraops.checkpoint`) for real on the tiny model: eval loss goes
+"""Training (:mod:`loraops.training.train`, :mod:`loraops.training.checkpoint`) for real on the tiny model: eval loss goes
 down, the run folder is complete, a resumed run matches an uninterrupted one, and float16 loss scaling."""
 
 import json
@@ -26,7 +26,7 @@ def test_training_lowers_eval_loss_and_writes_artifacts(trained):
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(trained, tmp_path):
     from safetensors.torch import load_file
 
-    from loraops.train import train
+    from loraops.training.train import train
 
     config, full = trained
     resumed = train(config, output_dir=tmp_path / "resumed", resume_from=full.output_dir / "checkpoint-20", progress=False)
@@ -50,7 +50,7 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
 
     import numpy as np
 
-    from loraops.checkpoint import restore_rng, rng_states
+    from loraops.training.checkpoint import restore_rng, rng_states
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()  # leaves a cached Gaussian in numpy's legacy state
@@ -75,7 +75,7 @@ class _RunsCode:
 def test_checkpoint_that_needs_unpickling_code_is_refused(trained, tmp_path):
     import shutil
 
-    from loraops.checkpoint import load_checkpoint
+    from loraops.training.checkpoint import load_checkpoint
 
     _, full = trained
     folder = tmp_path / "checkpoint-20"
@@ -95,7 +95,7 @@ def test_checkpoint_that_needs_unpickling_code_is_refused(trained, tmp_path):
     [("cuda", "float16", True), ("cuda", "bfloat16", False), ("cuda", "float32", False), ("cpu", "float16", False)],
 )
 def test_loss_is_scaled_only_for_float16_on_a_gpu(device_type, compute_dtype, expected):
-    from loraops.train import needs_loss_scaling
+    from loraops.training.train import needs_loss_scaling
 
     assert needs_loss_scaling(device_type, compute_dtype) is expected
 
@@ -103,11 +103,11 @@ def test_loss_is_scaled_only_for_float16_on_a_gpu(device_type, compute_dtype, ex
 def test_a_scaled_step_unscales_to_the_plain_gradients_and_the_scale_survives_a_checkpoint(quick_config, workspace, tmp_path):
     """float16 loss scaling runs only on a GPU; torch's CPU GradScaler does the same arithmetic, so the
     loop's use of it (scaled backward, unscale before clipping, scale state in the checkpoint) is checked here."""
-    from loraops.batching import BatchStream
-    from loraops.checkpoint import TrainState, load_checkpoint, save_checkpoint
-    from loraops.data import encode_all, load_split
-    from loraops.model import load_base_model, load_tokenizer, prepare_for_training
-    from loraops.train import autocast_context, build_optimizer, build_scheduler, train_step
+    from loraops.training.batching import BatchStream
+    from loraops.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+    from loraops.training.data import encode_all, load_split
+    from loraops.training.model import load_base_model, load_tokenizer, prepare_for_training
+    from loraops.training.train import autocast_context, build_optimizer, build_scheduler, train_step
 
     config = quick_config("lora.dropout=0.0")  # the same forward pass twice
     tokenizer = load_tokenizer(config)
@@ -144,7 +144,7 @@ def test_a_scaled_step_unscales_to_the_plain_gradients_and_the_scale_survives_a_
 def test_a_failed_run_leaves_the_previous_runs_folder_as_it_was(quick_config, workspace, make_run, tmp_path):
     """A run that fails validation (no train split) writes nothing into the folder: its config.yaml,
     metrics and evaluation still describe the adapter in it, which `loraops register` would record."""
-    from loraops.train import train
+    from loraops.training.train import train
 
     run = tmp_path / "runs" / "tiny"
     make_run(run, rouge_l=30.0)
@@ -165,7 +165,7 @@ def test_a_new_run_retires_the_previous_runs_adapter_evaluation_and_checkpoints(
     or checkpoint left behind would be registered as the lineage of the new adapter."""
     import yaml
 
-    from loraops.train import train
+    from loraops.training.train import train
 
     run = tmp_path / "runs" / "tiny"
     make_run(run, rouge_l=30.0)

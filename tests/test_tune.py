@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import run_cli
 from loraops.config import ConfigError, database_url, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,12 +126,10 @@ def test_a_bad_search_space_is_a_config_error_naming_the_key(space, message):
 
 
 def test_cli_reports_a_bad_space_before_starting_ray(cli_env, tmp_path):
-    command = [sys.executable, "-m", "loraops", "tune", "-c", str(TINY), "--set", space_override({"lora.r": {"uniform": [8, 64]}})]
-    run = subprocess.run(command, env=cli_env(tmp_path / "ws"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    run = run_cli("tune", "-c", str(TINY), "--set", space_override({"lora.r": {"uniform": [8, 64]}}), env=cli_env(tmp_path / "ws"), cwd=tmp_path)
     assert run.returncode == 2 and run.stderr.startswith("loraops: error: search.space.lora.r: "), run.stderr
     assert not (tmp_path / "ws").exists()  # nothing built, no Ray started
-    command = [sys.executable, "-m", "loraops", "tune", "--show", str(tmp_path)]
-    show = subprocess.run(command, env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    show = run_cli("tune", "--show", str(tmp_path), env=cli_env(tmp_path), cwd=tmp_path)
     assert show.returncode == 2 and "is not a loraops experiment" in show.stderr
 
 
@@ -337,8 +336,7 @@ def test_a_killed_driver_resumes_with_every_trial_once(cli_env, ray_address, wor
     finished_before = {row.trial_id: row.history for row in snapshot if row.status == "TERMINATED"}
     halfway = [row.trial_id for row in snapshot if row.status == "RUNNING" and row.steps >= 10]
 
-    resumed = subprocess.run([sys.executable, "-m", "loraops", "tune", "--resume", str(experiment), "--register", "tiny-best"],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    resumed = run_cli("tune", "--resume", str(experiment), "--register", "tiny-best", env=env, cwd=tmp_path, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
     _, rows = load_trials(str(experiment))

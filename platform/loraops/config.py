@@ -315,6 +315,21 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
+def display_url(url) -> str:
+    """A database URL (string or SQLAlchemy ``URL``) for messages and logs, its password masked: the one masking helper."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return repr(str(url))
+    if parsed.get_backend_name() == "sqlite":  # a path, shown as typed (render_as_string would escape it)
+        query = "&".join(f"{key}={value}" for key, value in parsed.query.items())
+        return f"{parsed.drivername}:///{parsed.database or ''}" + (f"?{query}" if query else "")
+    return parsed.render_as_string(hide_password=True)
+
+
 def artifact_uri(explicit: str | None = None, workspace: str | os.PathLike | None = None) -> str:
     """Where registered adapters' files live: explicit, else $LORAOPS_ARTIFACT_URI, else WORKSPACE/registry."""
     return explicit or os.environ.get(ARTIFACTS_ENV) or str(resolve_workspace(workspace) / "registry")

@@ -128,9 +128,9 @@ def _serve(config: Config, serve_path: Path, overrides: list[str] | None) -> str
 
 def _compare(config: Config, outcome, version: int, promoted: bool, url: str, samples: int) -> DemoResult:
     """Tuned summaries over HTTP from the endpoint, base summaries from the base model in-process."""
-    from loraops.evaluate import evaluation_examples, generate_summaries, rouge
-    from loraops.model import load_for_inference
     from loraops.serve.client import SummarizerClient
+    from loraops.training.evaluate import evaluation_examples, generate_summaries, rouge
+    from loraops.training.model import load_for_inference
 
     _banner(f"4/4 call the endpoint with {samples} held-out dialogues over HTTP")
     served_config = Config.model_validate(outcome.best["config"]) if promoted else config

@@ -1,7 +1,7 @@
 """Text generation, shared by evaluation and serving: batched left-padded ``generate`` calls, and the
 serving model (a base model with swappable adapters, 4-bit or dequantized and merged, several at once unmerged).
 
-Evaluation (:mod:`loraops.evaluate`) and the serving replicas (:mod:`loraops.serve.replica`) both
+Evaluation (:mod:`loraops.training.evaluate`) and the serving replicas (:mod:`loraops.serve.replica`) both
 generate through :func:`generate_completions`, so the endpoint answers what evaluation scored.
 """
 
@@ -19,7 +19,7 @@ import torch
 from loraops.config import Config
 from loraops.errors import LoraopsError
 from loraops.layout import check_adapter_dir
-from loraops.model import DTYPES, device, load_base_model, load_tokenizer
+from loraops.training.model import DTYPES, device, load_base_model, load_tokenizer
 
 # --- batched generation ------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ import itertools
 import statistics
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -109,7 +108,7 @@ def _one_request(http: httpx.Client, index: int, body: dict[str, Any]) -> Record
 
 
 def run_model_load(submit: Callable[[list[int], int], Future], prompts: Sequence[tuple[list[int], int]], clients: int, duration_s: float) -> list[Record]:
-    """``clients`` threads call ``submit(prompt_ids, max_new_tokens)`` back to back, each waiting for its answer (a :class:`~loraops.engine.Generated`)."""
+    """``clients`` threads call ``submit(prompt_ids, max_new_tokens)`` back to back, each waiting for its :class:`~loraops.serve.engine.core.Generated`."""
 
     def client(index: int, items: Callable[[], Any], deadline: float, records: list[Record], lock: threading.Lock) -> None:
         while time.monotonic() < deadline:
@@ -128,58 +127,62 @@ def run_model_load(submit: Callable[[list[int], int], Future], prompts: Sequence
 
 
 class GenerateBatcher:
-    """The replica's batching before the engine, as a baseline: waiting requests (up to ``max_batch_size``,
-    after at most ``batch_wait_s``) share one left-padded ``generate`` call, like ``@serve.batch`` did."""
+    """The replica's batching before the engine, as a baseline: the engine's static policy (a batch of up to
+    ``max_batch_size`` waiting requests, after at most ``batch_wait_s``, starts when the previous one has
+    ended), each batch one left-padded ``generate`` call instead of the engine's fixed-shape steps, like
+    ``@serve.batch`` did. Admission is the engine's own :class:`~loraops.serve.engine.scheduler.Scheduler`."""
 
-    def __init__(self, served, max_batch_size: int, batch_wait_s: float):
-        self.served, self.max_batch_size, self.batch_wait_s = served, max_batch_size, batch_wait_s
-        self._pending: deque = deque()
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="generate-batcher", daemon=True)
+    def __init__(self, served, max_batch_size: int, batch_wait_s: float, context_tokens: int):
+        from loraops.serve.engine.buckets import Buckets
+        from loraops.serve.engine.sampler import LoopThread
+        from loraops.serve.engine.scheduler import Scheduler
+
+        self.served = served
+        self.scheduler = Scheduler(Buckets.build(max_batch_size, context_tokens), "static", max_batch_size, batch_wait_s)
+        self._thread = LoopThread(self._run_once, self.scheduler.fail_all)
         self._thread.start()
 
     def submit(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0) -> Future:
+        from loraops.serve.engine.scheduler import Request
+
+        if len(prompt) + max_new_tokens - 1 > self.scheduler.buckets.max_length:
+            raise ValueError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens is over the context ({self.scheduler.buckets.max_length})")
         future: Future = Future()
-        with self._cond:
-            self._pending.append((prompt, max_new_tokens, future, time.perf_counter()))
-            self._cond.notify_all()
+        self.scheduler.enqueue(Request(list(prompt), max_new_tokens, float(temperature), future, time.perf_counter()))
         return future
 
     def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
+        self.scheduler.stop()
         self._thread.join()
 
-    def _loop(self) -> None:
-        from loraops.engine import Generated
-        from loraops.generate import generate_completions
+    def _run_once(self, wait: bool) -> bool:
+        batch = self.scheduler.next_work(wait, column=0)  # nothing stays running between calls: each batch starts at column 0
+        if batch is None:
+            return False
+        try:
+            if batch:
+                self._generate(batch)
+        finally:
+            self.scheduler.idle()
+        return True
 
-        while True:
-            with self._cond:
-                while not self._pending and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                deadline = self._pending[0][3] + self.batch_wait_s
-                while len(self._pending) < self.max_batch_size and time.perf_counter() < deadline and not self._stopping:
-                    self._cond.wait(max(deadline - time.perf_counter(), 0.0))
-                batch = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch_size))]
-            started = time.perf_counter()
-            try:
-                completions = generate_completions(
-                    self.served.model, self.served.tokenizer, [b[0] for b in batch], [b[1] for b in batch], **self.served.generate_options()
-                )
-                now = time.perf_counter()
-                adapter = self.served.adapter_name
-                answers = [Generated(c, queue_s=started - b[3], model_s=now - b[3], adapter=adapter) for b, c in zip(batch, completions, strict=True)]
-            except Exception as exc:  # noqa: BLE001 - the whole batch fails, as it did; the loop goes on (a dead one would hang its clients)
-                for _, _, future, _ in batch:
-                    future.set_exception(exc)
-                continue
-            for (_, _, future, _), answer in zip(batch, answers, strict=True):
-                future.set_result(answer)
+    def _generate(self, batch) -> None:
+        from loraops.generate import generate_completions
+        from loraops.serve.engine.core import Generated
+
+        started = time.perf_counter()
+        try:
+            completions = generate_completions(
+                self.served.model, self.served.tokenizer, [r.prompt for r in batch], [r.max_new_tokens for r in batch], **self.served.generate_options()
+            )
+        except Exception as exc:  # noqa: BLE001 - the whole batch fails, as it did; the loop goes on (a dead one would hang its clients)
+            for request in batch:
+                request.future.set_exception(exc)
+            return
+        now, adapter = time.perf_counter(), self.served.adapter_name
+        for request, completion in zip(batch, completions, strict=True):
+            if not request.future.done():
+                request.future.set_result(Generated(completion, queue_s=started - request.submitted, model_s=now - request.submitted, adapter=adapter))
 
 
 # --- statistics --------------------------------------------------------------------------------

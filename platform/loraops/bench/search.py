@@ -149,12 +149,7 @@ def benchmark(
     if budget < steps_per_trial:
         raise LoraopsError(f"--budget {budget}: less than one trial of {steps_per_trial} steps")
     root = config.workspace_path / "bench" / f"search-{time.strftime('%Y%m%d-%H%M%S')}"
-    machine = {
-        "cpus": os.cpu_count(),
-        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
+    machine = machine_facts()
     started = time.monotonic()
     runs: list[dict[str, Any]] = []
     cpu = CpuMeter()
@@ -201,6 +196,16 @@ def benchmark(
         path.write_text(json.dumps(report, indent=2) + "\n")
         plot_report(report, path.with_suffix(".png"))
     return report
+
+
+def machine_facts() -> dict[str, Any]:
+    """What the figures ran on, at the start of the run."""
+    return {
+        "cpus": os.cpu_count(),
+        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def in_workspace(path: str | Path, workspace: Path) -> str:
@@ -287,7 +292,7 @@ def reference_run(config: Config, folder: Path) -> dict[str, Any]:
 def _train_once(data: dict[str, Any], folder: str, threads: int) -> dict[str, Any]:
     import torch
 
-    from loraops.train import read_metrics, train
+    from loraops.training.train import read_metrics, train
     from loraops.tune.trainable import quiet_trial_output
 
     torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ Two levels, the same workload and statistics:
   carries the model's own time (``usage.model_ms``), so the end-to-end time minus it is what Serve
   adds: HTTP, proxy, ingress, routing, tokenization (``overhead`` in the results).
 - **Model** (``--model-only``): no Ray, no HTTP. The replica's :class:`~loraops.generate.ServingModel`
-  and :class:`~loraops.engine.Engine`, called by N client threads directly. ``--random-init phi-2``
+  and :class:`~loraops.serve.engine.core.Engine`, called by N client threads directly. ``--random-init phi-2``
   serves Phi-2's architecture with random weights (no download, no registry), so it runs on a GPU
   machine without Ray. ``generate`` is the batching the replica had before the engine: one
   ``generate`` call per batch of waiting requests (:class:`GenerateBatcher`), as a baseline.
@@ -54,7 +54,7 @@ class WorkItem:
 
 def builtin_test_dialogues(count: int = 64) -> list[str]:
     """Dialogues of the built-in test split (no network)."""
-    from loraops.builtin_data import generate_splits
+    from loraops.training.builtin_data import generate_splits
 
     return [row["dialogue"] for row in generate_splits()["test"][:count]]
 
@@ -76,7 +76,7 @@ def read_workload(data: str | None, lengths: str, count: int = 64, seed: int = 0
     if lengths not in LENGTHS:
         raise LoraopsError(f"--lengths {lengths!r}: expected one of {', '.join(LENGTHS)}")
     if data:
-        from loraops.data import read_table_file
+        from loraops.training.data import read_table_file
 
         path = Path(data).expanduser()
         if not path.is_file():
@@ -86,7 +86,7 @@ def read_workload(data: str | None, lengths: str, count: int = 64, seed: int = 0
             raise LoraopsError(f"--data {data}: no rows with 'dialogue' and 'summary' columns")
         source = f"{path.name} ({len(rows)} usable rows)"
     else:
-        from loraops.builtin_data import generate_splits
+        from loraops.training.builtin_data import generate_splits
 
         rows = generate_splits()["test"]
         source = "built-in test split"
@@ -150,15 +150,7 @@ def benchmark(
         for mode in modes:
             urls: dict[str, str] = {}
             for batching in batchings:
-                config = load_serve_config(
-                    config_path,
-                    [*overrides, f"name=bench-{mode}-{batching}", f"route_prefix=/{mode}-{batching}", f"args.mode={mode}", f"args.batching={batching}",
-                     f"args.max_batch_size={max(concurrencies)}"],
-                )  # fmt: skip
-                model_options = config.deployment_options.setdefault(MODEL_DEPLOYMENT, {})
-                model_options.pop("autoscaling_config", None)
-                model_options["num_replicas"] = 1
-                model_options["max_ongoing_requests"] = max(model_options.get("max_ongoing_requests", 1), max(concurrencies))
+                config = _bench_config(config_path, overrides, mode, batching, max(concurrencies))
                 urls[batching] = deploy(config)
                 deployed.append(config.app_name)
                 warm_ups[f"{mode}/{batching}"] = httpx.get(urls[batching] + "/v1/models", timeout=60).json()["models"][0].get("warm_up")
@@ -198,21 +190,37 @@ def benchmark(
         cluster.shutdown(owned)
 
 
+def _bench_config(config_path: str, overrides: list[str], mode: str, batching: str, clients: int):
+    """The serve config of one (mode, batching) application: its own name and route, one model replica taking ``clients`` at once."""
+    from loraops.serve.settings import MODEL_DEPLOYMENT, load_serve_config
+
+    config = load_serve_config(
+        config_path,
+        [*overrides, f"name=bench-{mode}-{batching}", f"route_prefix=/{mode}-{batching}", f"args.mode={mode}", f"args.batching={batching}",
+         f"args.max_batch_size={clients}"],
+    )  # fmt: skip
+    model_options = config.deployment_options.setdefault(MODEL_DEPLOYMENT, {})
+    model_options.pop("autoscaling_config", None)
+    model_options["num_replicas"] = 1
+    model_options["max_ongoing_requests"] = max(model_options.get("max_ongoing_requests", 1), clients)
+    return config
+
+
 def _serve_floor(config, items: Sequence[WorkItem], body, duration_s: float) -> dict[str, Any]:
     """End-to-end latency of the same application with a model replica that answers at once: what HTTP,
     the proxy, the ingress and one handle call cost on this machine, the floor under Serve's overhead."""
     from ray import serve
 
     from loraops.serve.app import SummarizerAPI
+    from loraops.serve.contract import AnsweredBy, SummaryRequest, SummaryResult, Usage
     from loraops.serve.deploy import app_url
     from loraops.serve.settings import API_DEPLOYMENT, MODEL_DEPLOYMENT
 
-    usage = {"prompt_tokens": 0, "completion_tokens": 1, "model_ms": 0.0, "queue_ms": 0.0}
-    answer = {"summary": "", "model": {"name": "echo", "version": 0}, "usage": usage, "finish_reason": "stop"}
+    answer = SummaryResult("", AnsweredBy("echo", 0), Usage(prompt_tokens=0, completion_tokens=1, model_ms=0.0, queue_ms=0.0), "stop")
 
     @serve.deployment(name=MODEL_DEPLOYMENT)
     class EchoModel:
-        async def summarize(self, request: dict[str, Any]) -> dict[str, Any]:
+        async def summarize(self, request: SummaryRequest) -> SummaryResult:
             return answer
 
     model_options = {k: v for k, v in config.deployment_options.get(MODEL_DEPLOYMENT, {}).items() if k == "ray_actor_options"}
@@ -233,12 +241,11 @@ def _ms(seconds: float | None) -> float | None:
 
 def _tokenizer_for(settings):
     """The tokenizer of the adapter the settings serve (for --lengths reference over HTTP)."""
-    from loraops.model import load_tokenizer
-    from loraops.registry import Registry
     from loraops.serve.replica import training_config
+    from loraops.training.model import load_tokenizer
 
     absolute = settings.with_absolute_paths()
-    registry = Registry(db_url=absolute.db_url, artifact_uri=absolute.artifact_uri, workspace=absolute.workspace)
+    registry = absolute.open_registry()
     return load_tokenizer(training_config(registry.get(settings.adapter), absolute.workspace, settings.allow_trust_remote_code))
 
 
@@ -261,8 +268,8 @@ def benchmark_model(
 ) -> dict[str, Any]:
     """The replica's model and engine without Ray or HTTP: for each mode and batching, N client threads for each concurrency."""
     from loraops.errors import LoraopsError
-    from loraops.model import device
     from loraops.serve.settings import load_serve_config
+    from loraops.training.model import device
 
     unknown = sorted(set(batchings) - set(MODEL_BATCHINGS))
     if unknown:
@@ -290,7 +297,7 @@ def benchmark_model(
         runners = {}
         try:
             for batching in batchings:
-                runners[batching], warm_up = _runner(served, settings, batching, max(concurrencies), context)
+                runners[batching], warm_up = _runner(served, settings, batching, max(concurrencies))
                 warm_ups[f"{mode}/{batching}"] = warm_up | {"model_load_s": round(load_s, 1)}
             # Batchings take turns at each concurrency: a load change on the machine hits them alike.
             for clients in concurrencies:
@@ -336,28 +343,21 @@ def _replica_threads(serve_config) -> int:
     return threads
 
 
-def _runner(served, settings, batching: str, max_batch_size: int, context: int):
+def _runner(served, settings, batching: str, max_batch_size: int):
     """A started engine (after its warm-up) or the generate baseline, and its warm-up figures."""
     if batching == "generate":
-        return GenerateBatcher(served, max_batch_size, settings.batch_wait_timeout_s), {"shapes": 0, "seconds": 0.0}
-    from loraops.engine import Engine
+        context = settings.context_tokens or served.context_tokens
+        return GenerateBatcher(served, max_batch_size, settings.batch_wait_timeout_s, context), {"shapes": 0, "seconds": 0.0}
+    from loraops.serve.engine.core import Engine
 
-    engine = Engine(
-        served,
-        settings.buckets(max_batch_size, context),
-        policy=batching,
-        batch_wait_s=settings.batch_wait_timeout_s,
-        compile=settings.compiles(served),
-    )
-    shapes, seconds = engine.warm_up()
-    engine.start()
-    return engine, {"shapes": shapes, "seconds": round(seconds, 2), "compiled": engine.compiled}
+    engine = Engine.from_settings(served, settings, max_batch_size, policy=batching)
+    return engine, engine.warm_start()
 
 
 def _prompt(served, dialogue: str) -> list[int]:
     import sys
 
-    from loraops.data import prompt_ids
+    from loraops.training.data import prompt_ids
 
     return prompt_ids(served.tokenizer, dialogue, served.config.data, budget=sys.maxsize)
 

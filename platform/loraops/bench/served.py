@@ -31,10 +31,9 @@ def load_served(settings, mode: str, random_init: str | None, random_init_layers
         layers = f", {random_init_layers} layers" if random_init_layers else ""
         label = f"random-init {random_init} (its architecture, RANDOM weights, embedded tokenizer{layers}) + a fresh LoRA adapter"
         return load_for_serving(config, adapter, mode, dtype=settings.dtype), label
-    from loraops.registry import Registry
     from loraops.serve.replica import adapter_slot, training_config
 
-    registry = Registry(db_url=settings.db_url, artifact_uri=settings.artifact_uri, workspace=settings.workspace)
+    registry = settings.open_registry()
     version = registry.get(settings.adapter)
     config = training_config(version, settings.workspace, settings.allow_trust_remote_code)
     served = load_for_serving(config, registry.resolve(version.ref), mode, adapter_name=adapter_slot(version.name, version.version), dtype=settings.dtype)
@@ -45,7 +44,7 @@ def random_init_config(folder: Path, workspace: Path):
     """The loraops config of a random-init model: the default recipe (4-bit nf4, LoRA r32 on q/k/v/dense, Phi-2 prompt),
     computing in bfloat16 on a GPU and float32 on a CPU (CPUs have no fast 16-bit matmul)."""
     from loraops.config import Config
-    from loraops.model import device
+    from loraops.training.model import device
 
     compute = "bfloat16" if device().type == "cuda" else "float32"
     return Config.model_validate({"model": {"name": str(folder)}, "quantization": {"bnb_4bit_compute_dtype": compute}, "workspace": str(workspace)})
@@ -59,7 +58,7 @@ def ensure_random_init_adapter(folder: Path, config) -> Path:
     """
     from peft import get_peft_model
 
-    from loraops.model import load_base_model, lora_config
+    from loraops.training.model import load_base_model, lora_config
 
     target = folder.parent / f"{folder.name}-adapter-r{config.lora.r}"
     if (target / ADAPTER_CONFIG_FILE).is_file():

@@ -1,6 +1,6 @@
 """``loraops bench train``: a training recipe against the seed's recipe, one process, the same data.
 
-Both recipes run the same :func:`loraops.train.train` on the same model and data, one after the
+Both recipes run the same :func:`loraops.training.train.train` on the same model and data, one after the
 other (the seed recipe first). The *seed recipe* of a config is that config with the seed's
 batching and optimizer (:data:`SEED_RECIPE`): micro-batch 1 x gradient accumulation 4, gradient
 checkpointing, paged AdamW 32-bit, no packing, no token budget, transformers' default attention,
@@ -99,12 +99,7 @@ def benchmark(
 
     ``random_init_layers`` shortens the random-init architecture (tests only: a full Phi-2 does not train on a CPU).
     """
-    if steps < 2:
-        raise LoraopsError("--steps must be at least 2: the first step is left out of the timing")
-    if eval_samples < 1:
-        raise LoraopsError("--eval-samples must be at least 1")
-    if random_init is not None and random_init not in RANDOM_INIT:
-        raise LoraopsError(f"--random-init {random_init!r}: expected one of {', '.join(RANDOM_INIT)}")
+    check_arguments(steps, eval_samples, random_init)
     on_gpu = torch.cuda.is_available()
     configured = load_config(config_path, overrides)  # a bad config fails before any model is built
     load_at_start = round(os.getloadavg()[0], 2)
@@ -139,7 +134,7 @@ def benchmark(
     print(f"speedup vs seed: {speedup}x samples/s", flush=True)
 
     report = {
-        "what": "training throughput of a recipe against the seed recipe, loraops.train.train, same model and data, one process",
+        "what": "training throughput of a recipe against the seed recipe, loraops.training.train.train, same model and data, one process",
         "config": str(config_path),
         "overrides": list(overrides),
         "steps": steps,
@@ -152,15 +147,7 @@ def benchmark(
         },
         "flops_convention": FLOPS_CONVENTION,
         "seed_recipe": [*SEED_RECIPE, *(SEED_GPU_RECIPE if on_gpu else ())],
-        "device": {
-            "kind": "cuda" if on_gpu else "cpu",
-            "name": device_name(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            # Other work on the machine skews the figures: the load average says how busy it was.
-            "load_average_1m_at_start": load_at_start,
-            "platform": platform.platform(),
-        },
+        "device": device_facts(on_gpu, load_at_start),
         "versions": versions(),
         "data": {
             "source": recipes["configured"].data.source,
@@ -179,6 +166,27 @@ def benchmark(
     return report
 
 
+def check_arguments(steps: int, eval_samples: int, random_init: str | None) -> None:
+    if steps < 2:
+        raise LoraopsError("--steps must be at least 2: the first step is left out of the timing")
+    if eval_samples < 1:
+        raise LoraopsError("--eval-samples must be at least 1")
+    if random_init is not None and random_init not in RANDOM_INIT:
+        raise LoraopsError(f"--random-init {random_init!r}: expected one of {', '.join(RANDOM_INIT)}")
+
+
+def device_facts(on_gpu: bool, load_at_start: float) -> dict[str, Any]:
+    return {
+        "kind": "cuda" if on_gpu else "cpu",
+        "name": device_name(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        # Other work on the machine skews the figures: the load average says how busy it was.
+        "load_average_1m_at_start": load_at_start,
+        "platform": platform.platform(),
+    }
+
+
 def bench_config(config_path: str, overrides: list[str], steps: int) -> Config:
     """The recipe's config for ``steps`` steps, with one evaluation and one checkpoint, both at the end."""
     every = [f"training.{key}={steps}" for key in ("max_steps", "eval_steps", "save_steps", "logging_steps")]
@@ -187,7 +195,7 @@ def bench_config(config_path: str, overrides: list[str], steps: int) -> Config:
 
 def run_recipe(config: Config, parameters: int, progress: bool = False) -> dict[str, Any]:
     """Train ``config`` in a throw-away folder and measure it."""
-    from loraops.train import StepStats, train
+    from loraops.training.train import StepStats, train
 
     on_gpu = torch.cuda.is_available()
     release_memory()
@@ -266,7 +274,7 @@ def count_parameters(config: Config) -> int:
     """N of the 6N convention: the base model's parameters at full shape (built on the meta device, no weights loaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from loraops.model import resolve_model_path
+    from loraops.training.model import resolve_model_path
 
     model_config = AutoConfig.from_pretrained(resolve_model_path(config), trust_remote_code=config.model.trust_remote_code, revision=config.model.revision)
     with torch.device("meta"):
@@ -277,7 +285,7 @@ def count_parameters(config: Config) -> int:
 def _architecture(config: Config) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    from loraops.model import resolve_model_path
+    from loraops.training.model import resolve_model_path
 
     model_config = AutoConfig.from_pretrained(resolve_model_path(config), trust_remote_code=config.model.trust_remote_code, revision=config.model.revision)
     keys = (
@@ -298,8 +306,8 @@ def _architecture(config: Config) -> dict[str, Any]:
 
 def row_lengths(config: Config) -> list[int]:
     """Token lengths of the training rows the recipes train on."""
-    from loraops.data import encode_all, load_split
-    from loraops.model import load_tokenizer
+    from loraops.training.data import encode_all, load_split
+    from loraops.training.model import load_tokenizer
 
     examples = load_split(config.data, config.data.train_split)[0][: config.data.max_train_samples]
     return [len(row["input_ids"]) for row in encode_all(load_tokenizer(config), examples, config.data)]
@@ -386,9 +394,9 @@ def ensure_random_init_model(kind: str, workspace: Path, num_hidden_layers: int 
 def build_random_init_model(kind: str, folder: Path, num_hidden_layers: int | None = None) -> None:
     from transformers import PhiConfig, PhiForCausalLM
 
-    from loraops.builtin_data import corpus_texts, generate_splits
-    from loraops.model import device
-    from loraops.tiny_model import EOS, build_tokenizer
+    from loraops.training.builtin_data import corpus_texts, generate_splits
+    from loraops.training.model import device
+    from loraops.training.tiny_model import EOS, build_tokenizer
 
     tokenizer = build_tokenizer(corpus_texts(generate_splits()))  # the embedded tokenizer, as the tiny model builds it
     tokenizer.save_pretrained(folder)

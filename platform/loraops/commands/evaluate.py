@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     console.start_log(config.workspace_path, "evaluate", args.verbose)  # libraries' logs and warnings: see `train`
-    from loraops.evaluate import evaluate, format_report
+    from loraops.training.evaluate import evaluate, format_report
 
     report = evaluate(config, adapter=args.adapter, output=args.output, include_base=not args.no_base)
     print(format_report(report))

@@ -111,12 +111,12 @@ def _run_list(args: argparse.Namespace) -> int:
 
 
 def _run_show(args: argparse.Namespace) -> int:
-    from loraops.registry.refs import parse_ref
+    from loraops.registry.refs import Bare, Ref
 
     registry = open_registry(args)
-    name, alias, version = parse_ref(args.ref)
-    if alias is None and version is None:
-        return _show_adapter(registry, name, args.json)
+    ref = Ref.parse(args.ref, bare=Bare.LATEST)
+    if ref.latest:  # a bare NAME shows the adapter and all its versions
+        return _show_adapter(registry, ref.name, args.json)
     found = registry.get(args.ref)
     if args.json:
         return print_json(found.to_dict())

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     # A config error is one line before anything starts; then the libraries' logs and warnings
     # (bitsandbytes', torch's) go to the log file, as for tune, from before they are imported.
     console.start_log(config.workspace_path, "train", args.verbose)
-    from loraops.train import run_dir, train
+    from loraops.training.train import run_dir, train
 
     folder = run_dir(config, args.output_dir)
     try:

@@ -48,8 +48,8 @@ _EXPORTS = {
     "ModelVersion": "loraops.registry.records",
     "PromotionRefused": "loraops.registry.aliases",
     "Registry": "loraops.registry.api",
-    "data_fingerprint": "loraops.data",
-    "lower_is_better": "loraops.registry.refs",
+    "data_fingerprint": "loraops.training.data",
+    "lower_is_better": "loraops.metrics",
     "parse_ref": "loraops.registry.refs",
     "read_best_trial": "loraops.registry.lineage",
     "read_run_folder": "loraops.registry.lineage",
@@ -57,15 +57,16 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from loraops.data import data_fingerprint
     from loraops.layout import validate_name
+    from loraops.metrics import lower_is_better
     from loraops.registry.aliases import PromotionRefused
     from loraops.registry.api import Registry
     from loraops.registry.canary import CanaryState, CanaryStatus
     from loraops.registry.lineage import Lineage, read_best_trial, read_run_folder
     from loraops.registry.records import AdapterInfo, AliasChange, AliasEvent, ModelVersion
-    from loraops.registry.refs import lower_is_better, parse_ref
+    from loraops.registry.refs import parse_ref
     from loraops.registry.store import ArtifactStore, IntegrityError
+    from loraops.training.data import data_fingerprint
 
 
 def __getattr__(name: str) -> Any:

@@ -11,9 +11,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from loraops.errors import LoraopsError
+from loraops.metrics import lower_is_better
 from loraops.registry import db
 from loraops.registry.db import AdapterRow, AliasEventRow, AliasRow, VersionRow
-from loraops.registry.refs import lower_is_better
 
 
 class PromotionRefused(LoraopsError):

@@ -42,7 +42,7 @@ from loraops.registry.canary import CanaryState, CanaryStatus, Totals
 from loraops.registry.db import AdapterRow, AliasEventRow, AliasRow, VersionRow
 from loraops.registry.lineage import Lineage, read_best_trial, read_run_folder
 from loraops.registry.records import AdapterInfo, AliasChange, AliasEvent, ModelVersion, same_files_as, utc
-from loraops.registry.refs import DEFAULT_ALIAS, parse_metrics, parse_ref, parse_version
+from loraops.registry.refs import DEFAULT_ALIAS, Bare, Ref, parse_metrics, parse_version
 from loraops.registry.store import ArtifactStore, IntegrityError, StagedUpload, manifest_digest, verify_local
 
 #: PromotionRefused lives with the alias logic in :mod:`loraops.registry.aliases`; it stays importable from here.
@@ -247,7 +247,8 @@ class Registry:
 
     def get(self, ref: str) -> ModelVersion:
         """The version ``ref`` names: ``NAME`` (latest), ``NAME@ALIAS`` or ``NAME:VERSION``."""
-        name, alias, number = parse_ref(ref)
+        parsed = Ref.parse(ref, bare=Bare.LATEST)
+        name, alias, number = parsed.name, parsed.alias, parsed.version
         with db.read_session(self.engine) as session:
             adapter = aliases.adapter_row(session, name)
             if alias is not None:
@@ -403,8 +404,9 @@ class Registry:
         reason: str | None = None,
     ) -> CanaryState:
         """Send ``percent``% of ``NAME@alias``'s traffic to ``ref`` (``NAME:VERSION``), whose files must verify."""
-        name, ref_alias, number = parse_ref(ref)
-        if ref_alias is not None or number is None:
+        parsed = Ref.parse(ref, bare=Bare.LATEST)
+        name, number = parsed.name, parsed.version
+        if not parsed.pinned:
             raise LoraopsError(f"a canary needs a NAME:VERSION reference, got {ref!r}")
         validate_name(alias, "alias")
         canary.check_settings(percent, max_error_margin, min_requests)

@@ -33,7 +33,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from loraops.config import normalize_database_url
+from loraops.config import display_url, normalize_database_url
 from loraops.errors import LoraopsError
 
 log = logging.getLogger(__name__)
@@ -213,18 +213,6 @@ def get_engine(url: str) -> Engine:
             _create_tables(engine)
             _engines[key] = engine
         return engine
-
-
-def display_url(url: str | URL) -> str:
-    """The URL for messages and logs, its password masked."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        return repr(str(url))
-    if parsed.get_backend_name() == "sqlite":  # a path, shown as typed (render_as_string would escape it)
-        query = "&".join(f"{key}={value}" for key, value in parsed.query.items())
-        return f"{parsed.drivername}:///{parsed.database or ''}" + (f"?{query}" if query else "")
-    return parsed.render_as_string(hide_password=True)
 
 
 def _create_engine(url: str) -> Engine:

@@ -17,10 +17,10 @@ from typing import Any
 import yaml
 
 from loraops.config import BUILTIN_DATA
-from loraops.data import data_fingerprint
 from loraops.errors import LoraopsError
 from loraops.layout import ADAPTER_CONFIG_FILE, BEST_TRIAL_FILE, EVALUATION_FILE, METRICS_FILE, RUN_CONFIG_FILE, check_adapter_dir, checkpoint_step
 from loraops.registry.refs import flatten_metrics
+from loraops.training.data import data_fingerprint
 
 log = logging.getLogger(__name__)
 

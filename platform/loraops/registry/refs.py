@@ -1,28 +1,31 @@
 """Adapter names, registry references and metrics: parsing and checking, without a database.
 
-References: ``NAME`` (the latest version), ``NAME@ALIAS`` and ``NAME:VERSION`` (``NAME:3`` or
-``NAME:v3``). Names and aliases follow :data:`loraops.layout.NAME_RULE`. A bare ``NAME`` given
-to serving means ``NAME@production`` (:data:`DEFAULT_ALIAS`).
+References (:class:`Ref`): ``NAME@ALIAS``, ``NAME:VERSION`` (``NAME:3`` or ``NAME:v3``) and a bare
+``NAME``, whose meaning depends on who reads it, so every caller says which (:class:`Bare`): the
+registry and the CLI read it as the latest version, serving as ``NAME@production``
+(:data:`DEFAULT_ALIAS`). Names and aliases follow :data:`loraops.layout.NAME_RULE`.
 
-``--if-better METRIC`` direction: metrics whose name contains ``loss`` or ``perplexity`` are
-better when lower; every other metric (ROUGE, accuracy, ...) is better when higher.
+The ``--if-better METRIC`` direction is :func:`loraops.metrics.lower_is_better`.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraops.errors import LoraopsError
 from loraops.layout import validate_name
+from loraops.metrics import LOWER_IS_BETTER, lower_is_better
+
+__all__ = ["DEFAULT_ALIAS", "LOWER_IS_BETTER", "Bare", "Ref", "lower_is_better", "normalize_ref", "parse_ref", "parse_version"]
 
 #: The alias promotion moves and serving follows unless told otherwise.
 DEFAULT_ALIAS = "production"
-#: Name fragments of metrics where lower is better; any other metric is better when higher.
-LOWER_IS_BETTER = ("loss", "perplexity")
 _VERSION = re.compile(r"^[vV]?([0-9]+)$")
 
 
@@ -33,20 +36,60 @@ def parse_version(value: str | int) -> int:
     return int(match.group(1))
 
 
+class Bare(enum.Enum):
+    """What a bare ``NAME`` means to the one who reads it."""
+
+    #: The newest registered version (the registry, the CLI).
+    LATEST = "latest"
+    #: ``NAME@production``: the version the default alias points to, followed as it moves (serving).
+    DEFAULT_ALIAS = DEFAULT_ALIAS
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed reference: ``name`` plus at most one of ``alias`` and ``version``; neither means the latest version."""
+
+    name: str
+    alias: str | None = None
+    version: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, bare: Bare) -> Ref:
+        """``NAME`` | ``NAME@ALIAS`` | ``NAME:VERSION``; a bare ``NAME`` means what ``bare`` says."""
+        if "@" in text:
+            name, alias = text.split("@", 1)
+            return cls(validate_name(name), alias=validate_name(alias, "alias"))
+        if ":" in text:
+            name, version = text.split(":", 1)
+            return cls(validate_name(name), version=parse_version(version))
+        name = validate_name(text)
+        return cls(name, alias=DEFAULT_ALIAS) if bare is Bare.DEFAULT_ALIAS else cls(name)
+
+    @property
+    def pinned(self) -> bool:
+        """``NAME:VERSION``: exactly that version, never moved by an alias or a canary."""
+        return self.version is not None
+
+    @property
+    def latest(self) -> bool:
+        return self.alias is None and self.version is None
+
+    def __str__(self) -> str:
+        if self.alias is not None:
+            return f"{self.name}@{self.alias}"
+        return f"{self.name}:{self.version}" if self.version is not None else self.name
+
+
 def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
-    """``NAME`` | ``NAME@ALIAS`` | ``NAME:VERSION`` -> (name, alias or None, version or None)."""
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return validate_name(name), validate_name(alias, "alias"), None
-    if ":" in ref:
-        name, version = ref.split(":", 1)
-        return validate_name(name), None, parse_version(version)
-    return validate_name(ref), None, None
+    """``NAME`` (latest) | ``NAME@ALIAS`` | ``NAME:VERSION`` -> (name, alias or None, version or None)."""
+    parsed = Ref.parse(ref, bare=Bare.LATEST)
+    return parsed.name, parsed.alias, parsed.version
 
 
-def lower_is_better(metric: str) -> bool:
-    """The default direction of ``--if-better``: loss / perplexity down, everything else up."""
-    return any(fragment in metric.lower() for fragment in LOWER_IS_BETTER)
+def normalize_ref(ref: str) -> str:
+    """A reference as serving reads it: a bare ``NAME`` becomes ``NAME@production``; any other is kept as written."""
+    parsed = Ref.parse(ref, bare=Bare.LATEST)
+    return str(Ref.parse(ref, bare=Bare.DEFAULT_ALIAS)) if parsed.latest else ref
 
 
 def flatten_metrics(raw: dict[str, Any], strict: bool, prefix: str = "") -> dict[str, float]:

@@ -9,7 +9,7 @@ alias pointed to most recently before that which loads (:func:`fallback_order`),
 :attr:`AdapterSet.problem`.
 
 Every change of the loaded adapters happens while the engine holds no request (``hold``, the engine's
-:meth:`~loraops.engine.Engine.exclusive`), after the new version's files are fetched and verified, so
+:meth:`~loraops.serve.engine.core.Engine.exclusive`), after the new version's files are fetched and verified, so
 running requests never fail; requests still waiting for a reference's adapter run with whatever it serves when they start
 (the engine resolves the adapter then, :meth:`AdapterSet.adapter_of`).
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraops.errors import LoraopsError
-from loraops.registry.refs import parse_ref
+from loraops.registry.refs import Bare, Ref, normalize_ref
 
 log = logging.getLogger("ray.serve")
 
@@ -102,7 +102,7 @@ class Reference:
 
     @property
     def pinned(self) -> bool:
-        return parse_ref(self.ref)[2] is not None
+        return Ref.parse(self.ref, bare=Bare.DEFAULT_ALIAS).pinned
 
     def listing(self) -> dict[str, Any]:
         return {"ref": self.ref, "name": self.version.name, "version": self.version.version}
@@ -132,8 +132,6 @@ class AdapterSet:
 
     def find(self, model: str | None) -> Reference | None:
         """The reference serving ``model`` (None: the default): the same reference, else a ``NAME:VERSION`` whose version is served."""
-        from loraops.serve.settings import normalize_ref
-
         if model is None:
             return self.default
         if not isinstance(model, str):
@@ -145,8 +143,8 @@ class AdapterSet:
         for reference in self.references:
             if reference.ref == ref:
                 return reference
-        name, _, number = parse_ref(ref)
-        return next((r for r in self.references if number is not None and (r.version.name, r.version.version) == (name, number)), None)
+        wanted = Ref.parse(ref, bare=Bare.DEFAULT_ALIAS)
+        return next((r for r in self.references if wanted.pinned and (r.version.name, r.version.version) == (wanted.name, wanted.version)), None)
 
     def adapter_of(self, reference: Reference) -> str:
         """The adapter a request for ``reference`` runs with when it starts: the version it serves then, or the default's once it is unloaded."""
@@ -186,7 +184,7 @@ class AdapterSet:
         return reference
 
     def _fall_back(self, ref: str, target, failure: Exception, hold: Hold, extra: bool) -> Reference:
-        _, alias, _ = parse_ref(ref)
+        alias = Ref.parse(ref, bare=Bare.DEFAULT_ALIAS).alias
         if alias is None:  # a pinned NAME:VERSION means exactly that version
             raise failure
         for number in fallback_order(self.registry.audit_log(target.name, alias), target.version):

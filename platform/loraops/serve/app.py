@@ -43,9 +43,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraops import __version__
 from loraops.serve.bodies import ERROR_RESPONSES, ApiError, BatchRequest, SummarizeRequest, Summary, field_of, valid_text
+from loraops.serve.contract import Rejection, SummaryRequest, SummaryResult
 from loraops.serve.guard import RequestGuard, error_response, is_openai_route, request_id_of
 from loraops.serve.openai import Answer, ChatRequest, CompletionRequest, model_list, sse
-from loraops.serve.replica import Rejection, SummarizerModel
+from loraops.serve.replica import SummarizerModel
 from loraops.serve.settings import API_DEPLOYMENT, MODEL_DEPLOYMENT, ServeSettings, validate_settings
 from loraops.serve.traffic import Traffic
 
@@ -243,46 +244,44 @@ class SummarizerAPI:
     def _payload(
         self, dialogue: str, max_new_tokens: int | None, temperature: float | None, model: str | None, request: Request,
         part: int = 0, limit_field: str = "max_new_tokens",
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> SummaryRequest:  # fmt: skip
         """What the model replica gets: the dialogue, its limits, and the adapter reference that answers it (None: the default)."""
         limit = self.settings.max_new_tokens_limit
         if max_new_tokens is not None and max_new_tokens > limit:
             raise ApiError(422, "validation_error", f"{limit_field}: must be at most {limit}, got {max_new_tokens}", field=limit_field)
         request_id = request_id_of(request.scope) + (f"/{part}" if part else "")
         chosen = self.traffic.choose(model, request_id)
-        return {
-            "dialogue": dialogue,
-            "max_new_tokens": max_new_tokens or self.settings.default_max_new_tokens,
-            "temperature": float(temperature or 0.0),
-            "model": chosen,
-            # The canary's share: a replica that has not loaded the candidate yet answers with its default.
-            "canary": chosen is not None and self.traffic.names_default(model),
-            # Whether the split chose the version (the canary's figures count only those requests).
-            "split": self.traffic.names_default(model),
-        }
+        return SummaryRequest(
+            dialogue=dialogue,
+            max_new_tokens=max_new_tokens or self.settings.default_max_new_tokens,
+            temperature=float(temperature or 0.0),
+            model=chosen,
+            canary=chosen is not None and self.traffic.names_default(model),
+            split=self.traffic.names_default(model),
+        )
 
-    async def _summarize(self, payload: dict[str, Any], field: str) -> dict[str, Any]:
+    async def _summarize(self, payload: SummaryRequest, field: str) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             result = await self._call(self.model.summarize.remote(payload), timeout=self.settings.request_timeout_s)
         except ApiError as exc:
-            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=exc.status >= 500, split=payload["split"])
+            self.traffic.record_failure(payload.model, time.perf_counter() - started, server_side=exc.status >= 500, split=payload.split)
             raise
         except Exception:
-            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=True, split=payload["split"])
+            self.traffic.record_failure(payload.model, time.perf_counter() - started, server_side=True, split=payload.split)
             raise
         if isinstance(result, Rejection):
-            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=result.type == "generation_failed", split=payload["split"])
+            self.traffic.record_failure(payload.model, time.perf_counter() - started, server_side=result.type == "generation_failed", split=payload.split)
             raise self._rejected(result, field)
-        self.traffic.record(payload["model"], result, time.perf_counter() - started, split=payload["split"])
-        return result
+        self.traffic.record(payload.model, result, time.perf_counter() - started, split=payload.split)
+        return result.to_dict()
 
     def _rejected(self, rejection: Rejection, field: str) -> ApiError:
         if rejection.status == 404:  # the model named is not served: the field is "model", not the text
             return ApiError(404, rejection.type, rejection.message, field="model")
         return ApiError(rejection.status, rejection.type, f"{field}: {rejection.message}", field=field)
 
-    async def _open_stream(self, payload: dict[str, Any], field: str) -> AsyncIterator[dict[str, Any]]:
+    async def _open_stream(self, payload: SummaryRequest, field: str) -> AsyncIterator[dict[str, Any]]:
         """The model's stream of events, once its first event shows the request was taken (a refusal is an ordinary error answer)."""
         started = time.perf_counter()
         events = self.model.options(stream=True).summarize_stream.remote(payload)
@@ -293,22 +292,21 @@ class SummarizerAPI:
             raise
         if "rejection" in first:
             rejection = Rejection(**first["rejection"])
-            server_side = rejection.type == "generation_failed"
-            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=server_side, split=payload["split"])
+            self.traffic.record_failure(payload.model, time.perf_counter() - started, server_side=rejection.type == "generation_failed", split=payload.split)
             raise self._rejected(rejection, field)
         return self._recorded(first, events, payload, started)
 
-    async def _recorded(self, first: dict[str, Any], events, payload: dict[str, Any], started: float) -> AsyncIterator[dict[str, Any]]:
+    async def _recorded(self, first: dict[str, Any], events, payload: SummaryRequest, started: float) -> AsyncIterator[dict[str, Any]]:
         """The events, recorded for the version that answered; a failure mid-stream becomes a last ``{"error"}`` event."""
         yield first
         try:
             async for event in events:
                 if event.get("done"):
-                    self.traffic.record(payload["model"], event, time.perf_counter() - started, split=payload["split"])
+                    self.traffic.record(payload.model, SummaryResult.from_dict(event), time.perf_counter() - started, split=payload.split)
                 yield event
         except Exception as exc:  # noqa: BLE001 - the status line is sent: the client learns of it in the stream
-            self.traffic.record_failure(payload["model"], time.perf_counter() - started, server_side=True, split=payload["split"])
-            log.error("stream of %s failed: %s: %s", payload["model"] or self.traffic.name, type(exc).__name__, exc)
+            self.traffic.record_failure(payload.model, time.perf_counter() - started, server_side=True, split=payload.split)
+            log.error("stream of %s failed: %s: %s", payload.model or self.traffic.name, type(exc).__name__, exc)
             yield {"error": {"type": "internal_error", "message": "the model failed while streaming; the server log has the details"}}
 
     async def _summary_events(self, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
@@ -321,7 +319,7 @@ class SummarizerAPI:
                 yield sse(event)
         yield "data: [DONE]\n\n"
 
-    async def _openai_answer(self, answer: Answer, payload: dict[str, Any], body, field: str) -> Any:
+    async def _openai_answer(self, answer: Answer, payload: SummaryRequest, body, field: str) -> Any:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(answer.stream(await self._open_stream(payload, field), include_usage), **EVENT_STREAM)

@@ -24,11 +24,10 @@ def target_version(config):
     ``model.trust_remote_code: true`` (unless ``args.allow_trust_remote_code``) is an error. Needs no
     Ray: ``loraops serve`` calls it before starting a cluster, so such a mistake costs no cluster start.
     """
-    from loraops.registry import Registry
     from loraops.serve.adapters import training_config
 
     settings = config.settings.with_absolute_paths()
-    registry = Registry(db_url=settings.db_url, artifact_uri=settings.artifact_uri, workspace=settings.workspace)
+    registry = settings.open_registry()
     versions = [registry.get(ref) for ref in settings.adapters]
     for version in versions:
         training_config(version, str(settings.workspace), settings.allow_trust_remote_code)

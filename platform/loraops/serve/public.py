@@ -19,6 +19,6 @@ def without_paths(text: str) -> str:
 
 def public_model_name(name: str) -> str:
     """A base model's name as API callers may see it: a hub id or ``builtin:...`` as it is, a local folder as ``local:FOLDER``."""
-    from loraops.model import _is_path  # not at import time: it loads torch
+    from loraops.training.model import _is_path  # not at import time: it loads torch
 
     return f"local:{PurePath(name.rstrip('/')).name or 'model'}" if _is_path(name) else without_paths(name)

@@ -7,7 +7,7 @@ may name one in ``model`` (default: the first); one adapter loaded runs the fast
 merged into the dequantized base), several run unmerged with per-row adapters in shared batches
 (:mod:`loraops.serve.adapters`, :meth:`loraops.generate.ServingModel.adapter_rows`).
 
-Requests go to the replica's :class:`~loraops.engine.Engine`: continuous batching (requests join and
+Requests go to the replica's :class:`~loraops.serve.engine.core.Engine`: continuous batching (requests join and
 leave the running batch between decode steps) over a KV cache whose shapes come from a fixed set of
 buckets (``batch_buckets`` x ``length_buckets``). The constructor runs every bucket shape once before
 the replica reports healthy (on a GPU in merged mode that compiles the decode step for each), so no
@@ -24,7 +24,7 @@ serves the version the alias pointed to most recently before that still verifies
 
 Adapter swaps without downtime: every ``registry_poll_s`` the replica asks the registry where its
 alias references point; when one has moved it loads the new adapter and switches while no request is
-decoding (:meth:`loraops.engine.Engine.exclusive`), so no request fails and the base model is never
+decoding (:meth:`loraops.serve.engine.core.Engine.exclusive`), so no request fails and the base model is never
 reloaded. Serve's ``user_config`` (``reconfigure``) can change the default reference, the batch
 settings and the poll interval the same way (the set of ``adapters`` changes with a redeploy, or
 one reference at a time with :meth:`SummarizerModel.load_extra`). Every response names the version
@@ -39,14 +39,15 @@ import logging
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 
 from loraops.errors import LoraopsError
+from loraops.registry.refs import normalize_ref
 from loraops.serve.adapters import AdapterSet, adapter_slot, fallback_order, swap_blocker, training_config
 from loraops.serve.candidate import CandidateLoader
+from loraops.serve.contract import AnsweredBy, Rejection, SummaryRequest, SummaryResult, Usage
 from loraops.serve.public import public_model_name, without_paths
 from loraops.serve.settings import MODEL_DEPLOYMENT, LiveSettings, ServeSettings, validate_live
 
@@ -83,24 +84,6 @@ class DialogueTooLong(LoraopsError):
         )
 
 
-@dataclass(frozen=True)
-class Rejection:
-    """A request the model deployment turns down because of its own input: an HTTP ``status`` (422, 404), a ``type``, the ``field`` at fault.
-
-    Returned instead of raised: Serve logs every exception a replica method raises with its
-    traceback, and a client's mistake is not worth one.
-    """
-
-    status: int
-    type: str
-    message: str
-    field: str | None = None
-
-    def event(self) -> dict[str, Any]:
-        """The one event of a refused stream."""
-        return {"rejection": {"status": self.status, "type": self.type, "message": self.message, "field": self.field}}
-
-
 async def reject_or_raise(error: Exception, probe: Callable[[], Awaitable[Any]]) -> Rejection:
     """The answer to a request that failed on its own (the engine already kept it from failing its batch-mates).
 
@@ -127,14 +110,12 @@ class SummarizerModel:
     """One model replica: base model + the adapters of its registry references, batched generation, live swaps."""
 
     def __init__(self, settings: dict[str, Any]):
-
-        from loraops.model import use_reserved_cpus
-        from loraops.registry import Registry
+        from loraops.training.model import use_reserved_cpus
 
         self.settings = ServeSettings.model_validate(settings)
         use_reserved_cpus(self.settings.torch_threads)  # default: ray_actor_options.num_cpus, at most the cores
         self.live = LiveSettings.model_validate(self.settings.live())
-        self.registry = Registry(db_url=self.settings.db_url, artifact_uri=self.settings.artifact_uri, workspace=self.settings.workspace)
+        self.registry = self.settings.open_registry()
         self._switch_lock = asyncio.Lock()
         self.engine = None
         self.adapters = AdapterSet(self.registry, self.settings)
@@ -172,27 +153,12 @@ class SummarizerModel:
 
     def _start_engine(self, max_batch_size: int):
         """The decode engine for the served model: buckets from the settings, every shape run once (warm-up), its loop started."""
-        from loraops.engine import Engine
+        from loraops.serve.engine.core import Engine
 
-        buckets = self.settings.buckets(max_batch_size, self.context_tokens)
-        engine = Engine(
-            self.served,
-            buckets,
-            policy=self.settings.batching,
-            max_batch_size=max_batch_size,
-            batch_wait_s=self.live.batch_wait_timeout_s,
-            compile=self.settings.compiles(self.served),
-            resolve_adapter=self.adapters.adapter_of,
+        engine = Engine.from_settings(
+            self.served, self.settings, max_batch_size, batch_wait_s=self.live.batch_wait_timeout_s, resolve_adapter=self.adapters.adapter_of
         )
-        shapes, seconds = engine.warm_up()
-        self.warm_up_report = {"shapes": shapes, "seconds": round(seconds, 2), "compiled": engine.compiled}
-        log.info(
-            "warm-up: %d shapes (batch %s x cache length %s, prefill batch %s) in %.1f s%s",
-            shapes, list(buckets.batch), list(buckets.length), list(buckets.prefill_batch), seconds, ", decode step compiled" if engine.compiled else "",
-        )  # fmt: skip
-        if engine.compiled and self.served.mixed:
-            log.info("several adapters are loaded: decode steps run uncompiled until one is left")
-        engine.start()
+        self.warm_up_report = engine.warm_start()
         return engine
 
     # --- following aliases, changing the set ---------------------------------------------------
@@ -235,8 +201,6 @@ class SummarizerModel:
 
     async def load_extra(self, ref: str) -> dict[str, Any]:
         """Serve ``ref`` too (e.g. a canary candidate), next to the configured references, up to ``max_adapters``; its listing."""
-        from loraops.serve.settings import normalize_ref
-
         ref = normalize_ref(ref.strip())
         async with self._switch_lock:
             reference = await asyncio.to_thread(self.adapters.load, ref, self._hold, True)
@@ -246,8 +210,6 @@ class SummarizerModel:
 
     async def unload_extra(self, ref: str) -> bool:
         """Stop serving a reference added with :meth:`load_extra` (requests waiting for it get the default); False if it was not served."""
-        from loraops.serve.settings import normalize_ref
-
         ref = normalize_ref(ref.strip())
         if ref in self.settings.adapters:
             raise LoraopsError(f"{ref} is one of the configured adapters: redeploy to stop serving it")
@@ -282,13 +244,13 @@ class SummarizerModel:
     def context_tokens(self) -> int:
         return self.settings.context_tokens or self.served.context_tokens
 
-    async def summarize(self, request: dict[str, Any]) -> dict[str, Any] | Rejection:
-        """One summary: ``{"dialogue", "max_new_tokens"?, "temperature"?, "model"?}`` (validated by the API), or a :class:`Rejection`.
+    async def summarize(self, request: SummaryRequest) -> SummaryResult | Rejection:
+        """One summary of a request the API validated, or a :class:`Rejection`.
 
         ``usage.model_ms`` is the time the request spent in the model engine (waiting for a slot, which
         ``usage.queue_ms`` gives, plus generating): the rest of what a client measures is Serve's overhead.
         """
-        from loraops.engine import RowFailed
+        from loraops.serve.engine.core import RowFailed
 
         prepared = await self._prepare(request)
         if isinstance(prepared, Rejection):
@@ -299,11 +261,11 @@ class SummarizerModel:
             return await reject_or_raise(exc, lambda: self._generate(self._probe, 1, 0.0, None))
         return self._answer(generated)
 
-    async def summarize_stream(self, request: dict[str, Any]):
+    async def summarize_stream(self, request: SummaryRequest):
         """:meth:`summarize` as events: ``{"model"}`` (the version that answers), ``{"text"}`` as tokens are generated,
         then ``{"done": True, ...the answer}``; or one ``{"rejection": {...}}``. Concatenated, the texts are the summary."""
-        from loraops.engine import RowFailed
         from loraops.generate import TextStream
+        from loraops.serve.engine.core import RowFailed
 
         prepared = await self._prepare(request)
         if isinstance(prepared, Rejection):
@@ -333,43 +295,34 @@ class SummarizerModel:
         finally:
             future.cancel()  # a caller that went away: the engine drops the request (no-op once it is done)
         answer = self._answer(generated)
-        if rest := text.finish(answer["summary"]):
+        if rest := text.finish(answer.summary):
             yield {"text": rest}
-        yield {"done": True, **answer}
+        yield {"done": True, **answer.to_dict()}
 
-    async def _prepare(self, request: dict[str, Any]):
+    async def _prepare(self, request: SummaryRequest):
         """``(prompt, max_new_tokens, temperature, reference)`` for the engine, or a :class:`Rejection`."""
-        reference = self.adapters.find(request.get("model"))
-        if reference is None and request.get("canary"):  # the API routed it to a candidate this replica has not loaded (yet)
+        reference = self.adapters.find(request.model)
+        if reference is None and request.canary:  # the API routed it to a candidate this replica has not loaded (yet)
             reference = self.adapters.default
         if reference is None:
-            return Rejection(404, "model_not_found", f"model {request.get('model')!r} is not served here; loaded: {', '.join(self.adapters.refs())}", "model")
-        max_new_tokens = request.get("max_new_tokens") or self.settings.default_max_new_tokens
+            return Rejection(404, "model_not_found", f"model {request.model!r} is not served here; loaded: {', '.join(self.adapters.refs())}", "model")
+        max_new_tokens = request.max_new_tokens or self.settings.default_max_new_tokens
         try:
-            self._check_size(request["dialogue"], max_new_tokens)
-            prompt = await asyncio.to_thread(self._encode, request["dialogue"], max_new_tokens)
+            self._check_size(request.dialogue, max_new_tokens)
+            prompt = await asyncio.to_thread(self._encode, request.dialogue, max_new_tokens)
         except DialogueTooLong as exc:
             return Rejection(422, "context_length_exceeded", str(exc), "dialogue")
-        return prompt, max_new_tokens, float(request.get("temperature") or 0.0), reference
+        return prompt, max_new_tokens, float(request.temperature or 0.0), reference
 
-    def _answer(self, generated) -> dict[str, Any]:
+    def _answer(self, generated) -> SummaryResult:
         completion = generated.completion
         version = self.adapters.versions[generated.adapter]
         ended = bool(completion.token_ids) and completion.token_ids[-1] == self.served.tokenizer.eos_token_id
-        return {
-            "summary": completion.text,
-            "model": {"name": version.name, "version": version.version},
-            "usage": {
-                "prompt_tokens": completion.prompt_tokens,
-                "completion_tokens": len(completion.token_ids),
-                "model_ms": round(generated.model_s * 1000, 2),
-                "queue_ms": round(generated.queue_s * 1000, 2),
-            },
-            "finish_reason": "stop" if ended else "length",
-        }
+        usage = Usage(completion.prompt_tokens, len(completion.token_ids), round(generated.model_s * 1000, 2), round(generated.queue_s * 1000, 2))
+        return SummaryResult(completion.text, AnsweredBy(version.name, version.version), usage, "stop" if ended else "length")
 
     async def _generate(self, prompt: list[int], max_new_tokens: int, temperature: float, reference):
-        """The engine's :class:`~loraops.engine.Generated` for one request; a cancelled caller's request is dropped."""
+        """The engine's :class:`~loraops.serve.engine.core.Generated` for one request; a cancelled caller's request is dropped."""
         future = self.engine.submit(prompt, max_new_tokens, temperature, adapter=reference)
         try:
             return await asyncio.wrap_future(future)
@@ -378,7 +331,7 @@ class SummarizerModel:
             raise
 
     def _prompt(self, dialogue: str) -> list[int]:
-        from loraops.data import prompt_ids
+        from loraops.training.data import prompt_ids
 
         return prompt_ids(self.served.tokenizer, dialogue, self.served.config.data, budget=sys.maxsize)
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from loraops.config import ConfigError, Section, apply_overrides, format_validation_error, read_yaml, resolve_workspace
-from loraops.registry.refs import DEFAULT_ALIAS, parse_ref
+from loraops.registry.refs import DEFAULT_ALIAS, normalize_ref
 
 #: The application builder that Ray's ``serve deploy`` imports.
 IMPORT_PATH = "loraops.serve.app:build_app"
@@ -29,14 +29,6 @@ DEPLOYMENTS = (MODEL_DEPLOYMENT, API_DEPLOYMENT)
 #: Keys of :class:`ServeSettings` that a replica also takes from Serve's ``user_config``: changing
 #: them there is a lightweight update (``reconfigure``, no replica restart).
 LIVE_KEYS = ("adapter", "max_batch_size", "batch_wait_timeout_s", "registry_poll_s")
-
-
-def normalize_ref(ref: str) -> str:
-    """A bare adapter NAME means NAME@production: serving follows the production alias."""
-    name, alias, version = parse_ref(ref)
-    if alias is None and version is None:
-        return f"{name}@{DEFAULT_ALIAS}"
-    return ref
 
 
 def _check_ref(value: str) -> str:
@@ -148,8 +140,8 @@ class ServeSettings(LiveSettings):
         return self
 
     def buckets(self, max_batch_size: int, context_tokens: int):
-        """The engine's :class:`~loraops.engine.Buckets`: batch buckets capped by ``max_batch_size``, length buckets by the context."""
-        from loraops.buckets import Buckets
+        """The engine's :class:`~loraops.serve.engine.buckets.Buckets`: batch buckets capped by ``max_batch_size``, length buckets by the context."""
+        from loraops.serve.engine.buckets import Buckets
 
         over = [n for n in self.length_buckets or [] if n > context_tokens]
         if over:
@@ -165,6 +157,12 @@ class ServeSettings(LiveSettings):
     def live(self) -> dict[str, Any]:
         """The Serve ``user_config`` of the model deployment: the settings a replica updates in place."""
         return {key: getattr(self, key) for key in LIVE_KEYS}
+
+    def open_registry(self):
+        """The :class:`~loraops.registry.Registry` these settings serve from: ``db_url``, ``artifact_uri``, ``workspace``."""
+        from loraops.registry import Registry
+
+        return Registry(db_url=self.db_url, artifact_uri=self.artifact_uri, workspace=self.workspace)
 
     def with_absolute_paths(self) -> ServeSettings:
         """Workspace and registry locations made absolute here: Ray workers run in another directory.

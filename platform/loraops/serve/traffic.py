@@ -14,7 +14,8 @@ import logging
 from typing import Any
 
 from loraops.errors import LoraopsError
-from loraops.registry.refs import parse_ref
+from loraops.registry.refs import Bare, Ref
+from loraops.serve.contract import SummaryResult
 
 log = logging.getLogger("ray.serve")
 
@@ -23,13 +24,13 @@ class Traffic:
     """Routing and records of one ingress replica for its deployment's default reference (``settings.adapter``)."""
 
     def __init__(self, settings):
-        from loraops.registry import Registry
         from loraops.serve.canary import CanaryRouter
         from loraops.serve.metrics import VersionMetrics
 
-        self.name, alias, _ = parse_ref(settings.adapter)
+        ref = Ref.parse(settings.adapter, bare=Bare.DEFAULT_ALIAS)
+        self.name, alias = ref.name, ref.alias
         self.metrics = VersionMetrics()
-        registry = Registry(db_url=settings.db_url, artifact_uri=settings.artifact_uri, workspace=settings.workspace)
+        registry = settings.open_registry()
         # Only an alias can have a canary: a pinned NAME:VERSION means exactly that version.
         self.router = CanaryRouter(registry, self.name, alias, metrics=self.metrics) if alias else None
         self._default_version: int | None = None
@@ -52,10 +53,10 @@ class Traffic:
             return model
         return self.router.route(request_id) if self.router is not None else None
 
-    def record(self, model: str | None, result: dict[str, Any], seconds: float, split: bool = True) -> None:
+    def record(self, model: str | None, result: SummaryResult, seconds: float, split: bool = True) -> None:
         """An answer to a request sent with ``model``: the version that gave it, its latency and length.
         ``split``: the request named no version (:meth:`choose` picked ``model``)."""
-        name, version, tokens = result["model"]["name"], int(result["model"]["version"]), int(result["usage"]["completion_tokens"])
+        name, version, tokens = result.model.name, result.model.version, result.usage.completion_tokens
         if model is None:
             self._default_version = version
         self._count(name, version, seconds, False, tokens, split, model)
@@ -79,10 +80,10 @@ class Traffic:
         if model is None:
             return (self.name, self._default_version) if self._default_version is not None else None
         try:
-            name, _, version = parse_ref(model)
+            ref = Ref.parse(model, bare=Bare.DEFAULT_ALIAS)
         except LoraopsError:
             return None
-        return (name, version) if version is not None else None
+        return (ref.name, ref.version) if ref.pinned else None
 
     async def run(self, poll_s: float) -> None:
         """Re-read the canary every ``poll_s`` seconds and write this replica's figures (never stops serving on a registry hiccup)."""

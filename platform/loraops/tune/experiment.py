@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from loraops import cluster
-from loraops.config import Config, database_url, dump_config, validate
+from loraops.config import Config, database_url, display_url, dump_config, validate
 from loraops.errors import LoraopsError
 from loraops.layout import BEST_CONFIG_FILE, BEST_TRIAL_FILE, EXPERIMENT_CONFIG_FILE, NAME_RULE, RESULTS_FILE, SEARCH_PLOT_FILE, is_valid_name
 from loraops.tune import results
@@ -151,7 +151,7 @@ def run_experiment(
         concurrency = config.search.max_concurrent_trials or default_concurrency(resources)
         log.info(
             "experiment %s: %d trials, %d at a time, %s per trial; Optuna study %r in %s",
-            *(location.uri, config.search.num_samples, concurrency, resources, location.name, _safe_url(db_url)),
+            *(location.uri, config.search.num_samples, concurrency, resources, location.name, display_url(db_url)),
         )
         location.write_text(EXPERIMENT_CONFIG_FILE, yaml.safe_dump(base, sort_keys=False))
         filesystem, root = location.storage()
@@ -310,7 +310,7 @@ def default_concurrency(resources: dict[str, float]) -> int:
 
 def prepare_model(config: Config) -> None:
     """Build the embedded tiny model once here, so concurrent trials do not race to build it."""
-    from loraops.model import resolve_model_path
+    from loraops.training.model import resolve_model_path
 
     resolve_model_path(config)
 
@@ -323,7 +323,7 @@ def ensure_new_study(db_url: str, name: str) -> None:
     with database_errors(db_url):  # an unreachable database: one line, before Ray starts
         names = optuna.study.get_all_study_names(storage=db_url)
     if name in names:
-        raise LoraopsError(f"the database {_safe_url(db_url)} already has an Optuna study named {name!r}: pick another --name")
+        raise LoraopsError(f"the database {display_url(db_url)} already has an Optuna study named {name!r}: pick another --name")
 
 
 def check_study_exists(db_url: str, name: str) -> None:
@@ -331,7 +331,7 @@ def check_study_exists(db_url: str, name: str) -> None:
 
     if name not in optuna.study.get_all_study_names(storage=db_url):
         raise LoraopsError(
-            f"the database {_safe_url(db_url)} has no Optuna study named {name!r}: resume with the database the experiment "
+            f"the database {display_url(db_url)} has no Optuna study named {name!r}: resume with the database the experiment "
             "started with (set LORAOPS_DATABASE_URL; the experiment folder does not store its URL)"
         )
 
@@ -433,13 +433,3 @@ def _remote_best(location: Location) -> dict[str, Any] | None:
 
 def _all_finished(rows: list[results.TrialRow], config: Config) -> bool:
     return len(rows) >= config.search.num_samples and all(row.finished for row in rows)
-
-
-def _safe_url(url: str) -> str:
-    """A database URL without its password, for messages."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - only for display
-        return url

@@ -34,14 +34,13 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from loraops.metrics import mode_of
 from loraops.tune.trainable import BEST_METRIC, MAX_STEPS, METRIC, STEP
 
 log = logging.getLogger(__name__)
 
 #: Optuna user attribute naming the Tune trial of a study trial.
 TUNE_TRIAL_ATTR = "tune_trial_id"
-#: Metrics a search may select trials by, and their direction.
-MODES = {"eval_loss": "min", "rougeL": "max"}
 
 
 def startup_trials(num_samples: int, configured: int | None = None) -> int:
@@ -55,7 +54,7 @@ class StudySearch(Searcher):
 
     ``space``: searched key -> Optuna distribution (:meth:`SearchSpace.optuna_distributions`),
     the same keys as the Tuner's ``param_space``. ``objective``: the metric the study optimizes
-    (``eval_loss`` or ``rougeL``, see :data:`MODES`); to Tune this searcher's ``metric`` is always
+    (``eval_loss`` or ``rougeL``, direction from :func:`loraops.metrics.mode_of`); to Tune this searcher's ``metric`` is always
     ``eval_loss``, the one every result carries (Tune checks that), while ``rougeL`` only comes with
     a trial's last result. ``workspace`` locates the default SQLite database when the driver that
     restores this searcher has no ``$LORAOPS_DATABASE_URL``.
@@ -64,7 +63,7 @@ class StudySearch(Searcher):
     def __init__(self, *, database_url: str, workspace: str, study_name: str, space: dict[str, Any], seed: int, startup_trials: int, objective: str = METRIC):
         import optuna
 
-        super().__init__(metric=METRIC, mode=MODES[METRIC])
+        super().__init__(metric=METRIC, mode=mode_of(METRIC))
         self._objective = objective
         self._study_name = study_name
         self._workspace = workspace
@@ -109,7 +108,7 @@ class StudySearch(Searcher):
         _, storage, study_id = self._connect()
         # The study records eval losses in its own direction: a rougeL study (maximize) stores
         # them negated, so that TPE ranks trials stopped early by how far they got, then by loss.
-        value = float(value) if MODES[self._objective] == "min" else -float(value)
+        value = float(value) if mode_of(self._objective) == "min" else -float(value)
         # UpdateFinishedTrialError: the study recorded this trial's end before the driver was killed.
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             storage.set_trial_intermediate_value(storage.get_trial_id_from_study_id_trial_number(study_id, number), int(result.get(STEP, 0)), value)
@@ -179,7 +178,7 @@ def create_study(database_url: str, name: str, metric: str) -> None:
     """A new, empty study for an experiment (the searcher opens it by name)."""
     import optuna
 
-    optuna.create_study(study_name=name, storage=database_url, direction="minimize" if MODES[metric] == "min" else "maximize")
+    optuna.create_study(study_name=name, storage=database_url, direction="minimize" if mode_of(metric) == "min" else "maximize")
 
 
 def fail_orphans(database_url: str, name: str) -> int:

@@ -1,4 +1,4 @@
-"""One Tune trial = one :func:`loraops.train.train` run, in its own Ray worker process.
+"""One Tune trial = one :func:`loraops.training.train.train` run, in its own Ray worker process.
 
 Tune starts a fresh actor (process) per trial (``reuse_actors=False``), so the GPU memory of a
 trial is returned when it ends, however it ends. The trial reports after every evaluation:
@@ -17,13 +17,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from loraops.metrics import mode_of
 from loraops.tune.space import SearchSpace, trial_config, trial_name
 
 log = logging.getLogger(__name__)
 
 #: The metric every trial reports at every evaluation; ASHA stops trials on it.
 METRIC = "eval_loss"
-MODE = "min"
+MODE = mode_of(METRIC)
 #: Reported with every result: the best eval loss so far, the optimizer step, the step budget.
 BEST_METRIC = "best_eval_loss"
 STEP, MAX_STEPS = "step", "max_steps"
@@ -35,8 +36,8 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], space: SearchSpa
     """The function trainable: ``sampled`` is Tune's config (the searched keys, choice labels)."""
     import ray.tune
 
-    from loraops.model import use_reserved_cpus
-    from loraops.train import train
+    from loraops.training.model import use_reserved_cpus
+    from loraops.training.train import train
 
     use_reserved_cpus(threads)  # the CPUs reserved for this trial, not every core of the node (nor more than it has)
     quiet_trial_output()
@@ -70,7 +71,7 @@ def placement_info() -> dict[str, str]:
     import ray
     import torch
 
-    from loraops.model import device
+    from loraops.training.model import device
 
     gpu_ids = ",".join(str(gpu) for gpu in ray.get_gpu_ids())
     if gpu_ids and not torch.cuda.is_available():
@@ -81,8 +82,8 @@ def placement_info() -> dict[str, str]:
 def rouge_evaluation(config: Any) -> Any:
     """ROUGE-L (F1 x 100) of greedy summaries of the first ``search.rouge_samples`` validation
     dialogues: a fixed subset, so trials are compared on the same dialogues."""
-    from loraops.data import load_split
-    from loraops.evaluate import generate_summaries, rouge
+    from loraops.training.data import load_split
+    from loraops.training.evaluate import generate_summaries, rouge
 
     examples = load_split(config.data, config.data.eval_split)[0][: config.search.rouge_samples]
 

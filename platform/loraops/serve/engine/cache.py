@@ -1,7 +1,7 @@
 """The serving model called only at bucket shapes, over a KV cache of fixed slots (one row each).
 
 :class:`SlotModel` owns the cache buffers (``[max batch bucket, heads, max length bucket, head size]``
-per layer) and the two kinds of forward pass the engine (:mod:`loraops.engine`) runs:
+per layer) and the two kinds of forward pass the engine (:mod:`loraops.serve.engine.core`) runs:
 
 - **prefill**: joining prompts, left-padded to ``(prefill batch bucket, length bucket)``, into a scratch
   cache; :meth:`SlotModel.store` copies a row's keys and values into its slot;
@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from loraops.buckets import Buckets
 from loraops.errors import LoraopsError
+from loraops.serve.engine.buckets import Buckets
 
 
 class _Window:

@@ -129,7 +129,7 @@ def _read_rows(config: DataConfig, split: str) -> tuple[list[Any], str]:
 
 
 def _builtin_rows(config: DataConfig, split: str) -> list[dict]:
-    from loraops.builtin_data import generate_splits
+    from loraops.training.builtin_data import generate_splits
 
     splits = generate_splits(size=config.builtin_size)
     if split not in splits:

@@ -77,7 +77,7 @@ def build_tiny_model(folder: Path) -> None:
     import torch
     from transformers import PhiConfig, PhiForCausalLM
 
-    from loraops.builtin_data import corpus_texts, generate_splits
+    from loraops.training.builtin_data import corpus_texts, generate_splits
 
     splits = generate_splits()
     tokenizer = build_tokenizer(corpus_texts(splits))
@@ -105,7 +105,7 @@ def pretrain_on_dialogues(model, tokenizer, dialogues: list[str], steps: int, ba
     import torch
     from tqdm.auto import tqdm
 
-    from loraops.data import pad_batch
+    from loraops.training.data import pad_batch
 
     rows = []
     for text in dialogues:

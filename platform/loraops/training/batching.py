@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from loraops.config import Config
-from loraops.data import IGNORE_INDEX, batch_order, pad_batch
+from loraops.training.data import IGNORE_INDEX, batch_order, pad_batch
 
 
 def pack_rows(rows: Sequence[dict[str, list[int]]], pad_id: int, sequence_length: int | None = None) -> dict[str, torch.Tensor]:

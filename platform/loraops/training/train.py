@@ -27,13 +27,13 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from loraops.batching import BatchStream, eval_batches
-from loraops.checkpoint import TrainState, load_checkpoint, save_adapter, save_checkpoint
 from loraops.config import Config, dump_config
-from loraops.data import IGNORE_INDEX, encode_all, load_split
 from loraops.errors import LoraopsError
 from loraops.layout import ADAPTER_DIR, CHECKPOINT_PREFIX, EVALUATION_FILE, LOSS_PLOT_FILE, METRICS_FILE, RUN_CONFIG_FILE
-from loraops.model import DTYPES, device, load_base_model, load_tokenizer, prepare_for_training
+from loraops.training.batching import BatchStream, eval_batches
+from loraops.training.checkpoint import TrainState, load_checkpoint, save_adapter, save_checkpoint
+from loraops.training.data import IGNORE_INDEX, encode_all, load_split
+from loraops.training.model import DTYPES, device, load_base_model, load_tokenizer, prepare_for_training
 
 log = logging.getLogger(__name__)
 
@@ -126,23 +126,8 @@ def train(
         raise LoraopsError("training.attn_implementation flex_attention trains only on a GPU (torch has no flex attention backward on CPU): use sdpa")
     seed_everything(settings.seed)
 
-    # Data first: a bad source should fail before minutes of model loading.
-    train_examples = load_split(config.data, config.data.train_split)[0][: config.data.max_train_samples]
-    eval_examples = load_split(config.data, config.data.eval_split)[0][: settings.eval_max_samples]
-    tokenizer = load_tokenizer(config)
-    train_rows = encode_all(tokenizer, train_examples, config.data)
-    eval_rows = encode_all(tokenizer, eval_examples, config.data)
-
-    model = prepare_for_training(load_base_model(config, attn_implementation=settings.attn_implementation), config)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    log.info("trainable parameters: %s of %s", f"{sum(p.numel() for p in trainable):,}", f"{sum(p.numel() for p in model.parameters()):,}")
-    optimizer = build_optimizer(trainable, config)
-    scheduler = build_scheduler(optimizer, config)
-    scaler = grad_scaler(config)
-    state = TrainState()
-    if resume_from:
-        state = load_checkpoint(Path(resume_from), model, optimizer, scheduler, scaler)
-        log.info("resumed from %s at step %d", resume_from, state.step)
+    tokenizer, train_rows, eval_rows = encode_splits(config)  # data first: a bad source fails before minutes of model loading
+    model, trainable, optimizer, scheduler, scaler, state = build_trainer(config, resume_from)
 
     start_run_folder(out, config, fresh=not resume_from)
     metrics = MetricsLog(out / METRICS_FILE, config, fresh=not resume_from)
@@ -155,12 +140,7 @@ def train(
     while state.step < settings.max_steps:
         step = next(batches)
         loss = train_step(model, step.micro_batches, autocast, scaler)
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
-        scaler.step(optimizer)  # skipped when a scaled gradient overflowed; the scale then shrinks
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scheduler, scaler, trainable, settings.max_grad_norm)
         state.step += 1
         state.samples += step.rows
         if on_step is not None:
@@ -198,6 +178,29 @@ def train(
     plot = plot_losses(out / METRICS_FILE, out / LOSS_PLOT_FILE, title=config.name)
     log.info("best eval loss %.4f at step %d; adapter in %s", state.best_eval_loss, state.best_step, out / ADAPTER_DIR)
     return TrainResult(out, out / ADAPTER_DIR, state.best_eval_loss, state.best_step, state.step, out / METRICS_FILE, plot)
+
+
+def encode_splits(config: Config) -> tuple[Any, list, list]:
+    """The tokenizer and the encoded train and eval rows of ``config``'s data."""
+    train_examples = load_split(config.data, config.data.train_split)[0][: config.data.max_train_samples]
+    eval_examples = load_split(config.data, config.data.eval_split)[0][: config.training.eval_max_samples]
+    tokenizer = load_tokenizer(config)
+    return tokenizer, encode_all(tokenizer, train_examples, config.data), encode_all(tokenizer, eval_examples, config.data)
+
+
+def build_trainer(config: Config, resume_from: str | os.PathLike | None):
+    """The model prepared for training, its trainable parameters, optimizer, scheduler, scaler and state (resumed when asked)."""
+    model = prepare_for_training(load_base_model(config, attn_implementation=config.training.attn_implementation), config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    log.info("trainable parameters: %s of %s", f"{sum(p.numel() for p in trainable):,}", f"{sum(p.numel() for p in model.parameters()):,}")
+    optimizer = build_optimizer(trainable, config)
+    scheduler = build_scheduler(optimizer, config)
+    scaler = grad_scaler(config)
+    state = TrainState()
+    if resume_from:
+        state = load_checkpoint(Path(resume_from), model, optimizer, scheduler, scaler)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+    return model, trainable, optimizer, scheduler, scaler, state
 
 
 # --- the pieces of a step ----------------------------------------------------------------------
@@ -254,6 +257,16 @@ def summed_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
 def _keeps_logits_by_mask(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def optimizer_step(optimizer, scheduler, scaler: torch.amp.GradScaler, parameters, max_grad_norm: float) -> None:
+    """Clip, step, advance the schedule and clear the gradients after one step's backward passes."""
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    scaler.step(optimizer)  # skipped when a scaled gradient overflowed; the scale then shrinks
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def train_step(model, micro_batches: list[dict[str, torch.Tensor]], autocast, scaler: torch.amp.GradScaler | None = None) -> float:

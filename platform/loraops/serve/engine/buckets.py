@@ -15,9 +15,9 @@ MIN_LENGTH_BUCKET = 256
 
 
 def batch_buckets(max_batch_size: int, buckets: Sequence[int] | None = None) -> tuple[int, ...]:
-    """The batch sizes a step may run at: ``buckets`` (default 1, 2, 4, 8, ...) below ``max_batch_size``, then ``max_batch_size``."""
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    """The batch sizes a step may run at: ``buckets`` (default 1, 2, 4, 8, ...) below ``max_batch_size``, then ``max_batch_size``.
+
+    ``max_batch_size`` is validated where it is read (``args.max_batch_size``, at least 1)."""
     if buckets is None:
         buckets = [2**i for i in range(max_batch_size.bit_length())]
     return tuple(sorted({b for b in buckets if b < max_batch_size} | {max_batch_size}))

@@ -52,7 +52,7 @@ def device() -> torch.device:
 def resolve_model_path(config: Config) -> str:
     """Hub name or local folder; the embedded tiny model is built into the workspace on first use."""
     if config.model.name == TINY_MODEL:
-        from loraops.tiny_model import ensure_tiny_model
+        from loraops.training.tiny_model import ensure_tiny_model
 
         return str(ensure_tiny_model(config.workspace_path))
     name = config.model.name

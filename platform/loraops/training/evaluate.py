@@ -17,10 +17,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from loraops.config import Config, dump_config
-from loraops.data import Example, load_split, prompt_ids
 from loraops.generate import generate_completions
 from loraops.layout import EVALUATION_FILE, check_adapter_dir
-from loraops.model import attach_adapter, load_base_model, load_tokenizer
+from loraops.training.data import Example, load_split, prompt_ids
+from loraops.training.model import attach_adapter, load_base_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,81 @@
+"""What the HTTP ingress and the model replicas pass each other: typed, so a field added to the API is a
+change of these types that the checker and the tests see.
+
+The ingress sends a :class:`SummaryRequest` (validated: limits checked, the version chosen); a replica
+answers a :class:`SummaryResult`, or a :class:`Rejection` when the request's own input is at fault. The
+JSON the API returns is :meth:`SummaryResult.to_dict` (the shape of :class:`loraops.serve.bodies.Summary`).
+Streams carry dict events (``{"text"}`` ..., then ``{"done": True, **result.to_dict()}``, or one
+``Rejection.event()``): Serve ships each event on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class SummaryRequest:
+    """One dialogue to summarize, as the ingress validated it."""
+
+    dialogue: str
+    #: None: the replica's ``default_max_new_tokens``.
+    max_new_tokens: int | None = None
+    temperature: float = 0.0
+    #: The reference that answers (``NAME:VERSION``, ``NAME@ALIAS``); None: the replica's default.
+    model: str | None = None
+    #: The canary's share: a replica that has not loaded the candidate yet answers with its default.
+    canary: bool = False
+    #: The split chose the version (the request named none): the canary's figures count only these.
+    split: bool = True
+
+
+@dataclass(frozen=True)
+class AnsweredBy:
+    """The registered version that generated a summary."""
+
+    name: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    #: Milliseconds the request spent in the model engine: its wait for a slot (``queue_ms``) plus generating.
+    model_ms: float
+    queue_ms: float
+
+
+@dataclass(frozen=True)
+class SummaryResult:
+    summary: str
+    model: AnsweredBy
+    usage: Usage
+    finish_reason: Literal["stop", "length"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API's JSON answer."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SummaryResult:
+        return cls(data["summary"], AnsweredBy(**data["model"]), Usage(**data["usage"]), data["finish_reason"])
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A request the model deployment turns down because of its own input: an HTTP ``status`` (422, 404), a ``type``, the ``field`` at fault.
+
+    Returned instead of raised: Serve logs every exception a replica method raises with its
+    traceback, and a client's mistake is not worth one.
+    """
+
+    status: int
+    type: str
+    message: str
+    field: str | None = None
+
+    def event(self) -> dict[str, Any]:
+        """The one event of a refused stream."""
+        return {"rejection": {"status": self.status, "type": self.type, "message": self.message, "field": self.field}}

@@ -1,0 +1,71 @@
+"""Helpers shared by the test files (plain functions; the fixtures are in conftest.py).
+
+Importable as ``helpers`` because pyproject puts tests/ on pytest's ``pythonpath``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct local TCP ports nothing listens on now (all bound at once, so they differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on now (a connection to it is refused)."""
+    return free_ports(1)[0]
+
+
+def run_cli(*args: str, env: Mapping[str, str] | None = None, cwd: str | Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m loraops ARGS`` in a subprocess, its output captured as text."""
+    command = [sys.executable, "-m", "loraops", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=dict(env) if env is not None else None, cwd=cwd, timeout=timeout)
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    """The environment of a ``loraops`` subprocess working in workspace ``home``."""
+    # The workspace decides where the registry is: a developer's own settings must not leak in.
+    env = {key: value for key, value in os.environ.items() if key not in ("LORAOPS_DATABASE_URL", "LORAOPS_ARTIFACT_URI")}
+    env["LORAOPS_HOME"] = str(home)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def wait_until(condition: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.05, detail: Callable[[], Any] | None = None) -> T:
+    """Poll ``condition`` until it returns something true (returned) or ``timeout_s`` passes (AssertionError naming ``what``).
+
+    ``detail``, if given, is called on a timeout and its value added to the message (the state that did not come)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            extra = f"; {detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}{extra}")
+        time.sleep(interval_s)
+
+
+def elapsed_until(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.25, detail: Callable[[], Any] | None = None) -> float:
+    """Seconds until ``condition`` held (see :func:`wait_until`)."""
+    started = time.monotonic()
+    wait_until(condition, timeout_s, what, interval_s, detail)
+    return time.monotonic() - started
