@@ -233,16 +233,18 @@ def test_a_reference_follows_its_alias_between_shared_and_own_adapters(serving_h
 
 
 
-def test_a_canary_candidate_that_failed_to_load_is_tried_again_by_a_later_canary(serving_home, tmp_path):
-    """A replica does not retry a candidate that failed while its canary runs (every poll would reload it),
-    but a later canary, even of the same version once its files are repaired, is loaded. A copy of the
-    serving registry; the replica's canary step runs on a real adapter set without Serve."""
+def test_a_canary_candidate_that_failed_to_load_is_tried_again_while_its_canary_runs(serving_home, tmp_path):
+    """A candidate that failed to load is retried while its canary runs (after a back-off, so a broken file is not
+    reloaded at every poll): once its files are repaired it is served; a canary that ends unloads it and a later one,
+    of the same version, loads it afresh. A copy of the serving registry; the replica's candidate loader runs on a
+    real adapter set without Serve."""
     import contextlib
     import shutil
 
+    from helpers import wait_until
     from loraops.registry import Registry
     from loraops.serve.adapters import AdapterSet
-    from loraops.serve.replica import SummarizerModel
+    from loraops.serve.candidate import CandidateLoader
     from loraops.serve.settings import validate_settings
 
     home = tmp_path / "home"
@@ -250,9 +252,8 @@ def test_a_canary_candidate_that_failed_to_load_is_tried_again_by_a_later_canary
     registry = Registry(workspace=home)
     adapters = AdapterSet(registry, validate_settings({"workspace": str(home), "adapters": [ADAPTER], "max_adapters": 2, "mode": "nf4"}))
     adapters.load(f"{ADAPTER}@production")
-    replica = object.__new__(SummarizerModel.func_or_class)  # only the canary step's state, no model server
-    replica.registry, replica.adapters, replica._canary, replica._canary_failed = registry, adapters, None, None
-    follow = lambda: replica._follow_canary_now(contextlib.nullcontext)  # noqa: E731
+    loader = CandidateLoader(registry, adapters, "replica-a")
+    follow = lambda: loader.follow(contextlib.nullcontext, 0.2)  # noqa: E731
     served = lambda: adapters.find(f"{ADAPTER}:2") is not None  # noqa: E731
     weights = home / "registry" / ADAPTER / "v2" / "adapter_model.safetensors"
     original = weights.read_bytes()
@@ -260,56 +261,20 @@ def test_a_canary_candidate_that_failed_to_load_is_tried_again_by_a_later_canary
     registry.start_canary(f"{ADAPTER}:2", 30)
     weights.write_bytes(original[:100] + bytes(64) + original[164:])  # broken behind the registry's back
     follow()
-    failed = served()
+    failed, problem = served(), loader.problem
     weights.write_bytes(original)
-    follow()
-    retried_during_the_same_canary = served()
+    wait_until(lambda: follow() or served(), 10, "the repaired candidate is loaded by a later poll of the same canary")
     registry.abort_canary(ADAPTER)
     follow()
+    unloaded = not served()
     registry.start_canary(f"{ADAPTER}:2", 30)
     follow()
 
-    assert not failed and not retried_during_the_same_canary
-    assert served() and replica._canary == f"{ADAPTER}:2"
+    assert not failed and problem is not None and f"{ADAPTER}:2" in problem
+    assert unloaded and served() and loader.loaded == f"{ADAPTER}:2" and loader.problem is None
     registry.abort_canary(ADAPTER)
     follow()
-    assert not served() and replica._canary is None
 
-# --- a replica on Ray Serve ----------------------------------------------------------------------
-
-DIALOGUE = "#Person1#: Hi, I'd like to book a table for two tonight.\n#Person2#: Sure, what time?\n#Person1#: Eight, please."
-
-
-@pytest.fixture(scope="module")
-def replica(ray_address, serving_home):
-    """The model deployment alone (no HTTP ingress) serving tiny@production (v1), room for one more; yields its handle."""
-
-    from ray import serve
-
-    from loraops.serve.replica import SummarizerModel
-    from loraops.serve.settings import validate_settings
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = validate_settings({"workspace": str(serving_home), "adapter": ADAPTER, "max_adapters": 2, "max_batch_size": 4, "registry_poll_s": 1})
-    deployment = SummarizerModel.options(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, user_config=settings.live())
-    try:
-        yield serve.run(deployment.bind(settings.with_absolute_paths().model_dump()), name="adapters", route_prefix=None)
-    finally:
-        serve.shutdown()
-
-
-def _served_alone(home, number: int, max_new_tokens: int) -> str:
-    from loraops.generate import generate_completions
-    from loraops.training.data import prompt_ids
-
-    served, _ = _load(home, number, "merged")
-    prompt = prompt_ids(served.tokenizer, DIALOGUE, served.config.data, budget=10**9)
-    return generate_completions(served.model, served.tokenizer, [prompt], max_new_tokens)[0].text
-
-
-@pytest.mark.ray
-@pytest.mark.slow
 def test_each_request_is_answered_by_the_version_it_named(replica, serving_home):
     from loraops.serve.contract import Rejection, SummaryRequest
 
