@@ -43,7 +43,9 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = Field(TINY_MODEL, description="Hub name, local checkpoint folder, or builtin:tiny-phi.")
-    trust_remote_code: bool = Field(False, description="Let transformers run the model repository's own code (serving refuses such versions unless args.allow_trust_remote_code).")
+    trust_remote_code: bool = Field(
+        False, description="Let transformers run the model repository's own code (serving refuses such versions unless args.allow_trust_remote_code)."
+    )
     revision: str | None = Field(None, description="Hub revision of the model: a branch, tag or commit; default the hub's default branch.")
 
 
