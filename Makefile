@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint docs install clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,7 +28,11 @@ demo: install
 
 # ruff's rules and line length are in pyproject.toml.
 lint: install
-	$(VENV)/bin/ruff check platform tests
+	$(VENV)/bin/ruff check platform tests tools
+
+# docs/configuration.md's tables come from the pydantic models; tests/test_docs.py checks they are fresh.
+docs: install
+	$(PY) tools/gen_config_reference.py
 
 test: lint
 	$(PY) -m pytest -q

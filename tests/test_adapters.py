@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import free_port
-
 ADAPTER = "tiny"  # what the serving_home fixture registers: v1 (production) and v2
 
 

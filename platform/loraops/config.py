@@ -43,26 +43,32 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = Field(TINY_MODEL, description="Hub name, local checkpoint folder, or builtin:tiny-phi.")
-    trust_remote_code: bool = False
-    revision: str | None = None
+    trust_remote_code: bool = Field(
+        False, description="Let transformers run the model repository's own code (serving refuses such versions unless args.allow_trust_remote_code)."
+    )
+    revision: str | None = Field(None, description="Hub revision of the model: a branch, tag or commit; default the hub's default branch.")
 
 
 class QuantizationConfig(Section):
     """bitsandbytes settings; the defaults are the seed's BitsAndBytesConfig."""
 
-    load_in_4bit: bool = True
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
-    bnb_4bit_compute_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    bnb_4bit_use_double_quant: bool = False
+    load_in_4bit: bool = Field(True, description="Load the base model's linear layers in 4 bits (bitsandbytes).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the base weights.")
+    bnb_4bit_compute_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="dtype of the 4-bit layers' matmuls and of autocast on a GPU; float16 turns on dynamic loss scaling."
+    )
+    bnb_4bit_use_double_quant: bool = Field(False, description="Quantize the quantization constants too (a little less memory).")
 
 
 class LoraSettings(Section):
-    r: int = Field(32, ge=1, le=1024)
-    alpha: int = Field(32, ge=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "dense"])
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    bias: Literal["none", "all", "lora_only"] = "none"
-    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+    r: int = Field(32, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling: the update is multiplied by alpha / r.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "dense"], description="Names of the linear layers that get an adapter."
+    )
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input during training.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train (PEFT's bias option).")
+    task_type: Literal["CAUSAL_LM"] = Field("CAUSAL_LM", description="PEFT task type.")
 
     @field_validator("target_modules")
     @classmethod
@@ -75,22 +81,26 @@ class LoraSettings(Section):
 class TrainingConfig(Section):
     """One QLoRA run; the defaults are the seed's recipe."""
 
-    max_steps: int = Field(1000, ge=1)
-    per_device_train_batch_size: int = Field(1, ge=1)
-    per_device_eval_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(4, ge=1)
-    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
-    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_steps: int = Field(1, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    optim: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused"] = "paged_adamw_32bit"
-    logging_steps: int = Field(25, ge=1)
-    eval_steps: int = Field(25, ge=1)
-    save_steps: int = Field(25, ge=1)
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps of the run.")
+    per_device_train_batch_size: int = Field(
+        1, ge=1, description="Rows per micro-batch; a step draws this x gradient_accumulation_steps rows (micro-batch size without a token budget)."
+    )
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Rows per batch when computing eval loss.")
+    gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches of rows per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate, after warm-up.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warm-up.")
+    warmup_steps: int = Field(1, ge=0, description="Steps of linear learning-rate warm-up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm (gradients are unscaled first).")
+    optim: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused"] = Field(
+        "paged_adamw_32bit", description="Optimizer: bitsandbytes' paged AdamW (32- or 8-bit state) or torch's AdamW (fused: one kernel on a GPU)."
+    )
+    logging_steps: int = Field(25, ge=1, description="Write train loss and learning rate to metrics.jsonl every N steps (and at the last).")
+    eval_steps: int = Field(25, ge=1, description="Compute eval loss every N steps (and at the last); a search reports to Tune at each.")
+    save_steps: int = Field(25, ge=1, description="Save a resumable checkpoint every N steps (and at the last).")
     save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest N step checkpoints.")
-    gradient_checkpointing: bool = True
-    group_by_length: bool = True
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass: less memory, more compute.")
+    group_by_length: bool = Field(True, description="Draw rows of similar length into the same step (less padding).")
     max_tokens_per_batch: int | None = Field(
         None,
         ge=16,
@@ -109,8 +119,11 @@ class TrainingConfig(Section):
         description="Attention kernel of the training model; default: transformers' choice (sdpa). "
         "flash_attention_2/3 need the flash-attn package and a GPU.",
     )
-    report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["none"])
-    seed: int = 42
+    report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["none"],
+        description="Also send metrics to TensorBoard (run folder's tensorboard/) and/or Weights & Biases; extras loraops[tensorboard], loraops[wandb].",
+    )
+    seed: int = Field(42, description="Seed of the data order, the adapter's initialisation and dropout.")
     eval_max_samples: int | None = Field(None, ge=1, description="Cap the eval split (eval loss) size.")
 
     @field_validator("report_to", mode="before")
@@ -123,16 +136,16 @@ class DataConfig(Section):
     """Where the dialogues come from and how they become prompts."""
 
     source: str = Field(BUILTIN_DATA, description="builtin, a hub data set name, or a local .jsonl/.json/.csv/.parquet file or folder.")
-    train_split: str = "train"
-    eval_split: str = "validation"
-    test_split: str = "test"
-    id_column: str = "id"
-    dialogue_column: str = "dialogue"
+    train_split: str = Field("train", description="Split that trains.")
+    eval_split: str = Field("validation", description="Split of the eval loss (and of a search's ROUGE-L).")
+    test_split: str = Field("test", description="Held-out split that loraops evaluate and the demo score, unless evaluation.split names another.")
+    id_column: str = Field("id", description="Column with a row's id.")
+    dialogue_column: str = Field("dialogue", description="Column with the dialogue.")
     summary_column: str = Field("summary", description="Reference column; summary1..summaryN are also read as extra references.")
-    prompt_template: str = PHI2_PROMPT
+    prompt_template: str = Field(PHI2_PROMPT, description="The prompt around a dialogue; must contain {dialogue}. Default: Phi-2's instruct format.")
     max_length: int = Field(512, ge=16, description="Tokens of prompt + summary + EOS; the dialogue is cut first.")
     max_summary_length: int = Field(128, ge=1, description="Tokens kept of a training summary.")
-    max_train_samples: int | None = Field(None, ge=1)
+    max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training rows; default all.")
     builtin_size: int = Field(2000, ge=30, description="Dialogues generated for the built-in data set.")
 
     @field_validator("prompt_template")
@@ -153,9 +166,9 @@ class EvaluationConfig(Section):
     """Held-out generation and ROUGE."""
 
     split: str | None = Field(None, description="Defaults to data.test_split.")
-    max_samples: int | None = Field(200, ge=1)
-    batch_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(64, ge=1, le=2048)
+    max_samples: int | None = Field(200, ge=1, description="Held-out dialogues scored (the first N); null: the whole split.")
+    batch_size: int = Field(16, ge=1, description="Dialogues generated per batch.")
+    max_new_tokens: int = Field(64, ge=1, le=2048, description="Most summary tokens generated per dialogue.")
 
 
 #: The distributions a ``search.space`` entry may use; each maps to both Ray Tune and Optuna.
