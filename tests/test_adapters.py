@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import free_port
+
 ADAPTER = "tiny"  # what the serving_home fixture registers: v1 (production) and v2
 
 
@@ -272,7 +274,44 @@ def test_a_canary_candidate_that_failed_to_load_is_tried_again_while_its_canary_
     assert unloaded and served() and loader.loaded == f"{ADAPTER}:2" and loader.problem is None
     registry.abort_canary(ADAPTER)
     follow()
+    assert not served() and loader.loaded is None
 
+
+# --- a replica on Ray Serve ----------------------------------------------------------------------
+
+DIALOGUE = "#Person1#: Hi, I'd like to book a table for two tonight.\n#Person2#: Sure, what time?\n#Person1#: Eight, please."
+
+
+@pytest.fixture(scope="module")
+def replica(ray_address, serving_home):
+    """The model deployment alone (no HTTP ingress) serving tiny@production (v1), room for one more; yields its handle."""
+
+    from ray import serve
+
+    from loraops.serve.replica import SummarizerModel
+    from loraops.serve.settings import validate_settings
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = validate_settings({"workspace": str(serving_home), "adapter": ADAPTER, "max_adapters": 2, "max_batch_size": 4, "registry_poll_s": 1})
+    deployment = SummarizerModel.options(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, user_config=settings.live())
+    try:
+        yield serve.run(deployment.bind(settings.with_absolute_paths().model_dump()), name="adapters", route_prefix=None)
+    finally:
+        serve.shutdown()
+
+
+def _served_alone(home, number: int, max_new_tokens: int) -> str:
+    from loraops.generate import generate_completions
+    from loraops.training.data import prompt_ids
+
+    served, _ = _load(home, number, "merged")
+    prompt = prompt_ids(served.tokenizer, DIALOGUE, served.config.data, budget=10**9)
+    return generate_completions(served.model, served.tokenizer, [prompt], max_new_tokens)[0].text
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_each_request_is_answered_by_the_version_it_named(replica, serving_home):
     from loraops.serve.contract import Rejection, SummaryRequest
 
