@@ -23,7 +23,6 @@ from __future__ import annotations
 import getpass
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +42,7 @@ from loraops.registry.db import AdapterRow, AliasEventRow, AliasRow, VersionRow
 from loraops.registry.lineage import Lineage, read_best_trial, read_run_folder
 from loraops.registry.records import AdapterInfo, AliasChange, AliasEvent, ModelVersion, same_files_as, utc
 from loraops.registry.refs import DEFAULT_ALIAS, Bare, Ref, parse_metrics, parse_version
-from loraops.registry.store import ArtifactStore, IntegrityError, StagedUpload, manifest_digest, verify_local
+from loraops.registry.store import ArtifactStore, IntegrityError, StagedUpload
 
 #: PromotionRefused lives with the alias logic in :mod:`loraops.registry.aliases`; it stays importable from here.
 __all__ = ["PromotionRefused", "Registry", "default_actor"]
@@ -260,28 +259,13 @@ class Registry:
         """A local folder with the verified files of ``ref``, ready to load with PEFT.
 
         A local store is read in place; a remote one is downloaded once into
-        ``WORKSPACE/cache/registry/sha256-DIGEST`` (keyed by the files' checksums, so two registries
-        sharing a workspace never mix up their "v1"s). Every call checks each file's sha256 against the
+        ``WORKSPACE/cache/registry/sha256-DIGEST`` (:meth:`ArtifactStore.local_copy`). Every call checks each file's sha256 against the
         database and raises :class:`~loraops.registry.store.IntegrityError` naming the first bad
         file: a corrupt adapter is never handed out.
         """
         version = self.get(ref)
         stored = self.store.version_path(version.name, version.version)
-        label = f"{version.ref} ({version.artifact_uri})"
-        if self.store.is_local:
-            verify_local(stored, version.files, label)
-            return Path(stored)
-        cache = self.workspace / "cache" / "registry" / f"sha256-{manifest_digest(version.files)}"
-        if cache.is_dir():
-            try:
-                verify_local(cache, version.files, f"{label}, cached copy")
-                return cache
-            except LoraopsError as exc:
-                log.warning("%s; downloading it again", exc)
-                shutil.rmtree(cache, ignore_errors=True)
-        self.store.download(stored, version.files, cache)
-        verify_local(cache, version.files, label)
-        return cache
+        return self.store.local_copy(stored, version.files, self.workspace / "cache" / "registry", f"{version.ref} ({version.artifact_uri})")
 
     def verify(self, ref: str) -> ModelVersion:
         """Re-hash every stored file of ``ref`` against the sha256 recorded at registration.

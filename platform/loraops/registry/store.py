@@ -261,3 +261,26 @@ class ArtifactStore:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         return target
+
+    def local_copy(self, path: str, manifest: Manifest, cache_root: Path, label: str) -> Path:
+        """A local folder with the verified files of the version stored at ``path``.
+
+        A local store is read in place; a remote one is downloaded once into
+        ``cache_root/sha256-DIGEST`` (keyed by the files' checksums, so two registries sharing a
+        workspace never mix up their "v1"s), reused while it verifies and fetched again when it
+        does not. Raises :class:`IntegrityError` naming the first bad file.
+        """
+        if self.is_local:
+            verify_local(path, manifest, label)
+            return Path(path)
+        cache = cache_root / f"sha256-{manifest_digest(manifest)}"
+        if cache.is_dir():
+            try:
+                verify_local(cache, manifest, f"{label}, cached copy")
+                return cache
+            except LoraopsError as exc:
+                log.warning("%s; downloading it again", exc)
+                shutil.rmtree(cache, ignore_errors=True)
+        self.download(path, manifest, cache)
+        verify_local(cache, manifest, label)
+        return cache
