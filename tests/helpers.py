@@ -69,3 +69,25 @@ def elapsed_until(condition: Callable[[], Any], timeout_s: float, what: str, int
     started = time.monotonic()
     wait_until(condition, timeout_s, what, interval_s, detail)
     return time.monotonic() - started
+
+
+def save_random_adapters(config, folder: Path, count: int) -> list[Path]:
+    """``count`` LoRA adapters for ``config``'s base model under ``folder``, each with its own random lora_B
+    (so their outputs differ): versions to register without training."""
+    import torch
+    from peft import get_peft_model
+
+    from loraops.training.model import load_base_model, lora_config
+
+    model = get_peft_model(load_base_model(config), lora_config(config.lora))
+    folders = []
+    for index in range(count):
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+        target = folder / f"a{index + 1}"
+        model.save_pretrained(target)
+        folders.append(target)
+    return folders

@@ -10,13 +10,12 @@ replica can load the candidate.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from helpers import run_cli, save_random_adapters, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -24,29 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 NAME = "tiny"
 APP = "canary-failures"
 DIALOGUE = "#Person1#: Is the shop open on Sunday?\n#Person2#: Yes, from ten until four."
-
-
-def _save_adapters(workspace: Path, count: int) -> list[Path]:
-    """``count`` LoRA adapters for the tiny model, each with its own random lora_B."""
-    import torch
-    from peft import get_peft_model
-
-    from loraops.config import load_config
-    from loraops.training.model import load_base_model, lora_config
-
-    config = load_config(REPO / "tune" / "tiny.yaml", [f"workspace={workspace}"])
-    model = get_peft_model(load_base_model(config), lora_config(config.lora))
-    folders = []
-    for index in range(count):
-        generator = torch.Generator().manual_seed(index)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_B" in name:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-        folder = workspace / "adapters" / f"a{index + 1}"
-        model.save_pretrained(folder)
-        folders.append(folder)
-    return folders
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +37,7 @@ def home(tmp_path_factory, tiny_model_home) -> Path:
     assert (local / "config.json").is_file()
     config = load_config(REPO / "tune" / "tiny.yaml", [f"workspace={workspace}", f"model.name={local}"]).model_dump(mode="json")
     registry = Registry(workspace=workspace)
-    for folder in _save_adapters(workspace, 3):
+    for folder in save_random_adapters(load_config(REPO / "tune" / "tiny.yaml", [f"workspace={workspace}"]), workspace / "adapters", 3):
         registry.register(folder, NAME, lineage=Lineage(config=config))
     registry.promote(NAME, 1)
     return workspace
@@ -89,20 +65,6 @@ def url(deploy_tiny_app, home):
 def http(url):
     with httpx.Client(base_url=url, timeout=120) as client:
         yield client
-
-
-def _cli(cli_env, home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loraops", *args], env=cli_env(home), capture_output=True, text=True, timeout=120)
-
-
-def _wait(condition, what: str, deadline_s: float = 120.0):
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _artifact(home: Path, version: int) -> Path:
@@ -161,8 +123,8 @@ def test_a_candidate_that_cannot_load_is_reported_retried_and_then_served(http, 
             replicas = registry.canary_status(NAME).replicas
             return len(replicas) == 2 and all(r.error for r in replicas)
 
-        _wait(all_failed, "both replicas to report the candidate failed")
-        shown = _cli(cli_env, home, "canary", "status", NAME)
+        wait_until(all_failed, 120, "both replicas to report the candidate failed", 0.5)
+        shown = run_cli("canary", "status", NAME, env=cli_env(home))
         print(f"\n$ loraops canary status {NAME}\n{shown.stdout}")
         assert shown.returncode == 0, shown.stderr
         assert "FAILED" in shown.stdout and "checksum" in shown.stdout.lower()
@@ -187,17 +149,17 @@ def test_a_candidate_that_cannot_load_is_reported_retried_and_then_served(http, 
             named = {v.version: v.requests for v in status.named}
             return (status.baseline.requests, status.candidate.requests, status.missed, named[1]) == (16, 0, to_candidate, 5)
 
-        _wait(counted, "the split's 16 requests, the missed ones and the 5 named ones to be counted apart", 30)
+        wait_until(counted, 30, "the split's 16 requests, the missed ones and the 5 named ones to be counted apart", 0.5)
         assert registry.canary(NAME) is not None
     finally:
         _artifact(home, 3).write_bytes(original)
 
-    _wait(lambda: all(r.error is None for r in registry.canary_status(NAME).replicas), "both replicas to load the restored candidate", 90)
+    wait_until(lambda: all(r.error is None for r in registry.canary_status(NAME).replicas), 90, "both replicas to load the restored candidate", 0.5)
     answered = _answered(http, [f"ok-{i}" for i in range(16)])
     assert {i for i, v in answered.items() if v == 3} == {i for i in answered if bucket(canary.id, i) < 50}
     health = http.get("/healthz", params={"strict": "true"})
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    assert _cli(cli_env, home, "canary", "abort", NAME).returncode == 0
+    assert run_cli("canary", "abort", NAME, env=cli_env(home)).returncode == 0
 
 
 def test_a_candidate_no_replica_loads_after_a_restart_is_aborted_automatically(http, home, cli_env):
@@ -217,23 +179,23 @@ def test_a_candidate_no_replica_loads_after_a_restart_is_aborted_automatically(h
             fresh = [r for r in registry.canary_status(NAME).replicas if not any(r.replica in name for name in killed)]
             return len(fresh) == 2 and all(r.error for r in fresh)
 
-        _wait(replacements_failed, "the replacement replicas to report that they cannot load the candidate", 240)
+        wait_until(replacements_failed, 240, "the replacement replicas to report that they cannot load the candidate", 0.5)
         def degraded():
             health = http.get("/healthz")
             return health.status_code == 200 and health.json()["status"] == "degraded" and "tiny:3" in health.json()["problem"]
 
-        _wait(degraded, "a replacement replica to answer /healthz as degraded, naming the candidate", 180)
+        wait_until(degraded, 180, "a replacement replica to answer /healthz as degraded, naming the candidate", 0.5)
 
         sent = 0
         while registry.canary(NAME) is not None and sent < 200:
             _answered(http, [f"abort-{sent}"])
             sent += 1
-        ended = _wait(lambda: registry.canary_status(NAME).canary.state == "aborted" and registry.canary_status(NAME), "the automatic abort", 30)
+        ended = wait_until(lambda: registry.canary_status(NAME).canary.state == "aborted" and registry.canary_status(NAME), 30, "the automatic abort", 0.5)
         assert ended.canary.id == canary.id and ended.canary.ended_by == "auto"
         assert ended.canary.end_reason.startswith("candidate v3 could not be loaded by any replica")
         assert "answered by v1" in ended.canary.end_reason
-        shown = _cli(cli_env, home, "canary", "status", NAME)
+        shown = run_cli("canary", "status", NAME, env=cli_env(home))
         print(f"\n$ loraops canary status {NAME}\n{shown.stdout}")
-        _wait(lambda: http.get("/healthz", params={"strict": "true"}).status_code == 200, "the replicas to drop the ended canary's failure", 30)
+        wait_until(lambda: http.get("/healthz", params={"strict": "true"}).status_code == 200, 30, "the replicas to drop the ended canary's failure", 0.5)
     finally:
         _artifact(home, 3).write_bytes(original)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import collections
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from helpers import run_cli
+from helpers import run_cli, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -68,16 +67,6 @@ def _versions(http: httpx.Client, ids: list[str]) -> dict[str, int]:
     return answered
 
 
-def _wait(condition, what: str, deadline_s: float = 60.0):
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _serving(http: httpx.Client, canary_running: bool, candidate_loaded: bool) -> bool:
     body = http.get("/v1/models").json()
     loaded = {adapter["ref"] for adapter in body["models"][0].get("adapters", [])}
@@ -104,7 +93,7 @@ def test_canary_share_status_restart_abort_and_promote(url, registry, serving_ho
     started = _cli(cli_env, serving_home, "canary", "start", "tiny:2", "--percent", str(PERCENT), "--reason", "test")
     assert started.returncode == 0, started.stderr
     canary = registry.canary("tiny")
-    _wait(lambda: _serving(http, canary_running=True, candidate_loaded=True), "the replicas to load the candidate")
+    wait_until(lambda: _serving(http, canary_running=True, candidate_loaded=True), 60, "the replicas to load the candidate", 0.5)
 
     answered = _versions(http, ids)
     to_candidate = {i for i in ids if bucket(canary.id, i) < PERCENT}
@@ -118,7 +107,7 @@ def test_canary_share_status_restart_abort_and_promote(url, registry, serving_ho
         status = registry.canary_status("tiny")
         return {status.baseline.version: status.baseline.requests, status.candidate.version: status.candidate.requests}
 
-    _wait(lambda: counted() == dict(sent), f"canary status to count {dict(sent)}")
+    wait_until(lambda: counted() == dict(sent), 60, f"canary status to count {dict(sent)}", 0.5)
     shown = _cli(cli_env, serving_home, "canary", "status", "tiny", "--json")
     assert shown.returncode == 0, shown.stderr
     versions = {entry["version"]: entry for entry in json.loads(shown.stdout)["versions"]}
@@ -127,7 +116,7 @@ def test_canary_share_status_restart_abort_and_promote(url, registry, serving_ho
 
     replica = http.get("/v1/models").json()["models"][0]["replica"]
     assert _restart_replicas() == 2  # the state lives in the registry: new replicas pick it up
-    _wait(lambda: _alive(http) and _serving(http, canary_running=True, candidate_loaded=True), "new replicas with the canary")
+    wait_until(lambda: _alive(http) and _serving(http, canary_running=True, candidate_loaded=True), 60, "new replicas with the canary", 0.5)
     assert http.get("/v1/models").json()["models"][0]["replica"] != replica
     assert _versions(http, ids) == answered
 
@@ -135,7 +124,7 @@ def test_canary_share_status_restart_abort_and_promote(url, registry, serving_ho
 
     aborted = _cli(cli_env, serving_home, "canary", "abort", "tiny", "--reason", "test abort")
     assert aborted.returncode == 0, aborted.stderr
-    _wait(lambda: _serving(http, canary_running=False, candidate_loaded=False), "the replicas to drop the candidate")
+    wait_until(lambda: _serving(http, canary_running=False, candidate_loaded=False), 60, "the replicas to drop the candidate", 0.5)
     assert set(_versions(http, ids[:30]).values()) == {1}
     assert registry.get("tiny@production").version == 1
 
@@ -144,7 +133,7 @@ def test_canary_share_status_restart_abort_and_promote(url, registry, serving_ho
     assert promoted.returncode == 0, promoted.stderr
     assert registry.get("tiny@production").version == 2
     assert registry.audit_log("tiny", "production")[-1].action == "canary-promote"
-    _wait(lambda: set(_versions(http, ids[:10]).values()) == {2}, "every request to go to the promoted version")
+    wait_until(lambda: set(_versions(http, ids[:10]).values()) == {2}, 60, "every request to go to the promoted version", 0.5)
 
 
 def _alive(http: httpx.Client) -> bool:
@@ -168,4 +157,4 @@ def _metrics_show_versions(versions: set[int]) -> None:
         lines = [line for line in text.splitlines() if line.startswith("ray_loraops_requests_total{")]
         return all(any(f'version="{v}"' in line and 'adapter="tiny"' in line for line in lines) for v in versions)
 
-    _wait(exported, "Ray's metrics endpoint to export loraops_requests_total per version", deadline_s=90)
+    wait_until(exported, 90, "Ray's metrics endpoint to export loraops_requests_total per version", 0.5)

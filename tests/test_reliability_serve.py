@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import elapsed_until, run_cli
+from helpers import elapsed_until, run_cli, save_random_adapters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,28 +51,6 @@ def _tiny_config(workspace: Path, *overrides: str):
     return load_config(REPO / "tune" / "tiny.yaml", [f"workspace={workspace}", *overrides])
 
 
-def _save_adapters(workspace: Path, count: int) -> list[Path]:
-    """``count`` LoRA adapters for the tiny model, each with its own random lora_B (so their outputs differ)."""
-    import torch
-    from peft import get_peft_model
-
-    from loraops.training.model import load_base_model, lora_config
-
-    config = _tiny_config(workspace)
-    model = get_peft_model(load_base_model(config), lora_config(config.lora))
-    folders = []
-    for index in range(count):
-        generator = torch.Generator().manual_seed(index)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_B" in name:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-        folder = workspace / "adapters" / f"a{index + 1}"
-        model.save_pretrained(folder)
-        folders.append(folder)
-    return folders
-
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, tiny_model_home) -> Path:
     """A workspace with tiny:1..3 registered and production moved 1 -> 2."""
@@ -82,7 +60,7 @@ def home(tmp_path_factory, tiny_model_home) -> Path:
     shutil.copytree(tiny_model_home / "models", workspace / "models")
     config = _tiny_config(workspace).model_dump(mode="json")
     registry = Registry(workspace=workspace)
-    for folder in _save_adapters(workspace, 3):
+    for folder in save_random_adapters(_tiny_config(workspace), workspace / "adapters", 3):
         registry.register(folder, ADAPTER, lineage=Lineage(config=config))
     registry.promote(ADAPTER, 1)
     registry.promote(ADAPTER, 2)
