@@ -344,7 +344,8 @@ def test_streamed_events_make_up_the_summary_and_a_refusal_is_one_event(replica)
     refused = list(streaming.summarize_stream.remote(SummaryRequest(DIALOGUE, model="other@production")))
     plain = replica.summarize.remote(SummaryRequest(DIALOGUE, 24, model=f"{ADAPTER}:2")).result(timeout_s=60)
 
-    *texts, done = events
+    named, *texts, done = events
+    assert named == {"model": {"name": ADAPTER, "version": 2}}  # first the version that answers, for every chunk to name it
     assert texts and all(set(e) == {"text"} and e["text"] for e in texts)
     assert done["done"] is True and "".join(e["text"] for e in texts) == done["summary"] == plain.summary
     assert done["model"] == {"name": ADAPTER, "version": 2} and done["usage"]["completion_tokens"] == plain.usage.completion_tokens

@@ -293,13 +293,17 @@ def test_an_older_database_gets_the_canary_tables(db_url, make_run, tmp_path):
     old.promote(NAME, 1)
     registry_db.dispose_engine(db_url)
     engine = create_engine(normalize_database_url(db_url))
-    with engine.begin() as connection:  # the schema before canaries existed
+    with engine.begin() as connection:  # the schema before canaries existed (the tables that refer to the canaries go first)
+        connection.execute(text("DROP TABLE registry_canary_loads"))
         connection.execute(text("DROP TABLE registry_canary_stats"))
         connection.execute(text("DROP TABLE registry_canaries"))
     engine.dispose()
 
     upgraded = reopen(old)
-    assert upgraded.start_canary(f"{NAME}:2", 25).baseline == 1
+    canary = upgraded.start_canary(f"{NAME}:2", 25)
+    assert canary.baseline == 1
+    upgraded.record_canary_load(canary.id, "replica-a", None)  # the newest canary table is there too
+    assert [load.replica for load in upgraded.canary_status(NAME).replicas] == ["replica-a"]
     assert upgraded.get(f"{NAME}@production").version == 1  # the old rows are intact
     registry_db.dispose_engine(db_url)
 
