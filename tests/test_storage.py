@@ -173,4 +173,7 @@ def test_tune_on_s3_then_show_register_promote_and_load_on_machines_without_its_
 
     everything = b"".join(objects(s3_server, prefix).values()) + (tmp_path / "shared.db").read_bytes()
     everything += (tune.stdout + tune.stderr + resumed.stdout + resumed.stderr + registered.stdout + registered.stderr + shown.stdout).encode()
+    logs = [path for home in (workspace, tmp_path / "other") for path in (home / "logs").rglob("*") if path.is_file()]
+    assert logs  # tune's log file (Ray's and the libraries' output) is among what is searched
+    everything += b"".join(path.read_bytes() for path in logs)
     assert s3_server.secret.encode() not in everything
