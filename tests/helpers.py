@@ -71,6 +71,20 @@ def elapsed_until(condition: Callable[[], Any], timeout_s: float, what: str, int
     return time.monotonic() - started
 
 
+def s3_objects(server, prefix: str) -> dict[str, bytes]:
+    """Every object under ``bucket/prefix`` of an S3 server (conftest's ``S3Server``) with its bytes, read with the server's own credentials."""
+    import pyarrow.fs as pafs
+
+    filesystem = server.filesystem()
+    infos = filesystem.get_file_info(pafs.FileSelector(f"{server.bucket}/{prefix}", recursive=True, allow_not_found=True))
+    found = {}
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            with filesystem.open_input_stream(info.path) as stream:
+                found[info.path] = stream.read()
+    return found
+
+
 def save_random_adapters(config, folder: Path, count: int) -> list[Path]:
     """``count`` LoRA adapters for ``config``'s base model under ``folder``, each with its own random lora_B
     (so their outputs differ): versions to register without training."""

@@ -489,6 +489,8 @@ def test_without_paths_keeps_the_message_and_drops_the_locations():
     assert without_paths(text) == (
         "cannot load tiny:3: tiny:3 (<path>): checksum mismatch for file adapter_model.safetensors (<path>): expected sha256 ab, found cd; 1/2 done"
     )
+    unreachable = "cannot switch to tiny:2: s3://bucket/registry/tiny/v2: cannot connect to http://127.0.0.1:9000 (AWS_ENDPOINT_URL); still serving tiny:1"
+    assert without_paths(unreachable) == "cannot switch to tiny:2: <path>: cannot connect to <path> (AWS_ENDPOINT_URL); still serving tiny:1"
 
 
 def _replica_states() -> dict[str, int]:

@@ -11,23 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import s3_objects as objects
 from loraops.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def objects(server, prefix: str) -> dict[str, bytes]:
-    """Every object under ``bucket/prefix`` with its bytes, read with the server's own credentials."""
-    import pyarrow.fs as pafs
-
-    filesystem = server.filesystem()
-    infos = filesystem.get_file_info(pafs.FileSelector(f"{server.bucket}/{prefix}", recursive=True, allow_not_found=True))
-    found = {}
-    for info in infos:
-        if info.type == pafs.FileType.File:
-            with filesystem.open_input_stream(info.path) as stream:
-                found[info.path] = stream.read()
-    return found
 
 
 def test_the_aws_variables_reach_the_s3_server(s3_env, tmp_path):

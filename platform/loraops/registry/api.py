@@ -124,8 +124,9 @@ class Registry:
         try:
             row = self._commit_version(name, staged, fields)
         except BaseException:
-            self.store.delete(staged.path)
+            self.store.delete(staged.path)  # best effort: a store that is down keeps it until a later sweep
             raise
+        self.store.sweep_staging(name)  # what failed registrations of this name could not remove (over an hour old)
         log.debug("registered %s:%d (%d files) from %s", name, row.version, len(row.files), source)
         version = ModelVersion.from_row(row, name, [])
         version.same_files_as = same_files_as(self.versions(name), version)
@@ -185,7 +186,10 @@ class Registry:
                 if committed is not None:  # the commit went through; only its acknowledgement was lost
                     return committed
                 # Back under the staging name: a retry publishes them again, else the caller deletes them.
-                self.store.move(final, staged.path, staged.manifest)
+                try:
+                    self.store.move(final, staged.path, staged.manifest)
+                except OSError:  # the store failed too: the files at vN go with the next publish of that number
+                    log.debug("could not move %s back to %s", final, staged.path)
             raise
 
     def _ensure_adapter(self, name: str) -> int:
@@ -281,10 +285,13 @@ class Registry:
 
     def _verified_target(self, name: str, number: int, refusal: str) -> None:
         """Refuse to point an alias at a version whose files would not load (serving would fail on it)."""
+        version = self.get(f"{name}:{number}")  # an unknown version is an error of its own
         try:
-            self.verify(f"{name}:{number}")
+            self.store.verify(self.store.version_path(name, number), version.files, f"{version.ref} ({version.artifact_uri})")
         except IntegrityError as exc:
             raise IntegrityError(f"{refusal}: its artifacts fail verification: {exc}") from None
+        except LoraopsError as exc:  # e.g. the store is unreachable: nothing is known about the files
+            raise LoraopsError(f"{refusal}: its artifacts cannot be verified: {exc}") from None
 
     def audit_log(self, name: str, alias: str | None = None) -> list[AliasEvent]:
         """Every alias change of ``name`` (optionally of one alias), oldest first."""

@@ -3,19 +3,28 @@
 The root is a local folder by default, or any URI that ``pyarrow.fs.FileSystem.from_uri``
 understands (``s3://bucket/prefix``, ``gs://bucket/prefix``, ``file:///...``). Layout::
 
-    ROOT/NAME/vN/...                    the files of version N (immutable once registered)
-    ROOT/NAME/.staging-<random>/...     an upload in progress; moved to vN when complete
+    ROOT/NAME/vN/...                            the files of version N (immutable once registered)
+    ROOT/NAME/.staging-<UTC time>-<random>/...  an upload in progress; moved to vN when complete
 
 Files are hashed (sha256) while they are copied, so the checksums stored in the database are of
 the bytes that were read from the source, and every later read can be verified against them.
+
+A store that fails half-way (an S3 server going down) fails the operation with one line
+(:func:`loraops.storage.describe_error`) and leaves no version behind; what it could not clean up
+then (a staging folder, files at vN whose row never committed) is removed later: vN by the next
+publish of that number, stale staging folders by the next registration of the name
+(:meth:`ArtifactStore.sweep_staging`).
 """
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import logging
 import os
+import re
 import shutil
+import time
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -31,6 +40,11 @@ log = logging.getLogger(__name__)
 CHUNK = 4 * 1024 * 1024
 #: {relative posix path: {"sha256": hex digest, "size": bytes}}
 Manifest = dict[str, dict[str, Any]]
+#: A staging folder older than this (by the time in its name) is debris of a registration that failed
+#: and could not clean up; younger ones may be uploads in progress and are never touched.
+STALE_STAGING_S = 3600.0
+_STAGING_TIME = "%Y%m%dT%H%M%SZ"
+_STAGING = re.compile(r"\.staging-(\d{8}T\d{6}Z)-[0-9a-f]+")
 
 
 class IntegrityError(LoraopsError):
@@ -150,17 +164,15 @@ class ArtifactStore:
 
     def stage(self, name: str, source: Path, skip: Collection[str] = ()) -> StagedUpload:
         """Copy every file under ``source`` (but ``skip``) into a fresh staging folder, hashing as it goes."""
-        staging = self.path(name, f".staging-{uuid.uuid4().hex}")
+        staging = self.path(name, f".staging-{time.strftime(_STAGING_TIME, time.gmtime())}-{uuid.uuid4().hex}")
         manifest: Manifest = {}
         try:
             self.fs.create_dir(staging, recursive=True)
             for rel in local_files(source, skip):
                 manifest[rel] = self._upload(source / rel, f"{staging}/{rel}")
-        except OSError as exc:  # a remote store failing half-way: one line, and no debris left
+        except OSError as exc:  # a remote store failing half-way: one line, and no debris left if it can be removed
             self.delete(staging)
-            from loraops import storage
-
-            raise LoraopsError(storage.describe_error(self.uri, exc)) from None
+            raise self._failure(self.uri, exc) from None
         except BaseException:
             self.delete(staging)
             raise
@@ -188,8 +200,11 @@ class ArtifactStore:
         debris of a registration whose transaction rolled back and can be removed.
         """
         final = self.version_path(name, version)
-        self.delete(final)
-        self.move(staged.path, final, staged.manifest)
+        try:
+            self.delete(final)
+            self.move(staged.path, final, staged.manifest)
+        except OSError as exc:  # e.g. the store went down half-way: files left at vN go with the next publish of N
+            raise self._failure(self.uri, exc) from None
         return final
 
     def move(self, source: str, target: str, manifest: Manifest) -> None:
@@ -204,7 +219,8 @@ class ArtifactStore:
             self.delete(source)
 
     def delete(self, path: str) -> None:
-        """Remove a folder (or file) if it exists; failures only log, cleanup is best effort."""
+        """Remove a folder (or file) if it exists; failures only log (at debug level: they follow the
+        store's failure that the caller reports, and what stays is removed later), cleanup is best effort."""
         try:
             info = self.fs.get_file_info(path)
             if info.type == pafs.FileType.Directory:
@@ -212,7 +228,32 @@ class ArtifactStore:
             elif info.type == pafs.FileType.File:
                 self.fs.delete_file(path)
         except OSError as exc:
-            log.warning("could not remove %s: %s", path, exc)
+            log.debug("could not remove %s: %s", path, exc)
+
+    def sweep_staging(self, name: str, now: float | None = None) -> list[str]:
+        """Remove ``NAME``'s staging folders older than :data:`STALE_STAGING_S` (by the UTC time in their
+        names): debris of registrations whose store failed before they could clean up. Younger ones may be
+        uploads in progress and stay, as do names without a time. Best effort; returns the paths removed."""
+        cutoff = (time.time() if now is None else now) - STALE_STAGING_S
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path(name), allow_not_found=True))
+        except OSError as exc:
+            log.debug("could not list the staging folders of %s: %s", name, exc)
+            return []
+        started = {info.path: _STAGING.fullmatch(info.base_name) for info in infos}
+        stale = [path for path, found in started.items() if found and calendar.timegm(time.strptime(found[1], _STAGING_TIME)) < cutoff]
+        for path in stale:
+            self.delete(path)
+        if stale:
+            log.info("removed %d staging folder(s) of %s left over an hour ago by registrations that failed", len(stale), name)
+        return stale
+
+    @staticmethod
+    def _failure(uri: str, exc: OSError) -> LoraopsError:
+        """One line for a store call that failed: what went wrong with ``uri`` and which variable to check."""
+        from loraops import storage
+
+        return LoraopsError(storage.describe_error(uri, exc))
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -233,12 +274,15 @@ class ArtifactStore:
                         digest.update(chunk)
             except FileNotFoundError:
                 raise IntegrityError(f"{label}: file {rel} is missing from {self.uri_of(path)}") from None
-            except OSError as exc:
-                raise IntegrityError(f"{label}: file {rel} cannot be read ({where}): {exc}") from None
+            except OSError as exc:  # the store is unreachable or refuses: nothing is known about the file itself
+                raise LoraopsError(f"{label}: file {rel} cannot be read: {self._failure(self.uri, exc)}") from None
             _check_digest(label, rel, where, expected, digest.hexdigest())
 
     def download(self, path: str, manifest: Manifest, target: Path) -> Path:
-        """Copy a stored version to a local folder: written beside it, renamed when complete."""
+        """Copy a stored version to a local folder: written beside it, renamed when complete.
+
+        A store that cannot be read (unreachable, refusing) is a :class:`LoraopsError` naming the
+        version's URI and the variable to check, so a replica reports it rather than only logging it."""
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.parent / f".{target.name}.partial-{uuid.uuid4().hex}"
         try:
@@ -249,8 +293,10 @@ class ArtifactStore:
                     reader = self.fs.open_input_stream(f"{path}/{rel}")
                 except FileNotFoundError:
                     raise IntegrityError(f"file {rel} is missing from {self.uri_of(path)}") from None
+                except OSError as exc:
+                    raise self._failure(self.uri_of(path), exc) from None
                 with reader, open(local, "wb") as writer:
-                    while chunk := reader.read(CHUNK):
+                    while chunk := self._read(reader, path):
                         writer.write(chunk)
             try:
                 os.replace(partial, target)
@@ -261,6 +307,13 @@ class ArtifactStore:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         return target
+
+    def _read(self, reader, path: str) -> bytes:
+        """The next chunk of a download; the store failing mid-file is one line (a local disk's errors are not wrapped)."""
+        try:
+            return reader.read(CHUNK)
+        except OSError as exc:
+            raise self._failure(self.uri_of(path), exc) from None
 
     def local_copy(self, path: str, manifest: Manifest, cache_root: Path, label: str) -> Path:
         """A local folder with the verified files of the version stored at ``path``.

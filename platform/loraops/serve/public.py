@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from pathlib import PurePath
 
-_PATH = re.compile(r"(?:\b[A-Za-z][A-Za-z0-9+.-]*://|(?<![\w.~])/)[^\s'\"(),;]+")
+#: A URI or an absolute path, up to a space, quote, bracket, comma or semicolon; never ending in a colon
+#: (in "s3://bucket/x: cannot connect" the colon belongs to the message).
+_PATH = re.compile(r"(?:\b[A-Za-z][A-Za-z0-9+.-]*://|(?<![\w.~])/)[^\s'\"(),;]*[^\s'\"(),;:]")
 
 
 def without_paths(text: str) -> str:
