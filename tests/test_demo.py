@@ -1,6 +1,7 @@
 """The whole loop end to end at a minimal budget, as `make demo` runs it: `loraops demo` in its own
 process with its own Ray: search -> register -> promote -> serve -> HTTP; a quiet terminal, the
-rest in the log file."""
+rest in the log file. Experiments and the registry are on the S3 server (``s3_server``), as on a
+cluster whose machines share no disk; every other test of the loop covers the local folders."""
 
 import os
 import re
@@ -31,12 +32,14 @@ MAX_LINES = 120
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_demo_runs_the_whole_loop_on_a_quiet_terminal(workspace, tmp_path):
+def test_demo_runs_the_whole_loop_on_a_quiet_terminal(workspace, tmp_path, s3_server):
     from loraops.registry import Registry
 
-    command = [sys.executable, "-m", "loraops", "demo", "--samples", "8", *[arg for item in MINIMAL for arg in ("--set", item)],
+    prefix = f"s3://{s3_server.bucket}/demo-{tmp_path.name}"
+    settings = [*MINIMAL, f"search.storage={prefix}/experiments"]
+    command = [sys.executable, "-m", "loraops", "demo", "--samples", "8", *[arg for item in settings for arg in ("--set", item)],
                "--serve-set", f"http_options.port={free_port()}", "--serve-set", "deployments.SummarizerModel.autoscaling_config.max_replicas=1"]
-    env = dict(os.environ, LORAOPS_HOME=str(workspace), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, LORAOPS_HOME=str(workspace), PYTHONUNBUFFERED="1", LORAOPS_ARTIFACT_URI=f"{prefix}/registry") | s3_server.env()
     env.pop("RAY_ADDRESS", None)  # its own local Ray, like `make demo`
     run = subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     out = run.stdout
@@ -53,7 +56,12 @@ def test_demo_runs_the_whole_loop_on_a_quiet_terminal(workspace, tmp_path):
     gains = dict(re.findall(r"^(rouge\w+) +[\d.]+ +[\d.]+ +([+-][\d.]+)$", out, re.MULTILINE))  # the ROUGE table
     assert set(gains) == {"rouge1", "rouge2", "rougeL", "rougeLsum"} and float(gains["rougeL"]) > 0, out
     assert "tuned = tiny:[1] over HTTP" in out  # every answer came from the promoted version
-    assert Registry(workspace=workspace).get("tiny@production").version == 1
+    registry = Registry(workspace=workspace, artifact_uri=f"{prefix}/registry")
+    assert registry.get("tiny@production").version == 1 and registry.get("tiny:1").artifact_uri == f"{prefix}/registry/tiny/v1"
+    assert f"experiment (Tune)   {prefix}/experiments/" in out and f"registry artifacts  {prefix}/registry" in out
+    assert not (workspace / "registry").exists()  # the version went to the bucket; the replica read it from its cache
+    assert list((workspace / "cache" / "registry").glob("sha256-*"))
+    assert s3_server.secret not in out
     for noise in ("== Status ==", "(raylet)", "(pid=", "Token authentication", "Started a local Ray instance", "Loading weights", "WARNING"):
         assert noise not in out, noise
 
