@@ -188,13 +188,12 @@ def deploy_tiny_app(ray_address):
     ]
 
     def deploy_app(overrides: list[str]) -> str:
-        from ray import serve
 
         from loraops.serve.deploy import deploy
         from loraops.serve.settings import load_serve_config
 
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        helpers.start_serve(port)
         return deploy(load_serve_config(REPO / "serve" / "tiny.yaml", [f"http_options.port={port}", *small, *overrides]))
 
     return deploy_app

@@ -105,3 +105,19 @@ def save_random_adapters(config, folder: Path, count: int) -> list[Path]:
         model.save_pretrained(target)
         folders.append(target)
     return folders
+
+
+def serve_actors() -> list[str]:
+    """Serve's controller and proxies alive in the connected Ray instance."""
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(("SERVE_CONTROLLER_ACTOR", "SERVE_PROXY_ACTOR")))
+
+
+def start_serve(port: int) -> None:
+    """``serve.start`` on 127.0.0.1:``port`` once the previous module's Serve has exited: a Serve started while
+    an earlier ``serve.shutdown()`` is still draining has its new proxy killed by the old controller (seen in CI)."""
+    from ray import serve
+
+    wait_until(lambda: not serve_actors(), 120, "the previous Serve controller and proxies to exit", 0.5, serve_actors)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})

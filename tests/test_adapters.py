@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+import helpers
 from helpers import free_port
 
 ADAPTER = "tiny"  # what the serving_home fixture registers: v1 (production) and v2
@@ -292,7 +293,7 @@ def replica(ray_address, serving_home):
     from loraops.serve.settings import validate_settings
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    helpers.start_serve(port)
     settings = validate_settings({"workspace": str(serving_home), "adapter": ADAPTER, "max_adapters": 2, "max_batch_size": 4, "registry_poll_s": 1})
     deployment = SummarizerModel.options(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, user_config=settings.live())
     try:

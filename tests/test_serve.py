@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import helpers
 from helpers import free_port, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def serve_urls(ray_address, serving_home):
     from loraops.serve.settings import load_serve_config
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    helpers.start_serve(port)
     common = [
         f"http_options.port={port}",
         f"args.workspace={serving_home}",
