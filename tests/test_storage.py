@@ -164,3 +164,26 @@ def test_tune_on_s3_then_show_register_promote_and_load_on_machines_without_its_
     assert logs  # tune's log file (Ray's and the libraries' output) is among what is searched
     everything += b"".join(path.read_bytes() for path in logs)
     assert s3_server.secret.encode() not in everything
+
+
+def test_promote_and_canary_verify_the_stored_files_and_refuse_while_the_store_is_unreachable(s3_server, cli_env, make_run, tmp_path):
+    """promote and canary start/promote read the version's files in the bucket (their checks hash them
+    there); with the endpoint unreachable they refuse with one line and move nothing."""
+    uri = f"s3://{s3_server.bucket}/canary-{tmp_path.name}/registry"
+    env = cli_env(tmp_path / "ws") | s3_server.env() | {"LORAOPS_ARTIFACT_URI": uri}
+    for seed in (1, 2):
+        assert run_cli(["register", "--adapter", str(make_run(tmp_path / f"run{seed}", seed=seed)), "--name", "tiny"], env).returncode == 0
+    assert run_cli(["promote", "tiny", "1"], env).returncode == 0
+
+    down = env | {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    for args in (["promote", "tiny", "2"], ["canary", "start", "tiny:2", "--percent", "30"]):
+        refused = run_cli(args, down)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "cannot connect to http://127.0.0.1:9 (AWS_ENDPOINT_URL)" in refused.stderr and "Traceback" not in refused.stderr
+    status = run_cli(["canary", "status", "tiny"], env)
+    assert "no canary" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr
+
+    started = run_cli(["canary", "start", "tiny:2", "--percent", "30"], env)
+    assert started.returncode == 0, started.stderr
+    promoted = run_cli(["canary", "promote", "tiny", "--force"], env)
+    assert promoted.returncode == 0 and "version 1 -> 2" in promoted.stdout, promoted.stdout + promoted.stderr
