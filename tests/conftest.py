@@ -188,7 +188,6 @@ def deploy_tiny_app(ray_address):
     ]
 
     def deploy_app(overrides: list[str]) -> str:
-
         from loraops.serve.deploy import deploy
         from loraops.serve.settings import load_serve_config
 

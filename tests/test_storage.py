@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_cli
 from helpers import s3_objects as objects
 from loraops.registry import Registry
 
@@ -69,8 +68,8 @@ def test_registry_on_s3_caches_versions_by_checksum_and_keeps_no_credentials(s3_
     assert s3_env.secret.encode() not in raw and s3_env.key.encode() not in raw
 
 
-def run_cli(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loraops", *args], env=env, capture_output=True, text=True, timeout=timeout)
+#: Seconds a CLI call here may take (an S3 call retries before it gives up).
+CLI_TIMEOUT = 300
 
 
 @pytest.mark.parametrize(
@@ -90,15 +89,16 @@ def test_bad_s3_settings_are_one_line_and_write_nothing(problem, change, expecte
     prefix = f"bad-{tmp_path.name}"
     port = s3_server.endpoint.rsplit(":", 1)[1]
     adapter = make_run(tmp_path / "run")
-    register = run_cli(["register", "--adapter", str(adapter), "--name", "x", "--store", f"s3://{bucket}/{prefix}/registry"], env)
-    tune = run_cli(["tune", "--config", str(REPO / "tune" / "tiny.yaml"), "--set", f"search.storage=s3://{bucket}/{prefix}/experiments"], env)
+    register = run_cli("register", "--adapter", str(adapter), "--name", "x", "--store", f"s3://{bucket}/{prefix}/registry", env=env, timeout=CLI_TIMEOUT)
+    tiny = str(REPO / "tune" / "tiny.yaml")
+    tune = run_cli("tune", "--config", tiny, "--set", f"search.storage=s3://{bucket}/{prefix}/experiments", env=env, timeout=CLI_TIMEOUT)
     for result, uri in ((register, f"s3://{bucket}/{prefix}/registry"), (tune, f"s3://{bucket}/{prefix}/experiments")):
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and uri in lines[0] and expected.format(port=port) in lines[0], problem
         assert s3_server.secret not in result.stdout + result.stderr
     assert objects(s3_server, prefix) == {}
-    listing = run_cli(["registry", "list"], cli_env(tmp_path / "ws"))
+    listing = run_cli("registry", "list", env=cli_env(tmp_path / "ws"), timeout=CLI_TIMEOUT)
     assert "no adapters registered yet" in listing.stdout
 
 
@@ -115,7 +115,7 @@ def test_tune_on_s3_then_show_register_promote_and_load_on_machines_without_its_
     settings = [*small_search, "search.num_samples=2", "search.scheduler={type: fifo}", "search.max_steps=30", "search.keep_checkpoints=1",
                 f"search.storage=s3://{s3_server.bucket}/{prefix}/experiments"]
     overrides = [arg for item in settings for arg in ("--set", item)]
-    tune = run_cli(["tune", "-c", str(REPO / "tune" / "tiny.yaml"), "--name", "s3exp", *overrides], env, timeout=600)
+    tune = run_cli("tune", "-c", str(REPO / "tune" / "tiny.yaml"), "--name", "s3exp", *overrides, env=env, timeout=600)
     assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
     stored = objects(s3_server, f"{prefix}/experiments/s3exp")
     line = next(line for line in tune.stdout.splitlines() if line.startswith("storage: "))
@@ -128,15 +128,15 @@ def test_tune_on_s3_then_show_register_promote_and_load_on_machines_without_its_
     shutil.rmtree(workspace / "experiments")
 
     elsewhere = cli_env(tmp_path / "other") | s3_server.env() | shared
-    shown = run_cli(["tune", "--show", experiment], elsewhere)
+    shown = run_cli("tune", "--show", experiment, env=elsewhere, timeout=CLI_TIMEOUT)
     assert shown.returncode == 0 and "best" in shown.stdout.lower(), shown.stdout + shown.stderr
-    resumed = run_cli(["tune", "--resume", experiment], elsewhere | {"LORAOPS_HOME": str(workspace)}, timeout=300)  # finished: nothing to run
+    resumed = run_cli("tune", "--resume", experiment, env=elsewhere | {"LORAOPS_HOME": str(workspace)}, timeout=300)  # finished: nothing to run
     assert resumed.returncode == 0 and experiment in resumed.stdout, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    registered = run_cli(["register", "--from-experiment", experiment, "--name", "tiny"], elsewhere)
+    registered = run_cli("register", "--from-experiment", experiment, "--name", "tiny", env=elsewhere, timeout=CLI_TIMEOUT)
     assert registered.returncode == 0, registered.stdout + registered.stderr
     root = f"{s3_server.bucket}/{prefix}/experiments/s3exp"
     best = json.loads(stored[f"{root}/best_trial.json"])
-    promoted = run_cli(["promote", "tiny", "1"], elsewhere)
+    promoted = run_cli("promote", "tiny", "1", env=elsewhere, timeout=CLI_TIMEOUT)
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
 
     replica = Registry(db_url=shared["LORAOPS_DATABASE_URL"], workspace=tmp_path / "replica", artifact_uri=shared["LORAOPS_ARTIFACT_URI"])
@@ -172,18 +172,19 @@ def test_promote_and_canary_verify_the_stored_files_and_refuse_while_the_store_i
     uri = f"s3://{s3_server.bucket}/canary-{tmp_path.name}/registry"
     env = cli_env(tmp_path / "ws") | s3_server.env() | {"LORAOPS_ARTIFACT_URI": uri}
     for seed in (1, 2):
-        assert run_cli(["register", "--adapter", str(make_run(tmp_path / f"run{seed}", seed=seed)), "--name", "tiny"], env).returncode == 0
-    assert run_cli(["promote", "tiny", "1"], env).returncode == 0
+        adapter = make_run(tmp_path / f"run{seed}", seed=seed)
+        assert run_cli("register", "--adapter", str(adapter), "--name", "tiny", env=env, timeout=CLI_TIMEOUT).returncode == 0
+    assert run_cli("promote", "tiny", "1", env=env, timeout=CLI_TIMEOUT).returncode == 0
 
     down = env | {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
     for args in (["promote", "tiny", "2"], ["canary", "start", "tiny:2", "--percent", "30"]):
-        refused = run_cli(args, down)
+        refused = run_cli(*args, env=down, timeout=CLI_TIMEOUT)
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert "cannot connect to http://127.0.0.1:9 (AWS_ENDPOINT_URL)" in refused.stderr and "Traceback" not in refused.stderr
-    status = run_cli(["canary", "status", "tiny"], env)
+    status = run_cli("canary", "status", "tiny", env=env, timeout=CLI_TIMEOUT)
     assert "no canary" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr
 
-    started = run_cli(["canary", "start", "tiny:2", "--percent", "30"], env)
+    started = run_cli("canary", "start", "tiny:2", "--percent", "30", env=env, timeout=CLI_TIMEOUT)
     assert started.returncode == 0, started.stderr
-    promoted = run_cli(["canary", "promote", "tiny", "--force"], env)
+    promoted = run_cli("canary", "promote", "tiny", "--force", env=env, timeout=CLI_TIMEOUT)
     assert promoted.returncode == 0 and "version 1 -> 2" in promoted.stdout, promoted.stdout + promoted.stderr

@@ -269,25 +269,28 @@ class Registry:
         """
         version = self.get(ref)
         stored = self.store.version_path(version.name, version.version)
-        return self.store.local_copy(stored, version.files, self.workspace / "cache" / "registry", f"{version.ref} ({version.artifact_uri})")
+        return self.store.local_copy(stored, version.files, self.workspace / "cache" / "registry", version.label)
 
     def verify(self, ref: str) -> ModelVersion:
         """Re-hash every stored file of ``ref`` against the sha256 recorded at registration.
 
         Reads the artifact store itself (never a local cache), so it tells whether a replica
         that loads this version now would get intact files. Returns the version when all match;
-        raises :class:`~loraops.registry.store.IntegrityError` naming the first missing,
-        unreadable or altered file otherwise.
+        raises :class:`~loraops.registry.store.IntegrityError` naming the first missing or altered
+        file, or a :class:`LoraopsError` when the store cannot be read at all.
         """
         version = self.get(ref)
-        self.store.verify(self.store.version_path(version.name, version.version), version.files, f"{version.ref} ({version.artifact_uri})")
+        self._verify_stored(version)
         return version
+
+    def _verify_stored(self, version: ModelVersion) -> None:
+        self.store.verify(self.store.version_path(version.name, version.version), version.files, version.label)
 
     def _verified_target(self, name: str, number: int, refusal: str) -> None:
         """Refuse to point an alias at a version whose files would not load (serving would fail on it)."""
-        version = self.get(f"{name}:{number}")  # an unknown version is an error of its own
+        version = self.get(f"{name}:{number}")  # outside the try: an unknown version is an error of its own
         try:
-            self.store.verify(self.store.version_path(name, number), version.files, f"{version.ref} ({version.artifact_uri})")
+            self._verify_stored(version)
         except IntegrityError as exc:
             raise IntegrityError(f"{refusal}: its artifacts fail verification: {exc}") from None
         except LoraopsError as exc:  # e.g. the store is unreachable: nothing is known about the files

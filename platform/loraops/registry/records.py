@@ -41,6 +41,11 @@ class ModelVersion:
     def ref(self) -> str:
         return f"{self.name}:{self.version}"
 
+    @property
+    def label(self) -> str:
+        """How errors about its files name it: the reference and where the files are."""
+        return f"{self.ref} ({self.artifact_uri})"
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["created_at"] = self.created_at.isoformat()
