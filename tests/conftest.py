@@ -30,29 +30,16 @@ POSTGRES_ENV = "LORAOPS_TEST_POSTGRES_URL"
 SERVED_ADAPTER = "tiny"
 
 
-def _tiny_model_key() -> str:
-    """Changes whenever the code that builds the tiny model (or its corpus) changes."""
-    import hashlib
-
-    import loraops.training.builtin_data
-    import loraops.training.tiny_model
-
-    digest = hashlib.sha256()
-    for module in (loraops.training.tiny_model, loraops.training.builtin_data):
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()[:16]
-
-
 @pytest.fixture(scope="session")
-def tiny_model_home() -> Path:
+def tiny_model_home(tmp_path_factory) -> Path:
     """A workspace holding the built tiny model.
 
-    Building it (tokenizer + a short pre-training) takes a minute or two, so it is cached in the
-    git-ignored ``.loraops/test-cache/<key>`` and rebuilt only when its code changes.
+    Building it (tokenizer + a short pre-training) takes minutes on 2 cores, so it is built once per
+    machine into loraops' own cache (``$XDG_CACHE_HOME/loraops/tiny-phi/<recipe key>``) and copied here.
     """
     from loraops.training.tiny_model import ensure_tiny_model
 
-    home = REPO / ".loraops" / "test-cache" / _tiny_model_key()
+    home = tmp_path_factory.mktemp("tiny-model-home")
     ensure_tiny_model(home)
     return home
 

@@ -1,16 +1,21 @@
 """The embedded tiny model: Phi architecture, small dimensions, random init, own BPE tokenizer.
 
-Built once into ``WORKSPACE/models/tiny-phi`` as an ordinary Hugging Face checkpoint folder, then
-loaded through the same ``from_pretrained`` path as ``microsoft/phi-2``. Building is atomic (a
-temporary folder renamed into place), so concurrent trials that all need it cannot see half a model.
+Built once per machine into a cache keyed by its recipe (``$XDG_CACHE_HOME/loraops/tiny-phi/<key>``,
+``~/.cache`` without the variable), then copied into ``WORKSPACE/models/tiny-phi`` as an ordinary
+Hugging Face checkpoint folder and loaded through the same ``from_pretrained`` path as
+``microsoft/phi-2``. A user's second workspace, and every test workspace, starts at once. Building and
+copying are atomic (a temporary folder renamed into place), so concurrent trials that all need it
+cannot see half a model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -34,24 +39,50 @@ def tiny_model_dir(workspace: Path) -> Path:
     return workspace / "models" / "tiny-phi"
 
 
+def recipe_key() -> str:
+    """Changes whenever what the build produces can change: this module, the corpus, the libraries."""
+    from loraops.training import builtin_data
+
+    digest = hashlib.sha256()
+    for module_file in (__file__, builtin_data.__file__):
+        digest.update(Path(module_file).read_bytes())
+    for package in ("torch", "transformers", "tokenizers"):
+        digest.update(f"{package}=={version(package)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def machine_cache_dir() -> Path:
+    """Where built tiny models are kept for every workspace of this machine (XDG base directory rule)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "loraops" / "tiny-phi" / recipe_key()
+
+
 def ensure_tiny_model(workspace: Path) -> Path:
-    """The tiny model's folder, building it first if it is not there yet."""
+    """The tiny model's folder in ``workspace``: copied from the machine's cache, built there first if absent."""
     target = tiny_model_dir(workspace)
     if (target / "config.json").is_file():
         return target
+    cached = machine_cache_dir()
+    if not (cached / "config.json").is_file():
+        _materialize(cached, build_tiny_model)
+        log.info("built the embedded tiny Phi model in %s", cached)
+    _materialize(target, lambda staging: shutil.copytree(cached, staging, dirs_exist_ok=True))
+    return target
+
+
+def _materialize(target: Path, fill) -> None:
+    """Fill a temporary sibling of ``target`` and rename it into place: readers never see half a model."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-phi-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny_model(staging)
+        fill(staging)
         try:
             os.rename(staging, target)
-            log.info("built the embedded tiny Phi model in %s", target)
         except OSError:
-            # Another process finished first; its model is identical (same seed and corpus).
+            # Another process finished first; its model is identical (same seed, corpus and libraries).
             pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def build_tokenizer(texts):
