@@ -10,6 +10,7 @@ cannot see half a model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -76,11 +77,9 @@ def _materialize(target: Path, fill) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         fill(staging)
-        try:
+        # OSError: another process finished first; its model is identical (same seed, corpus and libraries).
+        with contextlib.suppress(OSError):
             os.rename(staging, target)
-        except OSError:
-            # Another process finished first; its model is identical (same seed, corpus and libraries).
-            pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
