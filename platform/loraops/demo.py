@@ -12,7 +12,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from loraops import cluster, console
 from loraops.config import Config, load_config
@@ -208,13 +207,3 @@ def _one_line(text: str) -> str:
 def _banner(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
-
-def summary_of(result: DemoResult) -> dict[str, Any]:
-    """Plain-data form of a demo result, for logs and tests."""
-    return {
-        "experiment": result.experiment,
-        "version": result.version,
-        "promoted": result.promoted,
-        "url": result.url,
-        "rougeL_gain": round(result.tuned_rouge["rougeL"] - result.base_rouge["rougeL"], 2),
-    }

@@ -136,11 +136,3 @@ def usage(filesystem: pafs.FileSystem, path: str) -> tuple[int, int, int]:
         if inside:
             checkpoints.add("/".join(parts[: inside[0] + 1]))
     return len(files), sum(info.size for info in files), len(checkpoints)
-
-
-def human_bytes(size: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from loraops.commands.common import SubParsers, add_config_arguments
+from loraops.commands.common import SubParsers, add_config_arguments, add_verbose_argument, human_bytes
 from loraops.errors import LoraopsError
 
 #: ``--resume`` without a path: the newest experiment under the storage root.
@@ -58,7 +58,7 @@ def add_commands(sub: SubParsers) -> None:
         metavar="NAME",
         help="at the end, register the best trial's adapter as the next version of NAME (default: the config's name)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Ray's and the libraries' logs here too")
+    add_verbose_argument(parser)
     parser.set_defaults(handler=run_command)
 
 
@@ -138,7 +138,7 @@ def print_storage(outcome) -> None:
         print(f"storage: cannot list {outcome.location.uri}: {storage.describe_error(outcome.location.uri, exc)}")
         return
     keep = outcome.config.search.keep_checkpoints
-    print(f"storage: {count} objects, {storage.human_bytes(size)} in {outcome.location.uri} "
+    print(f"storage: {count} objects, {human_bytes(size)} in {outcome.location.uri} "
           f"({checkpoints} checkpoints; search.keep_checkpoints={keep if keep is not None else 'all'} per trial)")
 
 

@@ -75,12 +75,6 @@ def local_files(folder: Path, skip: Collection[str] = ()) -> list[str]:
     return files
 
 
-def manifest_of(folder: str | os.PathLike) -> Manifest:
-    """Checksums and sizes of every file under a local folder."""
-    root = Path(folder)
-    return {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size} for rel in local_files(root)}
-
-
 def manifest_digest(manifest: Manifest) -> str:
     """One sha256 for a whole version: of its files' paths and checksums, in path order."""
     digest = hashlib.sha256()
