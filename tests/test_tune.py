@@ -405,8 +405,8 @@ def test_selecting_by_rouge_l_scores_the_last_step_and_drives_best_trial_registr
         results = [json.loads(line) for line in (outcome.folder / f"trial_{row.trial_id}" / "result.json").read_text().splitlines()]
         assert [result["step"] for result in results if "rougeL" in result] == ([20] if row in completed else [])
     winner = max(completed, key=lambda row: row.rougeL)
-    assert (best["trial_id"], best["selected_by"], best["metrics"]["rougeL"]) == (winner.trial_id, "rougeL", winner.rougeL)
-    assert best["metrics"]["eval_loss"] == pytest.approx(winner.last_eval_loss) and best["metrics"]["step"] == 20
+    assert (best.trial_id, best.selected_by, best.metrics["rougeL"]) == (winner.trial_id, "rougeL", winner.rougeL)
+    assert best.metrics["eval_loss"] == pytest.approx(winner.last_eval_loss) and best.metrics["step"] == 20
     assert rows[0] is winner  # the table is sorted by the selection metric
     header = format_table(rows).splitlines()[0]
     assert "best_eval_loss" in header and "rougeL" in header
@@ -421,7 +421,7 @@ def test_selecting_by_rouge_l_scores_the_last_step_and_drives_best_trial_registr
     version = registry.register_from_experiment(outcome.folder, "tiny-rouge")
     assert version.metrics["rougeL"] == pytest.approx(winner.rougeL) and "eval_loss" in version.metrics
     registry.promote("tiny-rouge", version.version, alias="production", if_better="rougeL")
-    worse = registry.register(best["adapter_path"], "tiny-rouge", metrics={"rougeL": winner.rougeL - 1.0})
+    worse = registry.register(best.adapter_path, "tiny-rouge", metrics={"rougeL": winner.rougeL - 1.0})
     with pytest.raises(PromotionRefused):  # ROUGE-L: higher is better
         registry.promote("tiny-rouge", worse.version, alias="production", if_better="rougeL")
 

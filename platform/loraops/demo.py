@@ -132,7 +132,7 @@ def _compare(config: Config, outcome, version: int, promoted: bool, url: str, sa
     from loraops.training.model import load_for_inference
 
     _banner(f"4/4 call the endpoint with {samples} held-out dialogues over HTTP")
-    served_config = Config.model_validate(outcome.best["config"]) if promoted else config
+    served_config = Config.model_validate(outcome.best.config) if promoted else config
     examples = evaluation_examples(served_config)[:samples]
     dialogues = [example.dialogue for example in examples]
     references = [example.references for example in examples]

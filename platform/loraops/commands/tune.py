@@ -121,7 +121,7 @@ def print_outcome(outcome) -> None:
     print()
     print(f"{summary_line(outcome.rows)}  |  experiment: {outcome.location.uri}")
     if outcome.best:
-        print(f"best trial {best_line(outcome.best)}; adapter: {outcome.best['adapter_path']}")
+        print(f"best trial {best_line(outcome.best)}; adapter: {outcome.best.adapter_path}")
     if (outcome.folder / RESULTS_FILE).is_file():
         print(f"results: {outcome.folder}")
     print_storage(outcome)
@@ -148,4 +148,4 @@ def register(outcome, name: str) -> None:
 
     registry = Registry(db_url=outcome.config.search.database_url, workspace=outcome.config.workspace_path)
     version = registry.register_from_experiment(outcome.folder, name)
-    print(f"registered {version.ref} from trial {outcome.best['trial_id']}")
+    print(f"registered {version.ref} from trial {outcome.best.trial_id}")

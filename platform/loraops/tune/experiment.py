@@ -24,7 +24,7 @@ import yaml
 from loraops import cluster
 from loraops.config import Config, database_url, display_url, dump_config, validate
 from loraops.errors import LoraopsError
-from loraops.layout import BEST_CONFIG_FILE, BEST_TRIAL_FILE, EXPERIMENT_CONFIG_FILE, NAME_RULE, RESULTS_FILE, SEARCH_PLOT_FILE, is_valid_name
+from loraops.layout import BEST_CONFIG_FILE, BEST_TRIAL_FILE, EXPERIMENT_CONFIG_FILE, NAME_RULE, RESULTS_FILE, SEARCH_PLOT_FILE, BestTrial, is_valid_name
 from loraops.tune import results
 from loraops.tune.space import SearchSpace
 from loraops.tune.strategy import build_scheduler, build_searcher, check_search, trial_steps
@@ -116,7 +116,7 @@ class Outcome:
     folder: Path  # local folder with the results
     rows: list[results.TrialRow]
     finished: bool
-    best: dict[str, Any] | None
+    best: BestTrial | None
 
 
 # --- entry points ------------------------------------------------------------------------------
@@ -385,7 +385,7 @@ def finish(location: Location, config: Config, space: SearchSpace, db_url: str) 
     return Outcome(location, config, folder, rows, finished, best)
 
 
-def best_record(analysis: Any, row: results.TrialRow, location: Location, folder: Path, config: Config, space: SearchSpace) -> dict[str, Any]:
+def best_record(analysis: Any, row: results.TrialRow, location: Location, folder: Path, config: Config, space: SearchSpace) -> BestTrial:
     """``best_trial.json`` for ``row``: its adapter is the checkpoint the selection metric was
     measured on: the trial's best by eval loss, or its last (where ROUGE-L was scored)."""
     from loraops.tune.space import trial_config, trial_name
@@ -421,14 +421,13 @@ def _upload(path: Path, location: Location) -> None:
     pyarrow.fs.copy_files(str(path), f"{target}/{path.name}", destination_filesystem=filesystem)
 
 
-def _remote_best(location: Location) -> dict[str, Any] | None:
+def _remote_best(location: Location) -> BestTrial | None:
     """best_trial.json of a remote experiment, None before the search has finished."""
-    import json
-
     try:
-        return json.loads(location.read_text(BEST_TRIAL_FILE))
+        text = location.read_text(BEST_TRIAL_FILE)
     except LoraopsError:
         return None
+    return BestTrial.from_json(text, f"{location.uri}/{BEST_TRIAL_FILE}")
 
 
 def _all_finished(rows: list[results.TrialRow], config: Config) -> bool:
