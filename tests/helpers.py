@@ -44,7 +44,7 @@ def run_cli(*args: str, env: Mapping[str, str] | None = None, cwd: str | Path | 
 _COMMAND_LOGGERS = ("", "ray", "ray.serve", "optuna", "transformers")
 
 
-def run_main(*args: str, env: Mapping[str, str], cwd: str | Path) -> subprocess.CompletedProcess:
+def run_main(*args: str, env: Mapping[str, str], cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     """``loraops ARGS`` in this process through :func:`loraops.cli.main`, as :func:`run_cli` runs it in a
     subprocess: environment ``env`` (the whole of it) and folder ``cwd`` for the call, stdout, stderr and
     the exit code captured. Far cheaper than a subprocess, which pays the imports of Python and the
@@ -63,7 +63,7 @@ def run_main(*args: str, env: Mapping[str, str], cwd: str | Path) -> subprocess.
     capturing_warnings = logging._warnings_showwarning is not None  # logging's own record of captureWarnings
     os.environ.clear()
     os.environ.update(env)
-    os.chdir(cwd)
+    os.chdir(cwd or saved_cwd)
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
