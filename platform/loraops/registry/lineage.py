@@ -180,8 +180,7 @@ def _read_remote(filesystem: Any, path: str, uri: str) -> str:
     from loraops import storage
 
     try:
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read().decode()
+        return storage.read_text(filesystem, path)
     except FileNotFoundError:
         raise LoraopsError(f"{uri}/{BEST_TRIAL_FILE} not found: is {uri} a finished loraops tune experiment?") from None
     except OSError as exc:
@@ -190,23 +189,14 @@ def _read_remote(filesystem: Any, path: str, uri: str) -> str:
 
 def _download_dir(filesystem: Any, path: str, target: Path, uri: str) -> Path:
     """Copy the folder ``path`` of a remote filesystem to the local ``target``."""
-    import pyarrow.fs as pafs
-
     from loraops import storage
 
     try:
-        infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-        files = [info for info in infos if info.type == pafs.FileType.File]
-        if not files:
-            raise LoraopsError(f"{uri}: the best trial's checkpoint {path} holds no files")
-        for info in files:
-            local = target / info.path[len(path) :].lstrip("/")
-            local.parent.mkdir(parents=True, exist_ok=True)
-            with filesystem.open_input_stream(info.path) as reader, open(local, "wb") as writer:
-                while chunk := reader.read(4 * 1024 * 1024):
-                    writer.write(chunk)
+        copied = storage.download_tree(filesystem, path, target)
     except OSError as exc:
         raise LoraopsError(storage.describe_error(uri, exc)) from None
+    if not copied:
+        raise LoraopsError(f"{uri}: the best trial's checkpoint {path} holds no files")
     return target
 
 

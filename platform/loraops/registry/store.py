@@ -34,10 +34,10 @@ from typing import TypedDict
 import pyarrow.fs as pafs
 
 from loraops.errors import LoraopsError
+from loraops.storage import CHUNK
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 * 1024 * 1024
 
 
 class FileEntry(TypedDict):

@@ -86,25 +86,23 @@ class Location:
         storage.check_access(filesystem, path, self.root)
 
     def exists(self) -> bool:
-        import pyarrow.fs
+        from loraops import storage
 
-        filesystem, path = self.filesystem()
-        return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+        return storage.exists(*self.filesystem())
 
     def read_text(self, name: str) -> str:
-        import pyarrow.fs
+        from loraops import storage
 
         filesystem, path = self.filesystem()
-        if filesystem.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.NotFound:
+        if not storage.exists(filesystem, f"{path}/{name}"):
             raise LoraopsError(f"{self.uri} is not a loraops experiment: {name} not found")
-        with filesystem.open_input_stream(f"{path}/{name}") as stream:
-            return stream.read().decode()
+        return storage.read_text(filesystem, f"{path}/{name}")
 
     def write_text(self, name: str, text: str) -> None:
+        from loraops import storage
+
         filesystem, path = self.filesystem()
-        filesystem.create_dir(path, recursive=True)
-        with filesystem.open_output_stream(f"{path}/{name}") as stream:
-            stream.write(text.encode())
+        storage.write_text(filesystem, f"{path}/{name}", text)
 
 
 @dataclass
@@ -415,10 +413,10 @@ def plot_axes(space: SearchSpace) -> tuple[str | None, bool, str | None]:
 
 
 def _upload(path: Path, location: Location) -> None:
-    import pyarrow.fs
+    from loraops import storage
 
     filesystem, target = location.filesystem()
-    pyarrow.fs.copy_files(str(path), f"{target}/{path.name}", destination_filesystem=filesystem)
+    storage.upload_file(path, filesystem, f"{target}/{path.name}")
 
 
 def _remote_best(location: Location) -> BestTrial | None:
