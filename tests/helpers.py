@@ -40,8 +40,8 @@ def run_cli(*args: str, env: Mapping[str, str] | None = None, cwd: str | Path | 
     return subprocess.run(command, capture_output=True, text=True, env=dict(env) if env is not None else None, cwd=cwd, timeout=timeout)
 
 
-#: The loggers whose handlers and propagation a command changes (loraops.console): restored after run_main.
-_COMMAND_LOGGERS = ("", "ray", "ray.serve", "optuna", "transformers")
+#: The loggers whose handlers, propagation or level a command changes (loraops.console, quiet_http_log): restored after run_main.
+_COMMAND_LOGGERS = ("", "ray", "ray.serve", "optuna", "transformers", "httpx")
 
 
 def run_main(*args: str, env: Mapping[str, str], cwd: str | Path | None = None) -> subprocess.CompletedProcess:
@@ -82,6 +82,21 @@ def run_main(*args: str, env: Mapping[str, str], cwd: str | Path | None = None) 
             logger.propagate, logger.level = propagate, level
         logging.captureWarnings(capturing_warnings)
     return subprocess.CompletedProcess(["loraops", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def forbid_ray(monkeypatch) -> None:
+    """Make connecting to Ray fail in this process (``loraops.cluster.connect`` and ``ray.init`` raise), for
+    run_main tests of commands that must not start Ray: here the session's instance may already run, and
+    a command would use it rather than start one, so "no Ray started" could not be seen otherwise."""
+    import ray
+
+    from loraops import cluster
+
+    def tripwire(*_args, **_kwargs):
+        raise AssertionError("the command connected to Ray")
+
+    monkeypatch.setattr(cluster, "connect", tripwire)
+    monkeypatch.setattr(ray, "init", tripwire)
 
 
 def cli_env(home: Path) -> dict[str, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli, run_main
+from helpers import forbid_ray, run_cli, run_main
 
 pytestmark = pytest.mark.reliability
 
@@ -89,13 +89,7 @@ SUBPROCESS_CASES = ["no-command", "config-invalid-yaml", "serve-unknown-adapter"
 
 @pytest.mark.parametrize(("arguments", "fragment"), [case[1:] for case in CASES], ids=[case[0] for case in CASES])
 def test_bad_command_line_is_one_error_line_and_exit_2(scene, cli_env, arguments, fragment, monkeypatch):
-    import ray
-
-    def tripwire(*_args, **_kwargs):
-        raise AssertionError("the command started Ray")
-
-    # In this process Ray may already run (the session's instance): connecting is what must not happen.
-    monkeypatch.setattr(ray, "init", tripwire)
+    forbid_ray(monkeypatch)
     env = cli_env(Path(scene["tmp"]) / "ws")
     env.pop("RAY_ADDRESS", None)
     done = run_main(*(argument.format(**scene) for argument in arguments), env=env, cwd=scene["tmp"])

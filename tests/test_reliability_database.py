@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, run_cli, run_main
+from helpers import forbid_ray, free_port, run_cli, run_main
 
 pytestmark = pytest.mark.reliability
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 def loraops(cli_env, tmp_path, monkeypatch):
     """A function: run ``loraops ARGS`` with LORAOPS_DATABASE_URL=url; returns (result, seconds). In a
     subprocess, as a user runs it; ``in_process``: through ``loraops.cli.main`` in this process (no
-    Python start to pay), where connecting to Ray raises (the session's instance may run here)."""
+    Python start to pay), where connecting to Ray raises (helpers.forbid_ray)."""
 
     def run(url: str, *args: str, in_process: bool = False) -> tuple[subprocess.CompletedProcess, float]:
         env = cli_env(tmp_path / "ws")
@@ -33,19 +33,13 @@ def loraops(cli_env, tmp_path, monkeypatch):
         env.pop("RAY_ADDRESS", None)
         started = time.monotonic()
         if in_process:
-            import ray
-
-            monkeypatch.setattr(ray, "init", _ray_tripwire)
+            forbid_ray(monkeypatch)
             done = run_main(*args, env=env, cwd=tmp_path)
         else:
             done = run_cli(*args, env=env, cwd=tmp_path, timeout=180)
         return done, time.monotonic() - started
 
     return run
-
-
-def _ray_tripwire(*_args, **_kwargs):
-    raise AssertionError("the command started Ray")
 
 
 def one_error_line(done: subprocess.CompletedProcess) -> str:
