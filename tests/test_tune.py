@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import run_cli
+from helpers import forbid_ray, run_cli, run_main
 from loraops.config import ConfigError, database_url, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,11 +125,12 @@ def test_a_bad_search_space_is_a_config_error_naming_the_key(space, message):
         SearchSpace.from_config(load_config(TINY, [space_override(space)]))
 
 
-def test_cli_reports_a_bad_space_before_starting_ray(cli_env, tmp_path):
-    run = run_cli("tune", "-c", str(TINY), "--set", space_override({"lora.r": {"uniform": [8, 64]}}), env=cli_env(tmp_path / "ws"), cwd=tmp_path)
+def test_cli_reports_a_bad_space_before_starting_ray(cli_env, tmp_path, monkeypatch):
+    forbid_ray(monkeypatch)  # in this process (run_main): connecting to Ray fails the test
+    run = run_main("tune", "-c", str(TINY), "--set", space_override({"lora.r": {"uniform": [8, 64]}}), env=cli_env(tmp_path / "ws"), cwd=tmp_path)
     assert run.returncode == 2 and run.stderr.startswith("loraops: error: search.space.lora.r: "), run.stderr
     assert not (tmp_path / "ws").exists()  # nothing built, no Ray started
-    show = run_cli("tune", "--show", str(tmp_path), env=cli_env(tmp_path), cwd=tmp_path)
+    show = run_main("tune", "--show", str(tmp_path), env=cli_env(tmp_path), cwd=tmp_path)
     assert show.returncode == 2 and "is not a loraops experiment" in show.stderr
 
 
