@@ -75,9 +75,9 @@ def run_command(args: argparse.Namespace) -> int:
         if args.overrides:
             raise LoraopsError("--set cannot change an experiment that is resumed: it goes on with the config it started with")
         path = resume_path(args)
-        workspace = experiment.read_experiment_config(experiment.Location.parse(path)).workspace_path
-        console.start_log(workspace, "tune", verbose)
-        outcome = experiment.resume_experiment(path, worker_logs=verbose)
+        config = experiment.read_experiment_config(experiment.Location.parse(path))  # read once, here
+        console.start_log(config.workspace_path, "tune", verbose)
+        outcome = experiment.resume_experiment(path, worker_logs=verbose, config=config)
     else:
         if not args.config:
             raise LoraopsError("tune needs --config FILE (or --resume / --show)")

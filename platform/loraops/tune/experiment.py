@@ -183,12 +183,13 @@ def run_experiment(
     return finish(location, config, space, db_url)
 
 
-def resume_experiment(path: str, worker_logs: bool = False) -> Outcome:
+def resume_experiment(path: str, worker_logs: bool = False, config: Config | None = None) -> Outcome:
     """Continue an interrupted experiment: finished trials stay as they are, unfinished ones go
-    on from their latest checkpoint, and the search proposes the trials still missing."""
+    on from their latest checkpoint, and the search proposes the trials still missing.
+    ``config``: the experiment's own (:func:`read_experiment_config`), when the caller has read it."""
     location = Location.parse(path)
     location.check()
-    config = read_experiment_config(location)
+    config = config or read_experiment_config(location)
     space = SearchSpace.from_config(config)
     base = base_config(config)
     db_url = database_url(config.search.database_url, config.workspace_path)
