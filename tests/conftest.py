@@ -185,6 +185,83 @@ def deploy_tiny_app(ray_address):
     return deploy_app
 
 
+#: The bearer token of the ``shared_app`` application, and the variable its ingress reads it from.
+SHARED_APP_TOKEN, SHARED_APP_TOKEN_ENV = "shared-app-token", "LORAOPS_TEST_SHARED_APP_TOKEN"
+
+
+@dataclass
+class SharedApp:
+    """The one Serve application the read-only serving modules share (``shared_app``): ``serve/tiny.yaml``
+    on the ``serving_home`` registry, serving ``tiny@production`` (v1, the default) and ``tiny:2`` in
+    nf4 mode (the base in 4 bits plus the adapter unmerged, as ``loraops evaluate`` computes), bearer
+    auth on with ``token``, the registry polled every second. Deployed on first use, stopped by
+    ``pytest_runtest_teardown`` after the last test that uses it (the modules that do run one after
+    the other: ``pytest_collection_modifyitems``), so the modules with their own Serve start afresh."""
+
+    deploy: object  # deploy_tiny_app's function
+    home: Path
+    token: str = SHARED_APP_TOKEN
+    running: str | None = None  # the URL while deployed
+
+    def url(self) -> str:
+        if self.running is None:
+            self.running = self.deploy(
+                [
+                    f"args.workspace={self.home}",
+                    "args.adapters=[tiny@production, 'tiny:2']",
+                    "args.mode=nf4",
+                    "args.registry_poll_s=1",
+                    f"args.auth_token_env={SHARED_APP_TOKEN_ENV}",
+                    f"deployments.SummarizerAPI.ray_actor_options.runtime_env.env_vars.{SHARED_APP_TOKEN_ENV}={self.token}",
+                ]
+            )
+        return self.running
+
+    def stop(self) -> None:
+        if self.running is not None:
+            from ray import serve
+
+            self.running = None
+            serve.shutdown()
+
+
+_shared_apps: list[SharedApp] = []  # the session's one, for the hooks below
+
+
+@pytest.fixture(scope="session")
+def shared_app(deploy_tiny_app, serving_home) -> SharedApp:
+    """The session's :class:`SharedApp` (a Serve start and deployment cost 20-45 s on 2 cores: paid once)."""
+    app = SharedApp(deploy_tiny_app, serving_home)
+    _shared_apps.append(app)
+    return app
+
+
+def _uses_shared_app(item) -> bool:
+    return "shared_app" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items):
+    """The modules with a test that uses ``shared_app`` run one after the other, where the first of them
+    was, so its application is deployed once; the order inside each module and of the others is kept."""
+    sharing = {item.path for item in items if _uses_shared_app(item)}
+    if not sharing:
+        return
+    first = next(index for index, item in enumerate(items) if item.path in sharing)
+    grouped = [item for item in items if item.path in sharing]
+    rest = [item for item in items if item.path not in sharing]
+    items[:] = rest[:first] + grouped + rest[first:]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the last test in a row that uses ``shared_app`` (and its modules' fixtures): stop it, as the
+    modules with their own application stop theirs, so the CPUs and Serve's port go back."""
+    yield
+    if _uses_shared_app(item) and (nextitem is None or not _uses_shared_app(nextitem)):
+        for app in _shared_apps:
+            app.stop()
+
+
 @pytest.fixture(scope="session")
 def small_search() -> list[str]:
     """Overrides of ``tune/tiny.yaml`` for searches whose trials take a few seconds on one core:

@@ -40,6 +40,65 @@ def run_cli(*args: str, env: Mapping[str, str] | None = None, cwd: str | Path | 
     return subprocess.run(command, capture_output=True, text=True, env=dict(env) if env is not None else None, cwd=cwd, timeout=timeout)
 
 
+#: The loggers whose handlers, propagation or level a command changes (loraops.console, quiet_http_log): restored after run_main.
+_COMMAND_LOGGERS = ("", "ray", "ray.serve", "optuna", "transformers", "httpx")
+
+
+def run_main(*args: str, env: Mapping[str, str], cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """``loraops ARGS`` in this process through :func:`loraops.cli.main`, as :func:`run_cli` runs it in a
+    subprocess: environment ``env`` (the whole of it) and folder ``cwd`` for the call, stdout, stderr and
+    the exit code captured. Far cheaper than a subprocess, which pays the imports of Python and the
+    libraries each time; the subprocess tests keep the console entry point itself covered. What a
+    command changes in the process's logging (loraops.console) is put back afterwards."""
+    import contextlib
+    import io
+    import logging
+
+    from loraops.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    loggers = {name: logging.getLogger(name) for name in _COMMAND_LOGGERS}
+    saved_loggers = {name: (list(logger.handlers), logger.propagate, logger.level) for name, logger in loggers.items()}
+    capturing_warnings = logging._warnings_showwarning is not None  # logging's own record of captureWarnings
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd or saved_cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's errors and --help
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for name, logger in loggers.items():
+            handlers, propagate, level = saved_loggers[name]
+            for handler in [h for h in logger.handlers if h not in handlers]:  # they write to the StringIO above, or a log file
+                handler.close()
+            logger.handlers[:] = handlers
+            logger.propagate, logger.level = propagate, level
+        logging.captureWarnings(capturing_warnings)
+    return subprocess.CompletedProcess(["loraops", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def forbid_ray(monkeypatch) -> None:
+    """Make connecting to Ray fail in this process (``loraops.cluster.connect`` and ``ray.init`` raise), for
+    run_main tests of commands that must not start Ray: here the session's instance may already run, and
+    a command would use it rather than start one, so "no Ray started" could not be seen otherwise."""
+    import ray
+
+    from loraops import cluster
+
+    def tripwire(*_args, **_kwargs):
+        raise AssertionError("the command connected to Ray")
+
+    monkeypatch.setattr(cluster, "connect", tripwire)
+    monkeypatch.setattr(ray, "init", tripwire)
+
+
 def cli_env(home: Path) -> dict[str, str]:
     """The environment of a ``loraops`` subprocess working in workspace ``home``."""
     # The workspace decides where the registry is: a developer's own settings must not leak in.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import forbid_ray, run_cli, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,9 @@ def test_model_level_bench_runs_a_random_init_architecture(cli_env, tmp_path):
     assert (home / "models" / "random-init-phi-2-1layers" / "config.json").is_file()
 
 
-def test_bench_serve_refuses_bad_arguments_with_one_line(cli_env, tmp_path):
+def test_bench_serve_refuses_bad_arguments_with_one_line(cli_env, tmp_path, monkeypatch):
+    """In this process (run_main), where connecting to Ray fails the test: each refusal comes before Ray starts."""
+    forbid_ray(monkeypatch)
     for args, message in [
         (["--random-init", "phi-2"], "--random-init needs --model-only"),
         (["--concurrency", "1,x"], "--concurrency '1,x': expected comma-separated integers"),
@@ -107,5 +109,5 @@ def test_bench_serve_refuses_bad_arguments_with_one_line(cli_env, tmp_path):
         (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),  # before Ray starts and a model loads
         (["--model-only", "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),  # before the model loads
     ]:
-        done = run_cli("bench", "serve", *args, env=cli_env(tmp_path), timeout=120)
+        done = run_main("bench", "serve", *args, env=cli_env(tmp_path))
         assert done.returncode == 2 and done.stderr.startswith("loraops: error:") and message in done.stderr, done.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import run_main
 from loraops.errors import LoraopsError
 from loraops.registry import IntegrityError, Registry
 from loraops.registry import db as registry_db
@@ -326,7 +326,7 @@ def test_metrics_count_in_memory_without_ray():
 
 def test_cli_start_status_promote_abort(registry, cli_env, tmp_path):
     def loraops(*args: str) -> subprocess.CompletedProcess:
-        return run_cli("canary", args[0], "--db", registry.db_url, "--store", registry.artifact_uri, *args[1:], env=cli_env(tmp_path / "ws"), cwd=tmp_path)
+        return run_main("canary", args[0], "--db", registry.db_url, "--store", registry.artifact_uri, *args[1:], env=cli_env(tmp_path / "ws"), cwd=tmp_path)
 
     started = loraops("start", f"{NAME}:2", "--percent", "30", "--reason", "try v2")
     assert started.returncode == 0, started.stderr
@@ -403,7 +403,7 @@ def test_a_replica_that_cannot_load_the_candidate_reports_it_and_retries_with_ba
     assert registry.canary_status(NAME).replicas[0].attempts == 3
     assert time.monotonic() - started >= 1.0 + 2.0  # waits of 1 s, then 2 s: doubling from the poll interval
 
-    shown = run_cli("canary", "status", NAME, "--db", registry.db_url, "--store", registry.artifact_uri, env=cli_env(tmp_path / "ws"), cwd=tmp_path)
+    shown = run_main("canary", "status", NAME, "--db", registry.db_url, "--store", registry.artifact_uri, env=cli_env(tmp_path / "ws"), cwd=tmp_path)
     print(shown.stdout)
     assert shown.returncode == 0 and "model replicas and v2:" in shown.stdout
     assert shown.stdout.splitlines()[-1].split()[:3] == ["replica-a", "FAILED", "3"]
@@ -419,7 +419,7 @@ def test_cli_status_and_abort_without_name_take_the_one_running_canary(registry,
     """NAME may be left out while exactly one canary runs; with none or several, the error lists them."""
 
     def loraops(*args: str) -> subprocess.CompletedProcess:
-        return run_cli("canary", args[0], "--db", registry.db_url, "--store", registry.artifact_uri, *args[1:], env=cli_env(tmp_path / "ws"), cwd=tmp_path)
+        return run_main("canary", args[0], "--db", registry.db_url, "--store", registry.artifact_uri, *args[1:], env=cli_env(tmp_path / "ws"), cwd=tmp_path)
 
     none = loraops("status")
     assert none.returncode == 2 and none.stderr.startswith("loraops: error: no canary is running") and "Traceback" not in none.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import run_cli, save_random_adapters, wait_until
+from helpers import run_main, save_random_adapters, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -124,7 +124,7 @@ def test_a_candidate_that_cannot_load_is_reported_retried_and_then_served(http, 
             return len(replicas) == 2 and all(r.error for r in replicas)
 
         wait_until(all_failed, 120, "both replicas to report the candidate failed", 0.5)
-        shown = run_cli("canary", "status", NAME, env=cli_env(home))
+        shown = run_main("canary", "status", NAME, env=cli_env(home))
         print(f"\n$ loraops canary status {NAME}\n{shown.stdout}")
         assert shown.returncode == 0, shown.stderr
         assert "FAILED" in shown.stdout and "checksum" in shown.stdout.lower()
@@ -159,7 +159,7 @@ def test_a_candidate_that_cannot_load_is_reported_retried_and_then_served(http, 
     assert {i for i, v in answered.items() if v == 3} == {i for i in answered if bucket(canary.id, i) < 50}
     health = http.get("/healthz", params={"strict": "true"})
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    assert run_cli("canary", "abort", NAME, env=cli_env(home)).returncode == 0
+    assert run_main("canary", "abort", NAME, env=cli_env(home)).returncode == 0
 
 
 def test_a_candidate_no_replica_loads_after_a_restart_is_aborted_automatically(http, home, cli_env):
@@ -194,7 +194,7 @@ def test_a_candidate_no_replica_loads_after_a_restart_is_aborted_automatically(h
         assert ended.canary.id == canary.id and ended.canary.ended_by == "auto"
         assert ended.canary.end_reason.startswith("candidate v3 could not be loaded by any replica")
         assert "answered by v1" in ended.canary.end_reason
-        shown = run_cli("canary", "status", NAME, env=cli_env(home))
+        shown = run_main("canary", "status", NAME, env=cli_env(home))
         print(f"\n$ loraops canary status {NAME}\n{shown.stdout}")
         wait_until(lambda: http.get("/healthz", params={"strict": "true"}).status_code == 200, 30, "the replicas to drop the ended canary's failure", 0.5)
     finally:

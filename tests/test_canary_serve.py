@@ -1,5 +1,6 @@
 """A canary on a live Serve application: the session's local Ray, the tiny model, the ``serving_home``
-registry (``tiny`` v1 in production, v2 the candidate), real HTTP, the real ``loraops canary`` CLI.
+registry (``tiny`` v1 in production, v2 the candidate), real HTTP, the real ``loraops canary`` CLI (its
+``main``, in this process: test_cli runs the console entry point).
 
 The share of requests, the figures ``canary status`` reads, promote and abort, the state surviving
 the replicas' restart, and the per-version Ray metrics on Ray's Prometheus endpoint.
@@ -15,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import run_cli, wait_until
+from helpers import run_main, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -54,7 +55,7 @@ def url(deploy_tiny_app, serving_home, registry):
 
 
 def _cli(cli_env, home: Path, *args: str) -> subprocess.CompletedProcess:
-    return run_cli(*args, env=cli_env(home), timeout=120)
+    return run_main(*args, env=cli_env(home))
 
 
 def _versions(http: httpx.Client, ids: list[str]) -> dict[str, int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import run_cli, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_the_command_line_loads_no_heavy_library():
     ],
 )
 def test_train_cli_exits_2_with_one_line(cli_env, tmp_path, args, expected):
-    run = run_cli("train", "--config", str(REPO / "tune" / "tiny.yaml"), *args, env=cli_env(tmp_path), cwd=tmp_path, timeout=300)
+    run = run_main("train", "--config", str(REPO / "tune" / "tiny.yaml"), *args, env=cli_env(tmp_path), cwd=tmp_path)
     assert run.returncode == 2, run.stderr
     assert expected in run.stderr
     assert "Traceback" not in run.stderr
@@ -66,6 +66,7 @@ def test_train_cli_exits_2_with_one_line(cli_env, tmp_path, args, expected):
 
 
 def test_missing_config_file_exits_2(cli_env, tmp_path):
+    """In a subprocess: the console entry point's own exit code and stderr (the catalogues run in-process)."""
     run = run_cli("train", "--config", "nope.yaml", env=cli_env(tmp_path), cwd=tmp_path)
     assert run.returncode == 2 and "config file not found: nope.yaml" in run.stderr
 

@@ -1,6 +1,7 @@
-"""Several adapters on one base and the OpenAI-compatible routes, for real: a Serve application on the
-session's local Ray serving ``tiny@production`` (v1) and ``tiny:2`` at once, real HTTP, and the
-official ``openai`` Python package as the client (non-streaming and streaming, completions and chat).
+"""Several adapters on one base and the OpenAI-compatible routes, for real: the session's shared Serve
+application (conftest's ``shared_app``, on the session's local Ray) serving ``tiny@production`` (v1)
+and ``tiny:2`` at once, real HTTP, and the official ``openai`` Python package as the client
+(non-streaming and streaming, completions and chat).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ openai = pytest.importorskip("openai")
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-TOKEN = "openai-test-token"
-TOKEN_ENV = "LORAOPS_TEST_OPENAI_TOKEN"
 DIALOGUE = "#Person1#: Is the shop open on Sunday?\n#Person2#: Yes, from ten until four.\n#Person1#: Great, I'll come then."
 OTHER = "#Person1#: Can you send me the report?\n#Person2#: Sure, I will email it tonight."
 TOKENS = 16
@@ -25,33 +24,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def url(deploy_tiny_app, serving_home):
-    """One application serving the production alias (v1) and a pinned v2 on one base, bearer auth on."""
-    from ray import serve
-
-    try:
-        yield deploy_tiny_app(
-            [
-                f"args.workspace={serving_home}",
-                "args.adapters=[tiny@production, 'tiny:2']",
-                "args.registry_poll_s=1",
-                f"args.auth_token_env={TOKEN_ENV}",
-                f"deployments.SummarizerAPI.ray_actor_options.runtime_env.env_vars.{TOKEN_ENV}={TOKEN}",
-            ]
-        )
-    finally:
-        serve.shutdown()
+def url(shared_app):
+    """The session's shared application (conftest): the production alias (v1) and a pinned v2 on one base, bearer auth on."""
+    return shared_app.url()
 
 
 @pytest.fixture(scope="module")
-def http(url):
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120) as client:
+def http(url, shared_app):
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {shared_app.token}"}, timeout=120) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=120)
+def client(url, shared_app):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=shared_app.token, max_retries=0, timeout=120)
 
 
 def _summary(http, dialogue: str, model: str | None = None) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -355,6 +356,22 @@ def test_register_from_experiment(make_run, registry, tmp_path):
     (tmp_path / "unfinished").mkdir()
     with pytest.raises(LoraopsError, match="best_trial.json not found"):
         registry.register_from_experiment(tmp_path / "unfinished", "x")
+
+
+def test_best_trial_json_is_one_record_for_the_search_and_the_registry(tmp_path):
+    """tune writes best_trial.json with BestTrial.to_json, the registry reads it with from_json: the same record back;
+    a field of the wrong type reads as missing (older files), a file naming no adapter is one error naming the file."""
+    from loraops.layout import BestTrial
+
+    record = BestTrial("a1_00001", "exp", str(tmp_path / "exp"), str(tmp_path / "a"), "trial_1/checkpoint_000001", {"name": "x"},
+                       {"eval_loss": 1.5, "step": 20}, "eval_loss", {"lora.r": 8})  # fmt: skip
+    assert BestTrial.from_json(record.to_json(), "best_trial.json") == record
+    assert json.loads(record.to_json())["checkpoint"] == "trial_1/checkpoint_000001"  # the file's keys are the fields
+    old = BestTrial.from_json(json.dumps({"trial_id": 7, "adapter_path": "a", "config": "not a dict", "metrics": None}), "old.json")
+    assert (old.trial_id, old.config, old.metrics, old.checkpoint) == ("7", None, {}, None)
+    for text, message in [("{", "invalid JSON"), ('{"trial_id": "x"}', "expected an object with at least 'adapter_path'"), ("[]", "expected an object")]:
+        with pytest.raises(LoraopsError, match=f"^somewhere/best_trial.json: {re.escape(message)}"):
+            BestTrial.from_json(text, "somewhere/best_trial.json")
 
 
 def test_user_metrics_must_be_numbers(make_run, registry, tmp_path):

@@ -1,5 +1,7 @@
 """The registry commands (:mod:`loraops.commands.registry`) as a user runs them: ``register``, ``promote``,
-``rollback``, ``registry list|show|audit`` in subprocesses, against SQLite and (when set) PostgreSQL."""
+``rollback``, ``registry list|show|audit`` through ``loraops.cli.main`` in this process (one Python
+start per command cost more than the commands), against SQLite and (when set) PostgreSQL.
+``tests/test_cli.py`` runs ``registry list`` in a subprocess, as the console entry point."""
 
 from __future__ import annotations
 
@@ -9,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import run_main
 
 
 @pytest.fixture
 def loraops(cli_env):
-    """A function: run ``loraops ARGS --db DB_URL`` in a subprocess with workspace TMP_PATH/ws."""
+    """A function: run ``loraops ARGS --db DB_URL`` (in this process) with workspace TMP_PATH/ws."""
 
     def run(tmp_path: Path, db_url: str, *args: str) -> subprocess.CompletedProcess:
         command = list(args)
@@ -22,7 +24,7 @@ def loraops(cli_env):
             command[0:2] = [args[0], args[1], "--db", db_url]
         else:
             command[1:1] = ["--db", db_url]
-        return run_cli(*command, env=cli_env(tmp_path / "ws"), cwd=tmp_path)
+        return run_main(*command, env=cli_env(tmp_path / "ws"), cwd=tmp_path)
 
     return run
 

@@ -1,7 +1,10 @@
-"""Reliability: a catalogue of bad command lines, each run as a user would (``python -m loraops`` in a
-subprocess). Every one must end with exit code 2, print exactly one error line naming the problem
-(``loraops: error: ...``, or argparse's ``loraops COMMAND: error: ...`` after its usage lines) and no
-traceback, and must not start Ray."""
+"""Reliability: a catalogue of bad command lines. Every one must end with exit code 2, print exactly one
+error line naming the problem (``loraops: error: ...``, or argparse's ``loraops COMMAND: error: ...``
+after its usage lines) and no traceback, and must not start Ray.
+
+The catalogue runs in this process through ``loraops.cli.main`` (a subprocess per case cost seconds of
+imports each); a few cases also run as a user runs them, ``python -m loraops`` in a subprocess, which
+checks the entry point, the real streams and that no Ray instance starts."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import forbid_ray, run_cli, run_main
 
 pytestmark = pytest.mark.reliability
 
@@ -79,8 +82,24 @@ def scene(tmp_path_factory, make_run) -> dict[str, str]:
     }
 
 
+#: The cases also run in a subprocess: argparse's own error, a config error, and the ones that come
+#: nearest to starting Ray (serve and tune validate before they connect).
+SUBPROCESS_CASES = ["no-command", "config-invalid-yaml", "serve-unknown-adapter", "tune-unknown-database"]
+
+
 @pytest.mark.parametrize(("arguments", "fragment"), [case[1:] for case in CASES], ids=[case[0] for case in CASES])
-def test_bad_command_line_is_one_error_line_and_exit_2(scene, cli_env, arguments, fragment):
+def test_bad_command_line_is_one_error_line_and_exit_2(scene, cli_env, arguments, fragment, monkeypatch):
+    forbid_ray(monkeypatch)
+    env = cli_env(Path(scene["tmp"]) / "ws")
+    env.pop("RAY_ADDRESS", None)
+    done = run_main(*(argument.format(**scene) for argument in arguments), env=env, cwd=scene["tmp"])
+    assert_one_error_line(done, fragment.format(**scene))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"), [case[1:] for case in CASES if case[0] in SUBPROCESS_CASES], ids=[case[0] for case in CASES if case[0] in SUBPROCESS_CASES]
+)
+def test_bad_command_line_in_a_subprocess_is_one_error_line_and_exit_2(scene, cli_env, arguments, fragment):
     env = cli_env(Path(scene["tmp"]) / "ws")
     env.pop("RAY_ADDRESS", None)
     done = run_cli(*(argument.format(**scene) for argument in arguments), env=env, cwd=scene["tmp"], timeout=180)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, run_cli
+from helpers import forbid_ray, free_port, run_cli, run_main
 
 pytestmark = pytest.mark.reliability
 
@@ -21,16 +21,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def loraops(cli_env, tmp_path):
-    """A function: run ``loraops ARGS`` with LORAOPS_DATABASE_URL=url; returns (result, seconds)."""
+def loraops(cli_env, tmp_path, monkeypatch):
+    """A function: run ``loraops ARGS`` with LORAOPS_DATABASE_URL=url; returns (result, seconds). In a
+    subprocess, as a user runs it; ``in_process``: through ``loraops.cli.main`` in this process (no
+    Python start to pay), where connecting to Ray raises (helpers.forbid_ray)."""
 
-    def run(url: str, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    def run(url: str, *args: str, in_process: bool = False) -> tuple[subprocess.CompletedProcess, float]:
         env = cli_env(tmp_path / "ws")
         env["LORAOPS_DATABASE_URL"] = url
         env["LORAOPS_ARTIFACT_URI"] = str(tmp_path / "store")
         env.pop("RAY_ADDRESS", None)
         started = time.monotonic()
-        done = run_cli(*args, env=env, cwd=tmp_path, timeout=180)
+        if in_process:
+            forbid_ray(monkeypatch)
+            done = run_main(*args, env=env, cwd=tmp_path)
+        else:
+            done = run_cli(*args, env=env, cwd=tmp_path, timeout=180)
         return done, time.monotonic() - started
 
     return run
@@ -69,7 +75,8 @@ def test_postgresql_server_down(loraops, make_run, tmp_path, command):
     """Nothing listens on the port: the connection is refused at once."""
     adapter = make_run(tmp_path / "run", seed=1)
     url = f"postgresql://loraops:secret@127.0.0.1:{free_port()}/loraops"
-    done, seconds = loraops(url, *(part.format(adapter=adapter) for part in COMMANDS[command]))
+    # The commands that could reach Ray run as a user runs them; the others in this process (cheaper).
+    done, seconds = loraops(url, *(part.format(adapter=adapter) for part in COMMANDS[command]), in_process=command not in ("tune", "serve"))
     error = one_error_line(done)
     assert "cannot use the database postgresql+psycopg2://loraops:***@127.0.0.1:" in error and "Connection refused" in error, error
     assert "secret" not in done.stderr + done.stdout

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 import helpers
-from helpers import free_port, run_cli
+from helpers import forbid_ray, free_port, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,8 +224,9 @@ def test_cli_summarize_against_the_endpoint(cli_env, serve_urls, serving_home, t
     dialogue_file.write_text(DIALOGUE)
     env = cli_env(serving_home) | {"LORAOPS_API_TOKEN": TOKEN}
 
-    done = run_cli("summarize", "--url", serve_urls["main"], "--file", str(dialogue_file), "--max-new-tokens", "6", "--json", env=env, timeout=120)
-    refused = run_cli("summarize", "--url", serve_urls["main"], "--token", "wrong", DIALOGUE, env=env, timeout=120)
+    # In this process (run_main): test_served_text runs `loraops summarize` as a subprocess.
+    done = run_main("summarize", "--url", serve_urls["main"], "--file", str(dialogue_file), "--max-new-tokens", "6", "--json", env=env)
+    refused = run_main("summarize", "--url", serve_urls["main"], "--token", "wrong", DIALOGUE, env=env)
 
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["model"]["name"] == ADAPTER
@@ -385,8 +386,9 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_urls):
 # --- configuration and registry ----------------------------------------------------------------
 
 
-def test_cli_serve_rejects_a_bad_config_with_one_line(cli_env, tmp_path):
-    done = run_cli("serve", "--config", str(REPO / "serve" / "tiny.yaml"), "--set", "args.mode=fast", env=cli_env(tmp_path), timeout=120)
+def test_cli_serve_rejects_a_bad_config_with_one_line(cli_env, tmp_path, monkeypatch):
+    forbid_ray(monkeypatch)  # the config is refused before any connection
+    done = run_main("serve", "--config", str(REPO / "serve" / "tiny.yaml"), "--set", "args.mode=fast", env=cli_env(tmp_path))
     assert done.returncode == 2
     assert done.stderr.startswith("loraops: error:") and "mode" in done.stderr
 

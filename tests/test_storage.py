@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import run_cli, run_main
 from helpers import s3_objects as objects
 from loraops.registry import Registry
 
@@ -98,7 +98,7 @@ def test_bad_s3_settings_are_one_line_and_write_nothing(problem, change, expecte
         assert len(lines) == 1 and uri in lines[0] and expected.format(port=port) in lines[0], problem
         assert s3_server.secret not in result.stdout + result.stderr
     assert objects(s3_server, prefix) == {}
-    listing = run_cli("registry", "list", env=cli_env(tmp_path / "ws"), timeout=CLI_TIMEOUT)
+    listing = run_main("registry", "list", env=cli_env(tmp_path / "ws"))
     assert "no adapters registered yet" in listing.stdout
 
 
@@ -171,20 +171,22 @@ def test_promote_and_canary_verify_the_stored_files_and_refuse_while_the_store_i
     there); with the endpoint unreachable they refuse with one line and move nothing."""
     uri = f"s3://{s3_server.bucket}/canary-{tmp_path.name}/registry"
     env = cli_env(tmp_path / "ws") | s3_server.env() | {"LORAOPS_ARTIFACT_URI": uri}
+    # The commands that succeed run in this process (run_main); the refusals run as a user runs them, so
+    # "one line" counts what the whole process writes to stderr, the storage libraries' own output included.
     for seed in (1, 2):
         adapter = make_run(tmp_path / f"run{seed}", seed=seed)
-        assert run_cli("register", "--adapter", str(adapter), "--name", "tiny", env=env, timeout=CLI_TIMEOUT).returncode == 0
-    assert run_cli("promote", "tiny", "1", env=env, timeout=CLI_TIMEOUT).returncode == 0
+        assert run_main("register", "--adapter", str(adapter), "--name", "tiny", env=env).returncode == 0
+    assert run_main("promote", "tiny", "1", env=env).returncode == 0
 
     down = env | {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
     for args in (["promote", "tiny", "2"], ["canary", "start", "tiny:2", "--percent", "30"]):
         refused = run_cli(*args, env=down, timeout=CLI_TIMEOUT)
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert "cannot connect to http://127.0.0.1:9 (AWS_ENDPOINT_URL)" in refused.stderr and "Traceback" not in refused.stderr
-    status = run_cli("canary", "status", "tiny", env=env, timeout=CLI_TIMEOUT)
+    status = run_main("canary", "status", "tiny", env=env)
     assert "no canary" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr
 
-    started = run_cli("canary", "start", "tiny:2", "--percent", "30", env=env, timeout=CLI_TIMEOUT)
+    started = run_main("canary", "start", "tiny:2", "--percent", "30", env=env)
     assert started.returncode == 0, started.stderr
-    promoted = run_cli("canary", "promote", "tiny", "--force", env=env, timeout=CLI_TIMEOUT)
+    promoted = run_main("canary", "promote", "tiny", "--force", env=env)
     assert promoted.returncode == 0 and "version 1 -> 2" in promoted.stdout, promoted.stdout + promoted.stderr

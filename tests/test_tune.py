@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import run_cli
+from helpers import forbid_ray, run_cli, run_main
 from loraops.config import ConfigError, database_url, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,11 +125,12 @@ def test_a_bad_search_space_is_a_config_error_naming_the_key(space, message):
         SearchSpace.from_config(load_config(TINY, [space_override(space)]))
 
 
-def test_cli_reports_a_bad_space_before_starting_ray(cli_env, tmp_path):
-    run = run_cli("tune", "-c", str(TINY), "--set", space_override({"lora.r": {"uniform": [8, 64]}}), env=cli_env(tmp_path / "ws"), cwd=tmp_path)
+def test_cli_reports_a_bad_space_before_starting_ray(cli_env, tmp_path, monkeypatch):
+    forbid_ray(monkeypatch)  # in this process (run_main): connecting to Ray fails the test
+    run = run_main("tune", "-c", str(TINY), "--set", space_override({"lora.r": {"uniform": [8, 64]}}), env=cli_env(tmp_path / "ws"), cwd=tmp_path)
     assert run.returncode == 2 and run.stderr.startswith("loraops: error: search.space.lora.r: "), run.stderr
     assert not (tmp_path / "ws").exists()  # nothing built, no Ray started
-    show = run_cli("tune", "--show", str(tmp_path), env=cli_env(tmp_path), cwd=tmp_path)
+    show = run_main("tune", "--show", str(tmp_path), env=cli_env(tmp_path), cwd=tmp_path)
     assert show.returncode == 2 and "is not a loraops experiment" in show.stderr
 
 
@@ -405,8 +406,8 @@ def test_selecting_by_rouge_l_scores_the_last_step_and_drives_best_trial_registr
         results = [json.loads(line) for line in (outcome.folder / f"trial_{row.trial_id}" / "result.json").read_text().splitlines()]
         assert [result["step"] for result in results if "rougeL" in result] == ([20] if row in completed else [])
     winner = max(completed, key=lambda row: row.rougeL)
-    assert (best["trial_id"], best["selected_by"], best["metrics"]["rougeL"]) == (winner.trial_id, "rougeL", winner.rougeL)
-    assert best["metrics"]["eval_loss"] == pytest.approx(winner.last_eval_loss) and best["metrics"]["step"] == 20
+    assert (best.trial_id, best.selected_by, best.metrics["rougeL"]) == (winner.trial_id, "rougeL", winner.rougeL)
+    assert best.metrics["eval_loss"] == pytest.approx(winner.last_eval_loss) and best.metrics["step"] == 20
     assert rows[0] is winner  # the table is sorted by the selection metric
     header = format_table(rows).splitlines()[0]
     assert "best_eval_loss" in header and "rougeL" in header
@@ -421,7 +422,7 @@ def test_selecting_by_rouge_l_scores_the_last_step_and_drives_best_trial_registr
     version = registry.register_from_experiment(outcome.folder, "tiny-rouge")
     assert version.metrics["rougeL"] == pytest.approx(winner.rougeL) and "eval_loss" in version.metrics
     registry.promote("tiny-rouge", version.version, alias="production", if_better="rougeL")
-    worse = registry.register(best["adapter_path"], "tiny-rouge", metrics={"rougeL": winner.rougeL - 1.0})
+    worse = registry.register(best.adapter_path, "tiny-rouge", metrics={"rougeL": winner.rougeL - 1.0})
     with pytest.raises(PromotionRefused):  # ROUGE-L: higher is better
         registry.promote("tiny-rouge", worse.version, alias="production", if_better="rougeL")
 

@@ -12,6 +12,7 @@ import sys
 
 from loraops import __version__, console
 from loraops.commands import bench, canary, demo, evaluate, registry, serve, train, tune
+from loraops.commands.common import add_verbose_argument
 from loraops.errors import LoraopsError
 
 #: In the order ``loraops --help`` lists them.
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tune, register and serve QLoRA adapters on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"loraops {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tune and demo also show Ray's and the libraries' logs on the terminal")
+    add_verbose_argument(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in GROUPS:
         group.add_commands(sub)

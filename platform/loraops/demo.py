@@ -12,7 +12,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from loraops import cluster, console
 from loraops.config import Config, load_config
@@ -133,7 +132,7 @@ def _compare(config: Config, outcome, version: int, promoted: bool, url: str, sa
     from loraops.training.model import load_for_inference
 
     _banner(f"4/4 call the endpoint with {samples} held-out dialogues over HTTP")
-    served_config = Config.model_validate(outcome.best["config"]) if promoted else config
+    served_config = Config.model_validate(outcome.best.config) if promoted else config
     examples = evaluation_examples(served_config)[:samples]
     dialogues = [example.dialogue for example in examples]
     references = [example.references for example in examples]
@@ -208,13 +207,3 @@ def _one_line(text: str) -> str:
 def _banner(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
-
-def summary_of(result: DemoResult) -> dict[str, Any]:
-    """Plain-data form of a demo result, for logs and tests."""
-    return {
-        "experiment": result.experiment,
-        "version": result.version,
-        "promoted": result.promoted,
-        "url": result.url,
-        "rougeL_gain": round(result.tuned_rouge["rougeL"] - result.base_rouge["rougeL"], 2),
-    }

@@ -19,9 +19,12 @@ Experiment folder (``loraops tune``): Tune's own files plus ``loraops.yaml``, ``
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loraops.errors import LoraopsError
 
@@ -95,3 +98,57 @@ def validate_name(value: str, what: str = "adapter name") -> str:
     if not is_valid_name(value):
         raise LoraopsError(f"invalid {what} {value!r}: use {NAME_RULE}")
     return value
+
+
+# --- an experiment's best trial ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BestTrial:
+    """``best_trial.json``: the trial a finished search selected, written by :mod:`loraops.tune` and read
+    by the registry (``register --from-experiment``), one record for both sides.
+
+    ``metrics`` describe the adapter at ``adapter_path`` (the best eval loss, or the last step's eval loss
+    and ROUGE-L) and ``selected_by`` names the metric that chose it. ``checkpoint`` is the same adapter's
+    folder relative to the experiment, which every machine can read from storage (``adapter_path`` is a
+    path on the machine that wrote the record, the fallback for files written before ``checkpoint``)."""
+
+    trial_id: str | None
+    experiment: str | None
+    experiment_path: str | None
+    adapter_path: str | None
+    checkpoint: str | None = None
+    config: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    selected_by: str | None = None
+    params: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> BestTrial:
+        """Parse the file at ``where`` (named in errors). Lenient as readers of older files must be: only
+        an adapter location is required, and a field of the wrong type reads as missing."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LoraopsError(f"{where}: invalid JSON ({exc})") from None
+        if not isinstance(data, dict) or not (data.get("adapter_path") or data.get("checkpoint")):
+            raise LoraopsError(f"{where}: expected an object with at least 'adapter_path'")
+
+        def typed(key: str, kind: type) -> Any:
+            value = data.get(key)
+            return value if isinstance(value, kind) else None
+
+        return cls(
+            trial_id=str(data["trial_id"]) if data.get("trial_id") is not None else None,
+            experiment=typed("experiment", str),
+            experiment_path=typed("experiment_path", str),
+            adapter_path=typed("adapter_path", str),
+            checkpoint=typed("checkpoint", str),
+            config=typed("config", dict),
+            metrics=typed("metrics", dict) or {},
+            selected_by=typed("selected_by", str),
+            params=typed("params", dict),
+        )

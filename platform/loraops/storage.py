@@ -1,5 +1,6 @@
 """The one place a storage URI becomes a ``pyarrow.fs`` filesystem: experiments (``search.storage``)
-and the registry (``LORAOPS_ARTIFACT_URI``) both open theirs here.
+and the registry (``LORAOPS_ARTIFACT_URI``) both open theirs here, and read, write and copy files
+through the functions below.
 
 ``s3://BUCKET/PREFIX`` is configured the way the AWS CLI and SDKs are, from the environment:
 
@@ -138,9 +139,43 @@ def usage(filesystem: pafs.FileSystem, path: str) -> tuple[int, int, int]:
     return len(files), sum(info.size for info in files), len(checkpoints)
 
 
-def human_bytes(size: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
+# --- reading, writing and copying files ------------------------------------------------------------
+
+#: Bytes per read when files are streamed (a checkpoint is never held in memory whole).
+CHUNK = 4 * 1024 * 1024
+
+
+def exists(filesystem: pafs.FileSystem, path: str) -> bool:
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(filesystem: pafs.FileSystem, path: str) -> str:
+    """The UTF-8 text of the file ``path`` (FileNotFoundError when there is none)."""
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def write_text(filesystem: pafs.FileSystem, path: str, text: str) -> None:
+    """Write ``text`` to the file ``path``, creating its folder."""
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def upload_file(local: Path, filesystem: pafs.FileSystem, path: str) -> None:
+    """Copy the local file ``local`` to ``path`` of ``filesystem``."""
+    pafs.copy_files(str(local), path, destination_filesystem=filesystem)
+
+
+def download_tree(filesystem: pafs.FileSystem, path: str, target: Path) -> int:
+    """Copy every file under the folder ``path`` of ``filesystem`` into the local folder ``target``,
+    streamed in :data:`CHUNK` pieces; returns how many files (0: none, nothing written)."""
+    infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    files = [info for info in infos if info.type == pafs.FileType.File]
+    for info in files:
+        local = target / info.path[len(path) :].lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with filesystem.open_input_stream(info.path) as reader, open(local, "wb") as writer:
+            while chunk := reader.read(CHUNK):
+                writer.write(chunk)
+    return len(files)

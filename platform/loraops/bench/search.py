@@ -128,14 +128,16 @@ def benchmark(
     output: str | os.PathLike | None = None,
     command: str | None = None,
     worker_logs: bool = False,
+    config: Config | None = None,
 ) -> dict[str, Any]:
     """Run both methods for ``seeds`` search seeds and the recipe once; print a table, write JSON and a PNG.
 
-    ``worker_logs``: the trials' output streams to this terminal too (it is in Ray's session logs either way)."""
+    ``worker_logs``: the trials' output streams to this terminal too (it is in Ray's session logs either way).
+    ``config``: ``config_path`` with ``overrides`` already loaded (the command has: not read twice)."""
     from loraops import cluster
     from loraops.tune.experiment import prepare_model, ray_logging, trial_steps
 
-    config = load_config(config_path, list(overrides))
+    config = config or load_config(config_path, list(overrides))
     steps_per_trial = trial_steps(config)
     configured = Method(config.search.algorithm, config.search.scheduler.model_dump())
     if configured.name == BASELINE.name:

@@ -94,14 +94,15 @@ def benchmark(
     eval_samples: int = 100,
     progress: bool = True,
     random_init_layers: int | None = None,
+    configured: Config | None = None,
 ) -> dict[str, Any]:
     """Run the configured recipe and its seed recipe for the same samples; print a table, write JSON, return the report.
 
-    ``random_init_layers`` shortens the random-init architecture (tests only: a full Phi-2 does not train on a CPU).
-    """
+    ``random_init_layers`` shortens the random-init architecture (tests only: a full Phi-2 does not train on a CPU);
+    ``configured`` is ``config_path`` with ``overrides`` when the caller loaded it already."""
     check_arguments(steps, eval_samples, random_init)
     on_gpu = torch.cuda.is_available()
-    configured = load_config(config_path, overrides)  # a bad config fails before any model is built
+    configured = configured or load_config(config_path, overrides)  # a bad config fails before any model is built
     load_at_start = round(os.getloadavg()[0], 2)
     model_overrides: list[str] = []
     model_label = configured.model.name

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from loraops.commands.common import SubParsers, add_config_arguments, add_serve_config_arguments, quiet_http_log
+from loraops.commands.common import SubParsers, add_config_arguments, add_serve_config_arguments, add_verbose_argument, load_config, quiet_http_log
 from loraops.errors import LoraopsError
 
 
@@ -139,10 +139,10 @@ def _add_train(kinds: SubParsers) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from loraops.bench.train import benchmark
-    from loraops.config import load_config
 
-    output = args.output or _default_output(load_config(args.config, args.overrides).workspace_path, "train.json")
-    benchmark(args.config, args.overrides, args.steps, output=output, random_init=args.random_init, eval_samples=args.eval_samples)
+    config = load_config(args)
+    output = args.output or _default_output(config.workspace_path, "train.json")
+    benchmark(args.config, args.overrides, args.steps, output=output, random_init=args.random_init, eval_samples=args.eval_samples, configured=config)
     print(f"results: {output}")
     return 0
 
@@ -171,14 +171,13 @@ def _add_search(kinds: SubParsers) -> None:
         metavar="FILE",
         help="JSON results; the plot goes next to it as .png (default WORKSPACE/benchmarks/search-cpu-tiny.json)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Ray's and the libraries' logs here too")
+    add_verbose_argument(parser)
     parser.set_defaults(handler=run_search)
 
 
 def run_search(args: argparse.Namespace) -> int:
     from loraops import console
     from loraops.bench.search import benchmark
-    from loraops.config import load_config
 
     verbose = bool(getattr(args, "verbose", False))
     if args.seeds < 1:
@@ -188,9 +187,9 @@ def run_search(args: argparse.Namespace) -> int:
     words = ["loraops bench search", f"--config {args.config}", *(f"--set {item}" for item in args.overrides), f"--seeds {args.seeds}"]
     words += [f"--budget {args.budget}"] if args.budget else []
     # A config error is one line before anything starts; then Ray's and the libraries' logs go to the log file.
-    workspace = load_config(args.config, args.overrides).workspace_path
-    console.start_log(workspace, "bench-search", verbose)
-    output = args.output or _default_output(workspace, "search-cpu-tiny.json")
-    benchmark(args.config, args.overrides, seeds=args.seeds, budget=args.budget, output=output, command=" ".join(words), worker_logs=verbose)
+    config = load_config(args)
+    console.start_log(config.workspace_path, "bench-search", verbose)
+    output = args.output or _default_output(config.workspace_path, "search-cpu-tiny.json")
+    benchmark(args.config, args.overrides, seeds=args.seeds, budget=args.budget, output=output, command=" ".join(words), worker_logs=verbose, config=config)
     print(f"results: {output} and {os.path.splitext(output)[0]}.png")
     return 0

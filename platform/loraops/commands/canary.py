@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import math
 
-from loraops.commands.common import SubParsers
-from loraops.commands.registry import common_options, open_registry, print_json, table, when
+from loraops.commands.common import SubParsers, open_registry, print_json, registry_options, table, when
 from loraops.errors import LoraopsError
-from loraops.registry.refs import DEFAULT_ALIAS
+from loraops.registry.refs import DEFAULT_ALIAS, DEFAULT_MAX_ERROR_MARGIN, DEFAULT_MIN_REQUESTS
 
 _ABORT_RULE = (
     "The serving endpoint aborts a canary by itself (actor 'auto') once both versions have at least --min-requests requests "
@@ -23,7 +22,7 @@ _ABORT_RULE = (
 
 def add_commands(sub: SubParsers) -> None:
     """Add the ``canary`` group to the ``loraops`` parser."""
-    common = common_options()
+    common = registry_options()
     parser = sub.add_parser(
         "canary",
         help="send a share of traffic to a candidate version, then promote or abort it",
@@ -43,9 +42,18 @@ def add_commands(sub: SubParsers) -> None:
     start.add_argument("--percent", type=float, required=True, help="share of the traffic for the candidate, above 0 and at most 100")
     start.add_argument("--alias", default=DEFAULT_ALIAS, help=f"the alias whose traffic is shared; its version is the baseline (default: {DEFAULT_ALIAS})")
     start.add_argument(
-        "--max-error-margin", type=float, default=0.05, help="abort when the candidate's error rate exceeds the baseline's by more (default: 0.05 = 5 points)"
+        "--max-error-margin",
+        type=float,
+        default=DEFAULT_MAX_ERROR_MARGIN,
+        help="abort when the candidate's error rate exceeds the baseline's by more "
+        f"(default: {DEFAULT_MAX_ERROR_MARGIN:g} = {DEFAULT_MAX_ERROR_MARGIN * 100:g} points)",
     )
-    start.add_argument("--min-requests", type=int, default=20, help="requests each version needs before the error rates are compared (default: 20)")
+    start.add_argument(
+        "--min-requests",
+        type=int,
+        default=DEFAULT_MIN_REQUESTS,
+        help=f"requests each version needs before the error rates are compared (default: {DEFAULT_MIN_REQUESTS})",
+    )
     _add_audit_options(start)
     start.set_defaults(handler=_run_start)
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
+from datetime import datetime
+from typing import Any
 
 #: The type argparse hands to each ``add_commands``.
 SubParsers = argparse._SubParsersAction
@@ -52,3 +56,58 @@ def quiet_http_log(args: argparse.Namespace) -> None:
     """httpx logs every request at INFO: too much for a CLI unless -v."""
     if not args.verbose:
         logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
+    """``-v/--verbose``: on the ``loraops`` parser (``top_level``), and again on the long-running commands
+    whose logs go to a file (tune, bench search), so that it may also follow the command's name."""
+    if top_level:
+        parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tune and demo also show Ray's and the libraries' logs on the terminal")
+    else:  # SUPPRESS: the top-level flag's value stays when the command's own is not given
+        parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Ray's and the libraries' logs here too")
+
+
+# --- the registry's location, and output ----------------------------------------------------------
+
+
+def registry_options() -> argparse.ArgumentParser:
+    """A parent parser with --db and --store, for the commands that open the registry."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("registry location")
+    group.add_argument("--db", metavar="URL", help="SQLAlchemy database URL (default: $LORAOPS_DATABASE_URL, else sqlite:///WORKSPACE/loraops.db)")
+    group.add_argument("--store", metavar="URI", help="artifact root: folder, s3://..., gs://... (default: $LORAOPS_ARTIFACT_URI, else WORKSPACE/registry)")
+    return parent
+
+
+def open_registry(args: argparse.Namespace):
+    """The registry that --db and --store name (imported here: SQLAlchemy loads only when a command runs)."""
+    from loraops.registry.api import Registry
+
+    return Registry(db_url=args.db, artifact_uri=args.store)
+
+
+def print_json(data: Any) -> int:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    print()
+    return 0
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """Left-aligned columns two spaces apart, the headers first."""
+    cells = [headers] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells)
+
+
+def when(moment: datetime) -> str:
+    """A moment in the local time zone, to the second."""
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def human_bytes(size: float) -> str:
+    """A byte count in binary units, the one format of every command: 512 B, 202.2 KiB, 2.0 MiB, 1.3 GiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"

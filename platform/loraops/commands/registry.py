@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from datetime import datetime
 from typing import Any
 
-from loraops.commands.common import SubParsers
+from loraops.commands.common import SubParsers, human_bytes, open_registry, print_json, registry_options, table, when
 from loraops.registry.refs import DEFAULT_ALIAS
 
 _REF_HELP = "NAME (latest version), NAME@ALIAS or NAME:VERSION"
@@ -24,25 +22,11 @@ _DIRECTION_HELP = (
 
 def add_commands(sub: SubParsers) -> None:
     """Add ``registry``, ``register``, ``promote`` and ``rollback`` to the ``loraops`` parser."""
-    common = common_options()
+    common = registry_options()
     _add_registry(sub, common)
     _add_register(sub, common)
     _add_promote(sub, common)
     _add_rollback(sub, common)
-
-
-def common_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("registry location")
-    group.add_argument("--db", metavar="URL", help="SQLAlchemy database URL (default: $LORAOPS_DATABASE_URL, else sqlite:///WORKSPACE/loraops.db)")
-    group.add_argument("--store", metavar="URI", help="artifact root: folder, s3://..., gs://... (default: $LORAOPS_ARTIFACT_URI, else WORKSPACE/registry)")
-    return parent
-
-
-def open_registry(args: argparse.Namespace):
-    from loraops.registry.api import Registry
-
-    return Registry(db_url=args.db, artifact_uri=args.store)
 
 
 # --- registry list | show | audit ---------------------------------------------------------------
@@ -141,7 +125,7 @@ def _show_adapter(registry, name: str, as_json: bool) -> int:
 def _run_verify(args: argparse.Namespace) -> int:
     version = open_registry(args).verify(args.ref)
     size = sum(entry["size"] for entry in version.files.values())
-    print(f"{version.ref}: {len(version.files)} files, {_bytes(size)}, all sha256 match ({version.artifact_uri})")
+    print(f"{version.ref}: {len(version.files)} files, {human_bytes(size)}, all sha256 match ({version.artifact_uri})")
     return 0
 
 
@@ -193,7 +177,7 @@ def _run_register(args: argparse.Namespace) -> int:
     if args.json:
         return print_json(version.to_dict() | {"same_files_as": version.same_files_as})  # null: no earlier version has these files
     size = sum(entry["size"] for entry in version.files.values())
-    print(f"registered {version.ref} ({len(version.files)} files, {_bytes(size)}) at {version.artifact_uri}")
+    print(f"registered {version.ref} ({len(version.files)} files, {human_bytes(size)}) at {version.artifact_uri}")
     if version.same_files_as is not None:
         print(f"note: its files equal version {version.same_files_as} ({version.name}:{version.same_files_as}): the same adapter registered again")
     if version.metrics:
@@ -268,22 +252,6 @@ def _print_change(change, as_json: bool) -> int:
 # --- formatting --------------------------------------------------------------------------------
 
 
-def print_json(data: Any) -> int:
-    json.dump(data, sys.stdout, indent=2, default=str)
-    print()
-    return 0
-
-
-def table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [headers] + [[str(cell) for cell in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells)
-
-
-def when(moment: datetime) -> str:
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
 def _aliases_text(aliases: dict[str, int]) -> str:
     return ", ".join(f"{alias}->v{version}" for alias, version in aliases.items())
 
@@ -300,14 +268,6 @@ def _lineage_text(version) -> str:
     if version.experiment:
         return f"{version.experiment}" + (f" trial {version.trial_id}" if version.trial_id else "")
     return version.source_path or "-"
-
-
-def _bytes(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size} B"
 
 
 def _version_text(version) -> str:
@@ -329,5 +289,5 @@ def _version_text(version) -> str:
         f"  artifacts:        {version.artifact_uri}",
         "  files:",
     ]
-    lines += [f"    {rel}  {_bytes(entry['size'])}  sha256 {entry['sha256']}" for rel, entry in sorted(version.files.items())]
+    lines += [f"    {rel}  {human_bytes(entry['size'])}  sha256 {entry['sha256']}" for rel, entry in sorted(version.files.items())]
     return "\n".join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from loraops.commands.common import SubParsers, add_config_arguments
+from loraops.commands.common import SubParsers, add_config_arguments, add_verbose_argument, human_bytes
 from loraops.errors import LoraopsError
 
 #: ``--resume`` without a path: the newest experiment under the storage root.
@@ -58,7 +58,7 @@ def add_commands(sub: SubParsers) -> None:
         metavar="NAME",
         help="at the end, register the best trial's adapter as the next version of NAME (default: the config's name)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Ray's and the libraries' logs here too")
+    add_verbose_argument(parser)
     parser.set_defaults(handler=run_command)
 
 
@@ -75,9 +75,9 @@ def run_command(args: argparse.Namespace) -> int:
         if args.overrides:
             raise LoraopsError("--set cannot change an experiment that is resumed: it goes on with the config it started with")
         path = resume_path(args)
-        workspace = experiment.read_experiment_config(experiment.Location.parse(path)).workspace_path
-        console.start_log(workspace, "tune", verbose)
-        outcome = experiment.resume_experiment(path, worker_logs=verbose)
+        config = experiment.read_experiment_config(experiment.Location.parse(path))  # read once, here
+        console.start_log(config.workspace_path, "tune", verbose)
+        outcome = experiment.resume_experiment(path, worker_logs=verbose, config=config)
     else:
         if not args.config:
             raise LoraopsError("tune needs --config FILE (or --resume / --show)")
@@ -121,7 +121,7 @@ def print_outcome(outcome) -> None:
     print()
     print(f"{summary_line(outcome.rows)}  |  experiment: {outcome.location.uri}")
     if outcome.best:
-        print(f"best trial {best_line(outcome.best)}; adapter: {outcome.best['adapter_path']}")
+        print(f"best trial {best_line(outcome.best)}; adapter: {outcome.best.adapter_path}")
     if (outcome.folder / RESULTS_FILE).is_file():
         print(f"results: {outcome.folder}")
     print_storage(outcome)
@@ -138,7 +138,7 @@ def print_storage(outcome) -> None:
         print(f"storage: cannot list {outcome.location.uri}: {storage.describe_error(outcome.location.uri, exc)}")
         return
     keep = outcome.config.search.keep_checkpoints
-    print(f"storage: {count} objects, {storage.human_bytes(size)} in {outcome.location.uri} "
+    print(f"storage: {count} objects, {human_bytes(size)} in {outcome.location.uri} "
           f"({checkpoints} checkpoints; search.keep_checkpoints={keep if keep is not None else 'all'} per trial)")
 
 
@@ -148,4 +148,4 @@ def register(outcome, name: str) -> None:
 
     registry = Registry(db_url=outcome.config.search.database_url, workspace=outcome.config.workspace_path)
     version = registry.register_from_experiment(outcome.folder, name)
-    print(f"registered {version.ref} from trial {outcome.best['trial_id']}")
+    print(f"registered {version.ref} from trial {outcome.best.trial_id}")

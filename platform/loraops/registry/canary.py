@@ -39,10 +39,9 @@ from loraops.errors import LoraopsError
 from loraops.registry import aliases, db
 from loraops.registry.db import AdapterRow, AliasRow, CanaryLoadRow, CanaryRow, CanaryStatsRow
 from loraops.registry.records import AliasChange, utc
+from loraops.registry.refs import DEFAULT_MAX_ERROR_MARGIN, DEFAULT_MIN_REQUESTS
 
 RUNNING, PROMOTED, ABORTED = "running", "promoted", "aborted"
-DEFAULT_MAX_ERROR_MARGIN = 0.05
-DEFAULT_MIN_REQUESTS = 20
 #: Upper bounds (seconds) of the latency buckets: log-spaced, 4 per doubling from 1 ms to ~131 s
 #: (each bucket spans 19%), plus an overflow bucket above the last. Quantiles are read as the
 #: upper bound of the bucket they fall in, so p50/p99 are at most 19% above the true figure.

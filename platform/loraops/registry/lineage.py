@@ -18,7 +18,7 @@ import yaml
 
 from loraops.config import BUILTIN_DATA
 from loraops.errors import LoraopsError
-from loraops.layout import ADAPTER_CONFIG_FILE, BEST_TRIAL_FILE, EVALUATION_FILE, METRICS_FILE, RUN_CONFIG_FILE, check_adapter_dir, checkpoint_step
+from loraops.layout import ADAPTER_CONFIG_FILE, BEST_TRIAL_FILE, EVALUATION_FILE, METRICS_FILE, RUN_CONFIG_FILE, BestTrial, check_adapter_dir, checkpoint_step
 from loraops.registry.refs import flatten_metrics
 from loraops.training.data import data_fingerprint
 
@@ -138,12 +138,12 @@ def read_best_trial(experiment: str | os.PathLike, download: Path | None = None)
     if storage.is_remote(where):
         filesystem, root = storage.open_uri(where.rstrip("/"))
         storage.check_access(filesystem, root, where)
-        best = _parse_best(_read_remote(filesystem, f"{root}/{BEST_TRIAL_FILE}", where), f"{where.rstrip('/')}/{BEST_TRIAL_FILE}")
-        if not best.get("checkpoint"):
+        best = BestTrial.from_json(_read_remote(filesystem, f"{root}/{BEST_TRIAL_FILE}", where), f"{where.rstrip('/')}/{BEST_TRIAL_FILE}")
+        if not best.checkpoint:
             raise LoraopsError(f"{where}/{BEST_TRIAL_FILE} names no checkpoint: register this experiment from the machine that ran it")
         if download is None:
             raise LoraopsError(f"{where} is remote: a download folder is needed")
-        adapter = check_adapter_dir(_download_dir(filesystem, f"{root}/{best['checkpoint']}", download / "adapter", where))
+        adapter = check_adapter_dir(_download_dir(filesystem, f"{root}/{best.checkpoint}", download / "adapter", where))
         return adapter, _lineage(best, adapter, where)
     folder = Path(experiment).expanduser().resolve()
     if not folder.is_dir():
@@ -151,37 +151,28 @@ def read_best_trial(experiment: str | os.PathLike, download: Path | None = None)
     best_file = folder / BEST_TRIAL_FILE
     if not best_file.is_file():
         raise LoraopsError(f"{best_file} not found: is {folder} a finished loraops tune experiment?")
-    best = _parse_best(best_file.read_text(), str(best_file))
-    if best.get("checkpoint") and (folder / best["checkpoint"]).is_dir():
-        adapter = check_adapter_dir(folder / best["checkpoint"])
+    best = BestTrial.from_json(best_file.read_text(), str(best_file))
+    if best.checkpoint and (folder / best.checkpoint).is_dir():
+        adapter = check_adapter_dir(folder / best.checkpoint)
+    elif best.adapter_path is None:
+        raise LoraopsError(f"{best_file}: its checkpoint {best.checkpoint} is not in {folder}, and it names no 'adapter_path'")
     else:
-        adapter = Path(best["adapter_path"]).expanduser()
+        adapter = Path(best.adapter_path).expanduser()
         adapter = check_adapter_dir(adapter if adapter.is_absolute() else folder / adapter)
     return adapter, _lineage(best, adapter, str(folder))
 
 
-def _parse_best(text: str, where: str) -> dict[str, Any]:
-    try:
-        best = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LoraopsError(f"{where}: invalid JSON ({exc})") from None
-    if not isinstance(best, dict) or not (best.get("adapter_path") or best.get("checkpoint")):
-        raise LoraopsError(f"{where}: expected an object with at least 'adapter_path'")
-    return best
-
-
-def _lineage(best: dict[str, Any], adapter: Path, experiment: str) -> Lineage:
+def _lineage(best: BestTrial, adapter: Path, experiment: str) -> Lineage:
     lineage = read_run_folder(adapter)  # the trial's own run folder, when it has one
-    if isinstance(best.get("config"), dict):
-        lineage.config = best["config"]
-        training = best["config"].get("training")
+    if best.config is not None:
+        lineage.config = best.config
+        training = best.config.get("training")
         lineage.hyperparameters = dict(training) if isinstance(training, dict) else lineage.hyperparameters
-    if isinstance(best.get("params"), dict):  # the searched values: what this trial was about
-        lineage.hyperparameters = best["params"]
-    if isinstance(best.get("metrics"), dict):
-        lineage.metrics.update(flatten_metrics(best["metrics"], strict=False))
-    lineage.experiment = str(best.get("experiment") or experiment)
-    lineage.trial_id = str(best["trial_id"]) if best.get("trial_id") is not None else None
+    if best.params is not None:  # the searched values: what this trial was about
+        lineage.hyperparameters = best.params
+    lineage.metrics.update(flatten_metrics(best.metrics, strict=False))
+    lineage.experiment = best.experiment or experiment
+    lineage.trial_id = best.trial_id
     return lineage
 
 
@@ -189,8 +180,7 @@ def _read_remote(filesystem: Any, path: str, uri: str) -> str:
     from loraops import storage
 
     try:
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read().decode()
+        return storage.read_text(filesystem, path)
     except FileNotFoundError:
         raise LoraopsError(f"{uri}/{BEST_TRIAL_FILE} not found: is {uri} a finished loraops tune experiment?") from None
     except OSError as exc:
@@ -199,23 +189,14 @@ def _read_remote(filesystem: Any, path: str, uri: str) -> str:
 
 def _download_dir(filesystem: Any, path: str, target: Path, uri: str) -> Path:
     """Copy the folder ``path`` of a remote filesystem to the local ``target``."""
-    import pyarrow.fs as pafs
-
     from loraops import storage
 
     try:
-        infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-        files = [info for info in infos if info.type == pafs.FileType.File]
-        if not files:
-            raise LoraopsError(f"{uri}: the best trial's checkpoint {path} holds no files")
-        for info in files:
-            local = target / info.path[len(path) :].lstrip("/")
-            local.parent.mkdir(parents=True, exist_ok=True)
-            with filesystem.open_input_stream(info.path) as reader, open(local, "wb") as writer:
-                while chunk := reader.read(4 * 1024 * 1024):
-                    writer.write(chunk)
+        copied = storage.download_tree(filesystem, path, target)
     except OSError as exc:
         raise LoraopsError(storage.describe_error(uri, exc)) from None
+    if not copied:
+        raise LoraopsError(f"{uri}: the best trial's checkpoint {path} holds no files")
     return target
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraops.registry.db import VersionRow
+
+if TYPE_CHECKING:
+    from loraops.registry.store import Manifest
 
 
 @dataclass
@@ -29,7 +32,7 @@ class ModelVersion:
     trial_id: str | None
     source_path: str | None
     artifact_uri: str
-    files: dict[str, dict[str, Any]]
+    files: Manifest
     aliases: list[str] = field(default_factory=list)
     #: The resolved training config the adapter was made with (None for versions registered without one).
     config: dict[str, Any] | None = None

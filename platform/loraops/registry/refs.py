@@ -22,10 +22,25 @@ from loraops.errors import LoraopsError
 from loraops.layout import validate_name
 from loraops.metrics import LOWER_IS_BETTER, lower_is_better
 
-__all__ = ["DEFAULT_ALIAS", "LOWER_IS_BETTER", "Bare", "Ref", "lower_is_better", "normalize_ref", "parse_ref", "parse_version"]
+__all__ = [
+    "DEFAULT_ALIAS",
+    "DEFAULT_MAX_ERROR_MARGIN",
+    "DEFAULT_MIN_REQUESTS",
+    "LOWER_IS_BETTER",
+    "Bare",
+    "Ref",
+    "lower_is_better",
+    "normalize_ref",
+    "parse_ref",
+    "parse_version",
+]
 
 #: The alias promotion moves and serving follows unless told otherwise.
 DEFAULT_ALIAS = "production"
+#: A canary's abort rule unless told otherwise (:mod:`loraops.registry.canary`); here, in this light module,
+#: so that ``loraops canary --help`` shows them without loading SQLAlchemy.
+DEFAULT_MAX_ERROR_MARGIN = 0.05
+DEFAULT_MIN_REQUESTS = 20
 _VERSION = re.compile(r"^[vV]?([0-9]+)$")
 
 

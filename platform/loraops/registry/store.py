@@ -29,17 +29,27 @@ import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TypedDict
 
 import pyarrow.fs as pafs
 
 from loraops.errors import LoraopsError
+from loraops.storage import CHUNK
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 * 1024 * 1024
-#: {relative posix path: {"sha256": hex digest, "size": bytes}}
-Manifest = dict[str, dict[str, Any]]
+
+
+class FileEntry(TypedDict):
+    """One stored file of a version: its checksum and size. Kept as this plain JSON object in the
+    version's database row (``files``), so reading it back needs no conversion."""
+
+    sha256: str  # hex digest
+    size: int  # bytes
+
+
+#: A version's files: {relative posix path: FileEntry}.
+Manifest = dict[str, FileEntry]
 #: A staging folder older than this (by the time in its name) is debris of a registration that failed
 #: and could not clean up; younger ones may be uploads in progress and are never touched.
 STALE_STAGING_S = 3600.0
@@ -75,12 +85,6 @@ def local_files(folder: Path, skip: Collection[str] = ()) -> list[str]:
     return files
 
 
-def manifest_of(folder: str | os.PathLike) -> Manifest:
-    """Checksums and sizes of every file under a local folder."""
-    root = Path(folder)
-    return {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size} for rel in local_files(root)}
-
-
 def manifest_digest(manifest: Manifest) -> str:
     """One sha256 for a whole version: of its files' paths and checksums, in path order."""
     digest = hashlib.sha256()
@@ -103,7 +107,7 @@ def verify_local(folder: str | os.PathLike, manifest: Manifest, label: str) -> N
         _check_digest(label, rel, str(path), expected, actual)
 
 
-def _check_digest(label: str, rel: str, where: str, expected: dict[str, Any], actual: str) -> None:
+def _check_digest(label: str, rel: str, where: str, expected: FileEntry, actual: str) -> None:
     if actual != expected["sha256"]:
         raise IntegrityError(
             f"{label}: checksum mismatch for file {rel} ({where}): expected sha256 {expected['sha256']}, "
@@ -178,7 +182,7 @@ class ArtifactStore:
             raise
         return StagedUpload(staging, manifest)
 
-    def _upload(self, source: Path, target: str) -> dict[str, Any]:
+    def _upload(self, source: Path, target: str) -> FileEntry:
         digest = hashlib.sha256()
         size = 0
         parent = target.rsplit("/", 1)[0]
@@ -191,7 +195,7 @@ class ArtifactStore:
         stored = self.fs.get_file_info(target).size
         if stored != size:  # a short write on a remote store must not become a version
             raise LoraopsError(f"copy of {source} to {target} is incomplete: {stored} of {size} bytes")
-        return {"sha256": digest.hexdigest(), "size": size}
+        return FileEntry(sha256=digest.hexdigest(), size=size)
 
     def publish(self, staged: StagedUpload, name: str, version: int) -> str:
         """Move a complete staging folder to ``NAME/vN`` and return that path.

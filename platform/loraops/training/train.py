@@ -127,7 +127,8 @@ def train(
     seed_everything(settings.seed)
 
     tokenizer, train_rows, eval_rows = encode_splits(config)  # data first: a bad source fails before minutes of model loading
-    model, trainable, optimizer, scheduler, scaler, state = build_trainer(config, resume_from)
+    trainer = build_trainer(config, resume_from)
+    model, optimizer, scheduler, scaler, state = trainer.model, trainer.optimizer, trainer.scheduler, trainer.scaler, trainer.state
 
     start_run_folder(out, config, fresh=not resume_from)
     metrics = MetricsLog(out / METRICS_FILE, config, fresh=not resume_from)
@@ -140,7 +141,7 @@ def train(
     while state.step < settings.max_steps:
         step = next(batches)
         loss = train_step(model, step.micro_batches, autocast, scaler)
-        optimizer_step(optimizer, scheduler, scaler, trainable, settings.max_grad_norm)
+        optimizer_step(optimizer, scheduler, scaler, trainer.trainable, settings.max_grad_norm)
         state.step += 1
         state.samples += step.rows
         if on_step is not None:
@@ -188,8 +189,21 @@ def encode_splits(config: Config) -> tuple[Any, list, list]:
     return tokenizer, encode_all(tokenizer, train_examples, config.data), encode_all(tokenizer, eval_examples, config.data)
 
 
-def build_trainer(config: Config, resume_from: str | os.PathLike | None):
-    """The model prepared for training, its trainable parameters, optimizer, scheduler, scaler and state (resumed when asked)."""
+@dataclass
+class Trainer:
+    """What a run trains with (:func:`build_trainer`): the model prepared for training, its trainable
+    parameters, the optimizer, its learning-rate schedule, the loss scaler and the run's counters."""
+
+    model: torch.nn.Module
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    state: TrainState
+
+
+def build_trainer(config: Config, resume_from: str | os.PathLike | None) -> Trainer:
+    """The :class:`Trainer` of ``config``, its state loaded from the checkpoint ``resume_from`` when given."""
     model = prepare_for_training(load_base_model(config, attn_implementation=config.training.attn_implementation), config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info("trainable parameters: %s of %s", f"{sum(p.numel() for p in trainable):,}", f"{sum(p.numel() for p in model.parameters()):,}")
@@ -200,7 +214,7 @@ def build_trainer(config: Config, resume_from: str | os.PathLike | None):
     if resume_from:
         state = load_checkpoint(Path(resume_from), model, optimizer, scheduler, scaler)
         log.info("resumed from %s at step %d", resume_from, state.step)
-    return model, trainable, optimizer, scheduler, scaler, state
+    return Trainer(model, trainable, optimizer, scheduler, scaler, state)
 
 
 # --- the pieces of a step ----------------------------------------------------------------------

@@ -24,7 +24,7 @@ import yaml
 from loraops import cluster
 from loraops.config import Config, database_url, display_url, dump_config, validate
 from loraops.errors import LoraopsError
-from loraops.layout import BEST_CONFIG_FILE, BEST_TRIAL_FILE, EXPERIMENT_CONFIG_FILE, NAME_RULE, RESULTS_FILE, SEARCH_PLOT_FILE, is_valid_name
+from loraops.layout import BEST_CONFIG_FILE, BEST_TRIAL_FILE, EXPERIMENT_CONFIG_FILE, NAME_RULE, RESULTS_FILE, SEARCH_PLOT_FILE, BestTrial, is_valid_name
 from loraops.tune import results
 from loraops.tune.space import SearchSpace
 from loraops.tune.strategy import build_scheduler, build_searcher, check_search, trial_steps
@@ -86,25 +86,23 @@ class Location:
         storage.check_access(filesystem, path, self.root)
 
     def exists(self) -> bool:
-        import pyarrow.fs
+        from loraops import storage
 
-        filesystem, path = self.filesystem()
-        return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+        return storage.exists(*self.filesystem())
 
     def read_text(self, name: str) -> str:
-        import pyarrow.fs
+        from loraops import storage
 
         filesystem, path = self.filesystem()
-        if filesystem.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.NotFound:
+        if not storage.exists(filesystem, f"{path}/{name}"):
             raise LoraopsError(f"{self.uri} is not a loraops experiment: {name} not found")
-        with filesystem.open_input_stream(f"{path}/{name}") as stream:
-            return stream.read().decode()
+        return storage.read_text(filesystem, f"{path}/{name}")
 
     def write_text(self, name: str, text: str) -> None:
+        from loraops import storage
+
         filesystem, path = self.filesystem()
-        filesystem.create_dir(path, recursive=True)
-        with filesystem.open_output_stream(f"{path}/{name}") as stream:
-            stream.write(text.encode())
+        storage.write_text(filesystem, f"{path}/{name}", text)
 
 
 @dataclass
@@ -116,7 +114,7 @@ class Outcome:
     folder: Path  # local folder with the results
     rows: list[results.TrialRow]
     finished: bool
-    best: dict[str, Any] | None
+    best: BestTrial | None
 
 
 # --- entry points ------------------------------------------------------------------------------
@@ -185,12 +183,13 @@ def run_experiment(
     return finish(location, config, space, db_url)
 
 
-def resume_experiment(path: str, worker_logs: bool = False) -> Outcome:
+def resume_experiment(path: str, worker_logs: bool = False, config: Config | None = None) -> Outcome:
     """Continue an interrupted experiment: finished trials stay as they are, unfinished ones go
-    on from their latest checkpoint, and the search proposes the trials still missing."""
+    on from their latest checkpoint, and the search proposes the trials still missing.
+    ``config``: the experiment's own (:func:`read_experiment_config`), when the caller has read it."""
     location = Location.parse(path)
     location.check()
-    config = read_experiment_config(location)
+    config = config or read_experiment_config(location)
     space = SearchSpace.from_config(config)
     base = base_config(config)
     db_url = database_url(config.search.database_url, config.workspace_path)
@@ -385,7 +384,7 @@ def finish(location: Location, config: Config, space: SearchSpace, db_url: str) 
     return Outcome(location, config, folder, rows, finished, best)
 
 
-def best_record(analysis: Any, row: results.TrialRow, location: Location, folder: Path, config: Config, space: SearchSpace) -> dict[str, Any]:
+def best_record(analysis: Any, row: results.TrialRow, location: Location, folder: Path, config: Config, space: SearchSpace) -> BestTrial:
     """``best_trial.json`` for ``row``: its adapter is the checkpoint the selection metric was
     measured on: the trial's best by eval loss, or its last (where ROUGE-L was scored)."""
     from loraops.tune.space import trial_config, trial_name
@@ -415,20 +414,19 @@ def plot_axes(space: SearchSpace) -> tuple[str | None, bool, str | None]:
 
 
 def _upload(path: Path, location: Location) -> None:
-    import pyarrow.fs
+    from loraops import storage
 
     filesystem, target = location.filesystem()
-    pyarrow.fs.copy_files(str(path), f"{target}/{path.name}", destination_filesystem=filesystem)
+    storage.upload_file(path, filesystem, f"{target}/{path.name}")
 
 
-def _remote_best(location: Location) -> dict[str, Any] | None:
+def _remote_best(location: Location) -> BestTrial | None:
     """best_trial.json of a remote experiment, None before the search has finished."""
-    import json
-
     try:
-        return json.loads(location.read_text(BEST_TRIAL_FILE))
+        text = location.read_text(BEST_TRIAL_FILE)
     except LoraopsError:
         return None
+    return BestTrial.from_json(text, f"{location.uri}/{BEST_TRIAL_FILE}")
 
 
 def _all_finished(rows: list[results.TrialRow], config: Config) -> bool:

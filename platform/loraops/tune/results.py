@@ -15,7 +15,6 @@ Files written into the experiment folder (names in :mod:`loraops.layout`):
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import re
@@ -26,7 +25,7 @@ from typing import Any
 import yaml
 
 from loraops.errors import LoraopsError
-from loraops.layout import BEST_CONFIG_FILE, BEST_TRIAL_FILE
+from loraops.layout import BEST_CONFIG_FILE, BEST_TRIAL_FILE, BestTrial
 from loraops.tune.trainable import MAX_STEPS, METRIC, ROUGE_METRIC, STEP
 
 FINISHED = ("TERMINATED", "ERROR")
@@ -172,11 +171,11 @@ def summary_line(rows: list[TrialRow]) -> str:
     return f"{len(rows)} trials: " + ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
 
 
-def best_line(best: dict[str, Any]) -> str:
+def best_line(best: BestTrial) -> str:
     """``ID: rougeL 28.10, eval loss 1.8123 at step 150`` (the selection metric first)."""
-    metrics = best["metrics"]
-    rouge = f"rougeL {metrics['rougeL']:.2f}, " if best.get("selected_by") == "rougeL" else ""
-    return f"{best['trial_id']}: {rouge}eval loss {metrics['eval_loss']:.4f} at step {metrics['step']}"
+    metrics = best.metrics
+    rouge = f"rougeL {metrics['rougeL']:.2f}, " if best.selected_by == "rougeL" else ""
+    return f"{best.trial_id}: {rouge}eval loss {metrics['eval_loss']:.4f} at step {metrics['step']}"
 
 
 def _format_value(value: Any) -> str:
@@ -219,37 +218,24 @@ def best_trial_record(
     params: dict[str, Any],
     metric: str = METRIC,
     checkpoint: str | None = None,
-) -> dict[str, Any]:
-    """The ``best_trial.json`` contract that ``loraops registry`` reads: ``metrics`` describe the
-    adapter at ``adapter_path`` (the best eval loss, or the last step's eval loss and ROUGE-L),
-    ``selected_by`` names the metric that chose it. ``checkpoint``: the same adapter's folder
-    relative to the experiment, which every machine can read from storage (``adapter_path`` is a
-    path on the machine that wrote the record)."""
+) -> BestTrial:
+    """The ``best_trial.json`` of ``row`` (:class:`~loraops.layout.BestTrial`): its metrics are the ones
+    of the adapter at ``adapter_path``, as ``metric`` measured it."""
     if metric == ROUGE_METRIC:
         metrics = {"eval_loss": row.last_eval_loss, ROUGE_METRIC: row.rougeL, "step": row.steps, "steps": row.steps}
     else:
         metrics = {"eval_loss": row.best_eval_loss, "step": row.best_step, "steps": row.steps}
-    return {
-        "trial_id": row.trial_id,
-        "experiment": experiment,
-        "experiment_path": experiment_path,
-        "adapter_path": str(adapter_path),
-        "checkpoint": checkpoint,
-        "config": config,
-        "metrics": metrics,
-        "selected_by": metric,
-        "params": params,
-    }
+    return BestTrial(row.trial_id, experiment, experiment_path, str(adapter_path), checkpoint, config, metrics, metric, params)
 
 
-def write_best(folder: Path, record: dict[str, Any]) -> None:
-    (folder / BEST_TRIAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    (folder / BEST_CONFIG_FILE).write_text(yaml.safe_dump(record["config"], sort_keys=False))
+def write_best(folder: Path, record: BestTrial) -> None:
+    (folder / BEST_TRIAL_FILE).write_text(record.to_json())
+    (folder / BEST_CONFIG_FILE).write_text(yaml.safe_dump(record.config, sort_keys=False))
 
 
-def read_best(folder: Path) -> dict[str, Any] | None:
+def read_best(folder: Path) -> BestTrial | None:
     path = folder / BEST_TRIAL_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return BestTrial.from_json(path.read_text(), str(path)) if path.is_file() else None
 
 
 # --- plot --------------------------------------------------------------------------------------
