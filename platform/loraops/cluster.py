@@ -2,7 +2,8 @@
 
 Every command that needs Ray (``tune``, ``serve``, ``bench serve``, ``demo``) goes through
 :func:`connect`: an address given explicitly (``--address``, ``search.ray_address``), else
-``$RAY_ADDRESS``, else a new local instance. A process that is already connected (a notebook, a
+``$RAY_ADDRESS``, else a new local instance, whatever Ray's address file says (a ``ray start``
+cluster on this machine, alive or long gone, is joined only when named: ``--address auto``). A process that is already connected (a notebook, a
 test, the demo calling the search) is left as it is. :func:`shutdown` ends only a connection this
 process made, so a caller's Ray is never stopped under it.
 """
@@ -21,11 +22,19 @@ log = logging.getLogger(__name__)
 
 #: Ray's own variable naming the cluster to join; ``ray.init()`` reads it too.
 ADDRESS_ENV = "RAY_ADDRESS"
+#: ``ray.init``'s address for "start a new local instance": without it ``ray.init()`` joins the last
+#: cluster ``ray start`` left in its address file, or fails when that cluster is gone.
+LOCAL = "local"
 
 
 def cluster_address(address: str | None = None) -> str | None:
     """The cluster to join: ``address``, else $RAY_ADDRESS, else None (start a local instance)."""
     return address or os.environ.get(ADDRESS_ENV) or None
+
+
+def init_address(address: str | None = None) -> str:
+    """What :func:`connect` passes to ``ray.init``: :func:`cluster_address`, else :data:`LOCAL`."""
+    return cluster_address(address) or LOCAL
 
 
 def connect(
@@ -50,12 +59,12 @@ def connect(
         return False
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": log_to_driver, "configure_logging": configure_logging}
     options |= {key: value for key, value in (("namespace", namespace), ("runtime_env", runtime_env), ("logging_level", logging_level)) if value is not None}
-    target = cluster_address(address)
-    if target:
-        ray.init(address=target, **options)
+    target = init_address(address)
+    if target == LOCAL:
+        ray.init(address=LOCAL, num_cpus=num_cpus, **options)
     else:
-        ray.init(num_cpus=num_cpus, **options)
-    log.debug("connected to Ray at %s", target or "a new local instance")
+        ray.init(address=target, **options)
+    log.debug("connected to Ray at %s", "a new local instance" if target == LOCAL else target)
     return True
 
 
