@@ -105,3 +105,31 @@ def test_postgres_frozen_then_thawed(http, postgres):
     before = audit(postgres)
     assert_degraded_then_ok(http, postgres.freeze, postgres.thaw)
     assert audit(postgres) == before
+
+
+def model_replicas() -> list[str]:
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_REPLICA::outage#SummarizerModel#"))
+
+
+def test_a_replica_replaced_while_postgres_is_stopped_serves_what_was_last_resolved(http, postgres, home):
+    """The only model replica dies during the outage: its replacement starts from the resolution recorded beside
+    the cache (files verified against the recorded checksums), serves, says degraded, and catches up after."""
+    import ray
+
+    records = list((home / "cache" / "registry" / "resolved").glob("*.json"))
+    assert records, "the running replica recorded no resolution"
+    victim = wait_until(model_replicas, 30, "the model replica's actor")[0]
+    postgres.stop()
+    try:
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        wait_until(lambda: model_replicas() not in ([], [victim]), 60, "a replacement replica", 0.5, model_replicas)
+        body = wait_until(lambda: (b := health(http)).get("status") == "degraded" and b, 120, "the replacement to answer", 1.0, lambda: health(http))
+        assert body["problem"].startswith("registry unreachable since ") and "serving tiny:1" in body["problem"], body
+        answer = http.post("/v1/summarize", json={"dialogue": DIALOGUE})
+        assert answer.status_code == 200 and answer.json()["model"] == {"name": ADAPTER, "version": 1}, answer.text
+        assert model_replicas() != [victim]
+    finally:
+        postgres.start()
+    wait_until(lambda: health(http).get("status") == "ok", 60, "/healthz to say ok again", 0.5, lambda: health(http))
