@@ -188,6 +188,9 @@ class CanaryLoadRow(Base):
     error: Mapped[str | None] = mapped_column(Text)  # None: loaded
     attempts: Mapped[int] = mapped_column(Integer, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    #: The replica's heartbeat: its last poll during the canary, and its poll interval (None: written before heartbeats).
+    seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    poll_s: Mapped[float | None] = mapped_column(Float)
 
 
 # --- engines -----------------------------------------------------------------------------------
@@ -353,7 +356,7 @@ def _missing_schema(inspector) -> list[str]:
 
 #: Columns added after the first release: (table, column). Databases created before get them on
 #: first use (nullable, so existing rows stay valid); create_all only creates missing tables.
-_ADDED_COLUMNS = (("registry_versions", "config"),)
+_ADDED_COLUMNS = (("registry_versions", "config"), ("registry_canary_loads", "seen_at"), ("registry_canary_loads", "poll_s"))
 
 
 def _add_missing_columns(session: Session) -> None:
