@@ -81,6 +81,9 @@ def ray_address():
     """
     import ray
 
+    from loraops.cluster import use_local_serve_env
+
+    use_local_serve_env()  # the Serve settings of `loraops serve`'s local instance
     context = ray.init(
         address="local",
         num_cpus=2,

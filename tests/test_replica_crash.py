@@ -1,7 +1,7 @@
 """No request lost to a model replica's crash (issue #29 item 4): two model replicas under load with a canary
 running, one killed with ``ray.kill``. A request whose replica died is sent once more to another replica
 (generation is stateless), so every client gets a 2xx, and the crash is charged to neither version in the
-canary's figures."""
+canary's figures. Then the Serve proxy is killed, and the endpoint must be back soon (item 5)."""
 
 from __future__ import annotations
 
@@ -106,3 +106,33 @@ def test_a_replica_killed_under_load_during_a_canary_loses_no_request_and_charge
         assert [(v.version, v.errors) for v in (versions.baseline, versions.candidate)] == [(1, 0), (2, 0)], versions
     finally:
         registry.abort_canary(ADAPTER, reason="test over")
+
+
+def proxies() -> list[str]:
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_PROXY_ACTOR"))
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_the_endpoint_is_back_soon_after_its_proxy_is_killed(url):
+    """Serve's controller replaces a dead proxy after 3 failed health checks: with loraops' local setting
+    (every 2 s, not Serve's 10) the endpoint answers again within the issue's 10 s target, doubled for a
+    loaded machine (32 s with Serve's default)."""
+    import time
+
+    import ray
+
+    victim = wait_until(proxies, 30, "the Serve proxy")[0]
+    assert answers(url)
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    killed = time.monotonic()
+    wait_until(lambda: not answers(url), 30, "the endpoint to go down", 0.1)
+    wait_until(lambda: answers(url), 120, "the endpoint to answer again", 0.2)
+    assert time.monotonic() - killed < 20, time.monotonic() - killed

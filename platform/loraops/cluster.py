@@ -27,6 +27,18 @@ ADDRESS_ENV = "RAY_ADDRESS"
 LOCAL = "local"
 
 
+#: Serve settings of a local instance, read by its controller from the environment: a proxy that dies is
+#: found after 3 failed health checks, so checking every 2 s instead of 10 brings the endpoint back in
+#: about 8 s instead of 30 (measured in tests/test_replica_crash.py). A variable already set wins.
+LOCAL_SERVE_ENV = {"RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2"}
+
+
+def use_local_serve_env() -> None:
+    """Set :data:`LOCAL_SERVE_ENV` where unset, before a local instance starts (its processes inherit this environment)."""
+    for key, value in LOCAL_SERVE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def cluster_address(address: str | None = None) -> str | None:
     """The cluster to join: ``address``, else $RAY_ADDRESS, else None (start a local instance)."""
     return address or os.environ.get(ADDRESS_ENV) or None
@@ -61,6 +73,7 @@ def connect(
     options |= {key: value for key, value in (("namespace", namespace), ("runtime_env", runtime_env), ("logging_level", logging_level)) if value is not None}
     target = init_address(address)
     if target == LOCAL:
+        use_local_serve_env()
         ray.init(address=LOCAL, num_cpus=num_cpus, **options)
     else:
         ray.init(address=target, **options)
