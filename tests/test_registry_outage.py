@@ -117,3 +117,45 @@ def test_the_url_decides_the_bounds_loraops_fills_in_the_rest():
     assert given["connection_factory"] is postgres_connect_args({"options": "-c statement_timeout=3000"})["connection_factory"]
     assert [statement_timeout_s(o) for o in ("-c statement_timeout=250", "-c statement_timeout=2min", "-c work_mem=4MB")] == [0.25, 120.0, None]
     assert "connection_factory" not in postgres_connect_args({"options": "-c statement_timeout=0"})  # switched off: nothing to watch
+
+
+def freeze_before(postgres, registry, table: str):
+    """A fault hook: freeze the server just before the first INSERT INTO ``table`` (mid-transaction, earlier statements sent)."""
+    from sqlalchemy import event
+
+    armed = [True]
+
+    def hook(connection, cursor, statement, parameters, context, executemany):
+        if armed[0] and statement.lstrip().upper().startswith(f"INSERT INTO {table.upper()}"):
+            armed[0] = False
+            postgres.freeze()
+
+    event.listen(registry.engine, "before_cursor_execute", hook)
+    return lambda: event.remove(registry.engine, "before_cursor_execute", hook)
+
+
+@pytest.mark.slow
+def test_a_server_frozen_between_the_statements_of_a_write_leaves_no_half_state(postgres, registry, make_run, tmp_path):
+    """promote, canary start and register each meet a server frozen half-way through their transaction: each
+    fails within the bound with a DatabaseError (the command's one line), and after SIGCONT nothing of it is there."""
+    from loraops.registry.db import DatabaseError
+
+    registry.register(make_run(tmp_path / "run2", seed=2), "drill")  # drill:2, production -> 1
+    before = ([v.version for v in registry.versions("drill")], [(e.from_version, e.to_version) for e in registry.audit_log("drill")])
+    writes = {
+        "registry_alias_events": lambda: registry.promote("drill", 2),
+        "registry_canaries": lambda: registry.start_canary("drill:2", 50),
+        "registry_versions": lambda: registry.register(make_run(tmp_path / "run3", seed=3), "drill"),
+    }
+    for table, write in writes.items():
+        remove = freeze_before(postgres, registry, table)
+        try:
+            error, seconds = call_within(write, bound_s=90)
+        finally:
+            postgres.thaw()
+            remove()
+        assert isinstance(error, DatabaseError) and seconds < 60, (table, error, seconds)
+        assert registry.get("drill@production").version == 1 and registry.canary("drill") is None, table
+        assert ([v.version for v in registry.versions("drill")], [(e.from_version, e.to_version) for e in registry.audit_log("drill")]) == before, table
+    stored = sorted(p.relative_to(tmp_path / "store").parts[:2] for p in (tmp_path / "store").rglob("*") if p.is_file())
+    assert set(stored) == {("drill", "v1"), ("drill", "v2")}, stored  # no v3 files, no staging left
