@@ -53,12 +53,13 @@ def test_without_an_address_ray_is_told_to_start_a_new_instance(stale_ray_tmpdir
 @pytest.mark.ray
 def test_connect_starts_a_local_instance_despite_a_stale_address_file(stale_ray_tmpdir, tmp_path):
     """The real thing, in a process of its own: before, ``ray.init(num_cpus=...)`` failed at once
-    ("When connecting to an existing cluster, num_cpus and num_gpus must not be provided")."""
+    ("When connecting to an existing cluster, num_cpus and num_gpus must not be provided"). The new
+    instance's address is logged, for operators to inspect it."""
     base, stale = stale_ray_tmpdir
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = base
     code = (
-        "import ray\nfrom loraops import cluster\n"
+        "import logging, ray\nfrom loraops import cluster\nlogging.basicConfig(level=logging.INFO)\n"
         "owned = cluster.connect(num_cpus=1, log_to_driver=False, configure_logging=False)\n"
         "print('address', ray.get_runtime_context().gcs_address, 'owned', owned, flush=True)\n"
         "cluster.shutdown(owned)\n"
@@ -68,3 +69,4 @@ def test_connect_starts_a_local_instance_despite_a_stale_address_file(stale_ray_
     line = next(line for line in done.stdout.splitlines() if line.startswith("address "))
     address, owned = line.split()[1], line.split()[3]
     assert address != stale and owned == "True", line
+    assert f"started a new local Ray instance at {address} (inspect it: RAY_AUTH_MODE=token ray status --address {address})" in done.stderr

@@ -77,7 +77,11 @@ def connect(
         ray.init(address=LOCAL, num_cpus=num_cpus, **options)
     else:
         ray.init(address=target, **options)
-    log.debug("connected to Ray at %s", "a new local instance" if target == LOCAL else target)
+    if target == LOCAL:  # operators need its address to inspect it (token auth is on: docs/operations.md)
+        address = ray.get_runtime_context().gcs_address
+        log.info("started a new local Ray instance at %s (inspect it: RAY_AUTH_MODE=token ray status --address %s)", address, address)
+    else:
+        log.debug("connected to Ray at %s", target)
     return True
 
 
