@@ -404,7 +404,7 @@ def upsert_load(session: Session, canary_id: int, replica: str, error: str | Non
     if not beat:
         row.attempts = row.attempts + 1 if error else 0
         row.error, row.updated_at = error, db.utcnow()
-    row.seen_at, row.poll_s = db.utcnow(), poll_s
+    row.seen_at, row.poll_s = db.utcnow(), poll_s or None  # 0: the replica's watch is off, no heartbeat to expect
 
 
 def _running(session: Session, adapter_id: int) -> CanaryRow | None:
