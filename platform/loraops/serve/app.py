@@ -282,9 +282,11 @@ class SummarizerAPI:
             result = await self._call(self.model.summarize.remote(payload), timeout=self.settings.request_timeout_s)
         except ReplicaDied:  # once more, on another replica, within what is left of the request's deadline
             left = self.settings.request_timeout_s - (time.perf_counter() - started)
+            if left < 1.0:
+                raise  # no time left for another try; a crash is no version's error either way
             log.warning("a model replica died holding a request; retrying it once (%.0f s left)", left)
             try:
-                result = await self._call(self.model.summarize.remote(payload), timeout=max(left, 1.0))
+                result = await self._call(self.model.summarize.remote(payload), timeout=left)
             except ReplicaDied:
                 raise  # a crash is no version's error: not charged in the canary figures
             except ApiError as exc:
