@@ -25,6 +25,19 @@ def server_bin() -> str | None:
     return str(Path(found).parent) if found else None
 
 
+def children_of(parent: int) -> list[int]:
+    """The processes whose parent is ``parent``, from /proc (no pgrep needed)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(command)", which may hold spaces
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == parent:
+            found.append(int(stat.parent.name))
+    return found
+
+
 class PostgresServer:
     """One server of this test's own: :meth:`start`, :meth:`stop`, :meth:`freeze` (SIGSTOP every process) and :meth:`thaw`."""
 
@@ -55,8 +68,7 @@ class PostgresServer:
     def pids(self) -> list[int]:
         """The postmaster and its children (the backends holding the clients' connections)."""
         main = int((self.folder / "data" / "postmaster.pid").read_text().split()[0])
-        children = subprocess.run(["pgrep", "-P", str(main)], capture_output=True, text=True).stdout.split()
-        return [main, *map(int, children)]
+        return [main, *children_of(main)]
 
     def freeze(self) -> None:
         for pid in self.pids():
