@@ -76,11 +76,16 @@ def dialogsum_sample() -> Path:
 def ray_address():
     """One real local Ray instance for the whole test session, sized for CI's 2 cores.
 
-    Yields its address, so CLI subprocesses can join it through RAY_ADDRESS. Always shut down.
+    Yields its address, so CLI subprocesses can join it through RAY_ADDRESS. Always shut down. A new
+    instance whatever Ray's address file says (``address="local"``): never another process's cluster.
     """
     import ray
 
+    from loraops.cluster import use_local_serve_env
+
+    use_local_serve_env()  # the Serve settings of `loraops serve`'s local instance
     context = ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

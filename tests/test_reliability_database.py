@@ -86,7 +86,7 @@ def test_postgresql_server_down(loraops, make_run, tmp_path, command):
 
 
 def test_postgresql_server_that_never_answers_times_out(loraops, tmp_path):
-    """A port that accepts TCP but never speaks: libpq's connect_timeout (10 s by default) bounds the wait."""
+    """A port that accepts TCP but never speaks: libpq's connect_timeout (5 s by default) bounds the wait."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)

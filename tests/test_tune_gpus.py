@@ -41,7 +41,7 @@ DRIVER = r"""
 import json, os, sys, time
 import ray
 
-ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, object_store_memory=150 * 1024 * 1024)
+ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, object_store_memory=150 * 1024 * 1024)
 from loraops.config import load_config
 from loraops.tune.experiment import run_experiment
 

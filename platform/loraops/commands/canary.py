@@ -134,9 +134,18 @@ def _print_apart(status) -> None:
     if status.missed:
         print(f"split requests for v{status.candidate.version} answered by v{status.baseline.version} (candidate not loaded): {status.missed}")
     if status.replicas:
-        rows = [[r.replica, "loaded" if r.error is None else "FAILED", r.attempts or "-", when(r.updated_at), r.error or "-"] for r in status.replicas]
+        rows = [[r.replica, _load_state(r), r.attempts or "-", when(r.updated_at), _seen(r), r.error or "-"] for r in status.replicas]
         print(f"model replicas and v{status.candidate.version}:")
-        print(table(["REPLICA", "CANDIDATE", "FAILED TRIES", "SINCE", "REASON"], rows))
+        print(table(["REPLICA", "CANDIDATE", "FAILED TRIES", "SINCE", "LAST SEEN", "REASON"], rows))
+
+
+def _load_state(replica) -> str:
+    """``gone`` for a replica without a heartbeat for a few polls (counted neither as loaded nor as failed)."""
+    return "gone" if replica.gone else "loaded" if replica.error is None else "FAILED"
+
+
+def _seen(replica) -> str:
+    return when(replica.seen_at) if replica.seen_at else "-"
 
 
 def _run_promote(args: argparse.Namespace) -> int:

@@ -443,6 +443,6 @@ class Registry:
         """Upsert one reporter's cumulative totals of one version (idempotent: a repeated flush counts once)."""
         db.run_write(self.engine, lambda s: canary.upsert_stats(s, canary_id, reporter, version, totals))
 
-    def record_canary_load(self, canary_id: int, replica: str, error: str | None) -> None:
+    def record_canary_load(self, canary_id: int, replica: str, error: str | None, poll_s: float | None = None, beat: bool = False) -> None:
         """Record that a model replica loaded the canary's candidate (``error`` None), or why it could not."""
-        db.run_write(self.engine, lambda s: canary.upsert_load(s, canary_id, replica, error))
+        db.run_write(self.engine, lambda s: canary.upsert_load(s, canary_id, replica, error, poll_s, beat))

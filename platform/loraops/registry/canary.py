@@ -155,15 +155,36 @@ class VersionStats:
 
 @dataclass
 class ReplicaLoad:
-    """Whether one model replica loaded the candidate (``error`` None), else why not at its last of ``attempts``."""
+    """Whether one model replica loaded the candidate (``error`` None), else why not at its last of ``attempts``;
+    ``gone``: not seen for :data:`GONE_AFTER_POLLS` of its poll intervals (dead, or cut off): it counts as neither."""
 
     replica: str
     error: str | None
     attempts: int
     updated_at: datetime
+    seen_at: datetime | None = None
+    gone: bool = False
+
+    @property
+    def loaded(self) -> bool:
+        return self.error is None and not self.gone
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"loaded": self.error is None, "updated_at": self.updated_at.isoformat()}
+        seen = self.seen_at.isoformat() if self.seen_at else None
+        return asdict(self) | {"loaded": self.loaded, "updated_at": self.updated_at.isoformat(), "seen_at": seen}
+
+
+#: Poll intervals without a heartbeat after which a replica is shown as gone (a poll may wait for the database's bound).
+GONE_AFTER_POLLS = 3
+#: The least time without a heartbeat that makes a replica gone, whatever its poll interval.
+GONE_AFTER_MIN_S = 15.0
+
+
+def replica_load(row: CanaryLoadRow, now: datetime) -> ReplicaLoad:
+    seen = utc(row.seen_at) if row.seen_at is not None else None
+    # Rows written before heartbeats existed (no poll interval) are never judged gone.
+    gone = seen is not None and row.poll_s is not None and (now - seen).total_seconds() > max(GONE_AFTER_POLLS * row.poll_s, GONE_AFTER_MIN_S)
+    return ReplicaLoad(row.replica, row.error, row.attempts, utc(row.updated_at), seen, gone)
 
 
 @dataclass
@@ -207,8 +228,9 @@ def judge(status: CanaryStatus) -> str | None:
     baseline's by more than the margin, once both versions have ``min_requests`` requests; or no replica
     could load the candidate while the split routed ``min_requests`` requests to it."""
     canary, base, cand = status.canary, status.baseline, status.candidate
-    failed = [r for r in status.replicas if r.error]
-    if cand.requests == 0 and status.missed >= canary.min_requests and failed and len(failed) == len(status.replicas):
+    present = [r for r in status.replicas if not r.gone]
+    failed = [r for r in present if r.error]
+    if cand.requests == 0 and status.missed >= canary.min_requests and failed and len(failed) == len(present):
         return (
             f"candidate v{cand.version} could not be loaded by any replica ({len(failed)} tried: {failed[-1].error}); "
             f"the {status.missed} requests the split routed to it were answered by v{base.version}"
@@ -281,8 +303,9 @@ def all_running(session: Session) -> list[CanaryState]:
     return [CanaryState.from_row(row, name) for row, name in session.execute(query.order_by(CanaryRow.id))]
 
 
-def status(session: Session, name: str) -> CanaryStatus:
-    """The running canary of ``name`` (else its last one) with both versions' figures merged over every reporter."""
+def status(session: Session, name: str, now: datetime | None = None) -> CanaryStatus:
+    """The running canary of ``name`` (else its last one) with both versions' figures merged over every reporter;
+    replicas without a heartbeat for a few poll intervals before ``now`` (default: the clock) are gone."""
     canary = current(session, name, include_ended=True)
     if canary is None:
         raise LoraopsError(f"{name} has had no canary (start one with `loraops canary start {name}:VERSION --percent P`)")
@@ -302,7 +325,7 @@ def status(session: Session, name: str) -> CanaryStatus:
         *(VersionStats.of(v, roles[v], split[v], reporters[v]) for v in (canary.baseline, canary.candidate)),
         named=[VersionStats.of(v, roles[v], named[v], 0) for v in (canary.baseline, canary.candidate)],
         missed=missed,
-        replicas=[ReplicaLoad(row.replica, row.error, row.attempts, utc(row.updated_at)) for row in loads],
+        replicas=[replica_load(row, now or db.utcnow()) for row in loads],
     )
 
 
@@ -367,16 +390,20 @@ def upsert_stats(session: Session, canary_id: int, reporter: str, version: int, 
     row.latency_counts, row.updated_at = list(_padded(totals.latency_counts)), db.utcnow()
 
 
-def upsert_load(session: Session, canary_id: int, replica: str, error: str | None) -> None:
-    """Record that ``replica`` loaded the candidate (``error`` None) or failed to, counting its attempts since it last loaded."""
+def upsert_load(session: Session, canary_id: int, replica: str, error: str | None, poll_s: float | None = None, beat: bool = False) -> None:
+    """Record that ``replica`` loaded the candidate (``error`` None) or failed to, counting its attempts since it last loaded;
+    ``beat``: only its heartbeat (it polled, nothing changed). Either way it was seen now, polling every ``poll_s``."""
     if session.get(CanaryRow, canary_id) is None:
         raise LoraopsError(f"no canary with id {canary_id}")
     row = session.get(CanaryLoadRow, (canary_id, replica))
     if row is None:
-        row = CanaryLoadRow(canary_id=canary_id, replica=replica, attempts=0)
+        row = CanaryLoadRow(canary_id=canary_id, replica=replica, attempts=0, error=error, updated_at=db.utcnow())
         session.add(row)
-    row.attempts = row.attempts + 1 if error else 0
-    row.error, row.updated_at = error, db.utcnow()
+        beat = False
+    if not beat:
+        row.attempts = row.attempts + 1 if error else 0
+        row.error, row.updated_at = error, db.utcnow()
+    row.seen_at, row.poll_s = db.utcnow(), poll_s or None  # 0: the replica's watch is off, no heartbeat to expect
 
 
 def _running(session: Session, adapter_id: int) -> CanaryRow | None:

@@ -10,10 +10,11 @@ them per database: ``BEGIN IMMEDIATE`` on SQLite (the write lock is taken up fro
 writers never deadlock upgrading a read lock), and on PostgreSQL the callers lock the adapter row
 with ``SELECT ... FOR UPDATE``.
 
-Waits are bounded: a SQLite lock held by another process is waited for
-:data:`SQLITE_BUSY_TIMEOUT_S` (``?timeout=SECONDS`` in the URL changes it), a PostgreSQL server
-for :data:`POSTGRES_CONNECT_TIMEOUT_S` (``?connect_timeout=SECONDS``). A database that cannot be
-reached, opened or written, or stays locked, is a :class:`DatabaseError` naming it in one line.
+Waits are bounded (:mod:`loraops.registry.bounds`): a SQLite lock held by another process is waited
+for ``SQLITE_BUSY_TIMEOUT_S`` (``?timeout=SECONDS`` in the URL changes it), a PostgreSQL server
+for ``POSTGRES_CONNECT_TIMEOUT_S`` to connect (``?connect_timeout=SECONDS``) and for its
+``statement_timeout`` to answer each call, even when frozen. A database that cannot be reached,
+opened or written, or stays locked or silent, is a :class:`DatabaseError` naming it in one line.
 """
 
 from __future__ import annotations
@@ -35,15 +36,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from loraops.config import display_url, normalize_database_url
 from loraops.errors import LoraopsError
+from loraops.registry.bounds import SQLITE_BUSY_TIMEOUT_S, postgres_connect_args
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Seconds a SQLite connection waits for another process's lock before giving up (default of the
-#: URL's ``?timeout=``); the write lock is waited for once, not again on every retry.
-SQLITE_BUSY_TIMEOUT_S = 30.0
-#: Seconds to wait for a PostgreSQL server to accept a connection (default of ``?connect_timeout=``).
-POSTGRES_CONNECT_TIMEOUT_S = 10
 #: What error messages offer instead of an unusable URL.
 SUPPORTED_URLS = "sqlite:///PATH and postgresql://USER@HOST/DB (driver psycopg2, installed with loraops)"
 #: A writer that has waited this long for the lock says so, so a long wait is never silent.
@@ -191,6 +188,9 @@ class CanaryLoadRow(Base):
     error: Mapped[str | None] = mapped_column(Text)  # None: loaded
     attempts: Mapped[int] = mapped_column(Integer, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    #: The replica's heartbeat: its last poll during the canary, and its poll interval (None: written before heartbeats).
+    seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    poll_s: Mapped[float | None] = mapped_column(Float)
 
 
 # --- engines -----------------------------------------------------------------------------------
@@ -222,8 +222,8 @@ def _create_engine(url: str) -> Engine:
         raise LoraopsError(f"not a database URL: {url!r} (expected e.g. sqlite:///path/loraops.db or postgresql://user@host/db)") from None
     try:
         if parsed.get_backend_name() != "sqlite":
-            bounded = parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query
-            return create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S} if bounded else {})
+            bounds = postgres_connect_args(dict(parsed.query)) if parsed.get_backend_name() == "postgresql" else {}
+            return create_engine(parsed, pool_pre_ping=True, connect_args=bounds)
         _make_sqlite_folder(parsed)
         # The URL's own ?timeout= wins; connect_args would override it.
         engine = create_engine(parsed, connect_args={} if "timeout" in parsed.query else {"timeout": SQLITE_BUSY_TIMEOUT_S})
@@ -356,7 +356,7 @@ def _missing_schema(inspector) -> list[str]:
 
 #: Columns added after the first release: (table, column). Databases created before get them on
 #: first use (nullable, so existing rows stay valid); create_all only creates missing tables.
-_ADDED_COLUMNS = (("registry_versions", "config"),)
+_ADDED_COLUMNS = (("registry_versions", "config"), ("registry_canary_loads", "seen_at"), ("registry_canary_loads", "poll_s"))
 
 
 def _add_missing_columns(session: Session) -> None:

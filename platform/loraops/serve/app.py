@@ -140,6 +140,22 @@ def server_timing(results: list[dict[str, Any]]) -> str:
     return f"model;dur={slowest['model_ms']}, queue;dur={slowest['queue_ms']}"
 
 
+class ReplicaDied(ApiError):
+    """A 503 because the model replica that held the request died (or was already gone): not the version's fault,
+    and the request is worth one more try on another replica (generation is stateless)."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(503, "unavailable", f"no model replica available ({type(cause).__name__}); retry later", headers={"Retry-After": "5"})
+
+
+def replica_died(error: BaseException) -> bool:
+    """True for the errors of a request whose model replica died under it, or was gone when it was sent."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    return isinstance(error, (RayActorError, ReplicaUnavailableError))
+
+
 # --- the ingress deployment --------------------------------------------------------------------
 
 
@@ -264,6 +280,18 @@ class SummarizerAPI:
         started = time.perf_counter()
         try:
             result = await self._call(self.model.summarize.remote(payload), timeout=self.settings.request_timeout_s)
+        except ReplicaDied:  # once more, on another replica, within what is left of the request's deadline
+            left = self.settings.request_timeout_s - (time.perf_counter() - started)
+            if left < 1.0:
+                raise  # no time left for another try; a crash is no version's error either way
+            log.warning("a model replica died holding a request; retrying it once (%.0f s left)", left)
+            try:
+                result = await self._call(self.model.summarize.remote(payload), timeout=left)
+            except ReplicaDied:
+                raise  # a crash is no version's error: not charged in the canary figures
+            except ApiError as exc:
+                self.traffic.record_failure(payload.model, time.perf_counter() - started, server_side=exc.status >= 500, split=payload.split)
+                raise
         except ApiError as exc:
             self.traffic.record_failure(payload.model, time.perf_counter() - started, server_side=exc.status >= 500, split=payload.split)
             raise
@@ -305,7 +333,8 @@ class SummarizerAPI:
                     self.traffic.record(payload.model, SummaryResult.from_dict(event), time.perf_counter() - started, split=payload.split)
                 yield event
         except Exception as exc:  # noqa: BLE001 - the status line is sent: the client learns of it in the stream
-            self.traffic.record_failure(payload.model, time.perf_counter() - started, server_side=True, split=payload.split)
+            if not replica_died(exc):  # a crash is no version's error: not charged in the canary figures
+                self.traffic.record_failure(payload.model, time.perf_counter() - started, server_side=True, split=payload.split)
             log.error("stream of %s failed: %s: %s", payload.model or self.traffic.name, type(exc).__name__, exc)
             yield {"error": {"type": "internal_error", "message": "the model failed while streaming; the server log has the details"}}
 
@@ -341,7 +370,9 @@ class SummarizerAPI:
             raise ApiError(503, "unavailable", f"no model replica answered within {timeout:g} s; retry later", headers={"Retry-After": "5"}) from None
         except BackPressureError as exc:
             raise ApiError(503, "overloaded", f"the model is overloaded ({exc}); retry later", headers={"Retry-After": "1"}) from None
-        except (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError) as exc:
+        except (ReplicaUnavailableError, RayActorError) as exc:
+            raise ReplicaDied(exc) from None
+        except DeploymentUnavailableError as exc:
             raise ApiError(503, "unavailable", f"no model replica available ({type(exc).__name__}); retry later", headers={"Retry-After": "5"}) from None
 
 

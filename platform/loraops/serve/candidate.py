@@ -7,7 +7,8 @@ training config) keeps answering the canary's share with the default, says so (`
 ``/healthz``, ``/v1/models``) and tries again on later polls, waiting twice as long after each
 failure (from the poll interval up to :data:`MAX_RETRY_S`). Each change (loaded, failed and why) is
 written to the registry for ``loraops canary status``, which is how a canary whose candidate no
-replica can load gets aborted (:func:`loraops.registry.canary.judge`).
+replica can load gets aborted (:func:`loraops.registry.canary.judge`); every other poll writes a
+heartbeat, so a replica that died is shown as gone and not counted as loaded.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ class CandidateLoader:
         if state is None:
             return
         if self.adapters.find(wanted) is not None:  # loaded, or configured
-            self._report(state.id, None)
+            self._report(state.id, None, poll_s)
             return
         if self.failure is not None and time.monotonic() < self.failure["retry_at"]:
+            self.registry.record_canary_load(state.id, self.replica, self.failure["error"], poll_s, beat=True)
             return
         try:
             self.adapters.load(wanted, hold, True)
@@ -69,7 +71,7 @@ class CandidateLoader:
             log.info("canary: %s loaded after %d failed tries", wanted, self.failure["attempts"])
         self.loaded, self.failure = wanted, None
         log.info("canary: serving %s next to %s", wanted, self.adapters.default.ref)
-        self._report(state.id, None)
+        self._report(state.id, None, poll_s)
 
     def _failed(self, canary_id: int, ref: str, exc: Exception, poll_s: float) -> None:
         attempts = self.failure["attempts"] + 1 if self.failure is not None else 1
@@ -78,13 +80,13 @@ class CandidateLoader:
         if self.failure is None or self.failure["error"] != error:
             log.error("cannot serve the canary candidate %s: %s; its share of requests is answered by %s", ref, error, self.adapters.default.version.ref)
         self.failure = {"canary": canary_id, "ref": ref, "error": error, "attempts": attempts, "retry_at": time.monotonic() + wait}
-        self._report(canary_id, error)
+        self._report(canary_id, error, poll_s)
 
-    def _report(self, canary_id: int, error: str | None) -> None:
-        """Write this replica's state to the registry when it changed (a retry that fails again counts an attempt)."""
-        if error is None and self._reported == (canary_id, None):
-            return
-        self.registry.record_canary_load(canary_id, self.replica, error)
+    def _report(self, canary_id: int, error: str | None, poll_s: float) -> None:
+        """Write this replica's state to the registry when it changed (a retry that fails again counts an attempt),
+        else only its heartbeat, so that ``canary status`` can tell a replica that died from one that polls."""
+        beat = error is None and self._reported == (canary_id, None)
+        self.registry.record_canary_load(canary_id, self.replica, error, poll_s, beat=beat)
         self._reported = (canary_id, error)
 
     @property

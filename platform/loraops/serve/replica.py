@@ -44,11 +44,14 @@ from typing import Any
 from ray import serve
 
 from loraops.errors import LoraopsError
+from loraops.registry.db import DatabaseError
 from loraops.registry.refs import normalize_ref
 from loraops.serve.adapters import AdapterSet, adapter_slot, fallback_order, swap_blocker, training_config
 from loraops.serve.candidate import CandidateLoader
 from loraops.serve.contract import AnsweredBy, Rejection, SummaryRequest, SummaryResult, Usage
 from loraops.serve.public import public_model_name, without_paths
+from loraops.serve.registry_health import RegistryHealth
+from loraops.serve.remembered import RememberingRegistry
 from loraops.serve.settings import MODEL_DEPLOYMENT, LiveSettings, ServeSettings, validate_live
 
 # The serving helpers moved to loraops.serve.adapters stay importable from here.
@@ -115,29 +118,41 @@ class SummarizerModel:
         self.settings = ServeSettings.model_validate(settings)
         use_reserved_cpus(self.settings.torch_threads)  # default: ray_actor_options.num_cpus, at most the cores
         self.live = LiveSettings.model_validate(self.settings.live())
-        self.registry = self.settings.open_registry()
+        self.registry = RememberingRegistry(self.settings.open_registry())
         self._switch_lock = asyncio.Lock()
+        self.registry_health = RegistryHealth()
         self.engine = None
         self.adapters = AdapterSet(self.registry, self.settings)
-        for ref in self.settings.adapters:
-            self.adapters.load(ref)
+        with self.registry.remembered():  # a replica started while the database is down serves what it last resolved
+            self._load_configured()
         self.served = self.adapters.served
         self._probe = self._prompt("#Person1#: Hello.\n#Person2#: Hi.")
         self._max_token_bytes = max_token_bytes(self.served.tokenizer)
+        self.candidate = CandidateLoader(self.registry, self.adapters, serve.get_replica_context().replica_id.unique_id)
+        try:
+            if self.registry.outage is None:
+                self.candidate.follow(contextlib.nullcontext, self.live.registry_poll_s)  # a replica (re)started during a canary serves it at once
+        except DatabaseError as exc:
+            self.registry.outage = exc
+        except Exception as exc:  # noqa: BLE001 - the watch retries; the default serves meanwhile
+            log.warning("canary check for %s failed: %s", self.adapters.default.ref, exc)
+        if self.registry.outage is not None:
+            self.registry_health.checked(self.registry.outage)
+            self.registry.outage = None
+        self.engine = self._start_engine(self.live.max_batch_size)
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_registry())
+
+    def _load_configured(self) -> None:
+        """Load the configured references, then catch up with an alias that moved while this replica was loading."""
+        for ref in self.settings.adapters:
+            self.adapters.load(ref)
         for reference in self.adapters.references:
             latest = self.registry.get(reference.ref)
-            if reference.problem is None and latest.version != reference.version.version:  # the alias moved while this replica was loading
+            if reference.problem is None and latest.version != reference.version.version:
                 try:
                     self.adapters.follow(reference, latest, contextlib.nullcontext)
                 except LoraopsError as exc:
                     self.adapters.report(reference, f"cannot switch to {latest.ref}: {exc}; still serving {reference.version.ref}")
-        self.candidate = CandidateLoader(self.registry, self.adapters, serve.get_replica_context().replica_id.unique_id)
-        try:
-            self.candidate.follow(contextlib.nullcontext, self.live.registry_poll_s)  # a replica (re)started during a canary serves it at once
-        except Exception as exc:  # noqa: BLE001 - the watch retries; the default serves meanwhile
-            log.warning("canary check for %s failed: %s", self.adapters.default.ref, exc)
-        self.engine = self._start_engine(self.live.max_batch_size)
-        self._watch_task = asyncio.get_running_loop().create_task(self._watch_registry())
 
     @property
     def version(self):
@@ -146,7 +161,8 @@ class SummarizerModel:
 
     @property
     def problem(self) -> str | None:
-        return "; ".join(p for p in (self.adapters.problem, self.candidate.problem) if p) or None
+        outage = self.registry_health.problem(self.version.ref)
+        return "; ".join(p for p in (outage, self.adapters.problem, self.candidate.problem) if p) or None
 
     def _hold(self):
         return self.engine.exclusive() if self.engine is not None else contextlib.nullcontext()
@@ -186,18 +202,31 @@ class SummarizerModel:
             await asyncio.sleep(self.live.registry_poll_s or 1.0)
             if not self.live.registry_poll_s:
                 continue  # watching is off
-            for reference in list(self.adapters.references):
-                if reference.pinned:
-                    continue
-                try:
-                    await self._follow(reference)
-                except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop serving
-                    log.warning("registry check for %s failed: %s", reference.ref, exc)
             try:
-                async with self._switch_lock:
-                    await asyncio.to_thread(self.candidate.follow, self._hold, self.live.registry_poll_s)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("canary check for %s failed: %s", self.adapters.default.ref, exc)
+                await self._check_registry()
+            except DatabaseError as exc:  # said at once (each call waited its bound); the next poll tries again
+                self.registry_health.checked(exc)
+                continue
+            self.registry_health.checked(None)
+
+    async def _check_registry(self) -> None:
+        """One poll: follow each alias reference, then the canary; a database failure ends it (the rest would wait for it too)."""
+        for reference in list(self.adapters.references):
+            if reference.pinned:
+                continue
+            try:
+                await self._follow(reference)
+            except DatabaseError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop serving
+                log.warning("registry check for %s failed: %s", reference.ref, exc)
+        try:
+            async with self._switch_lock:
+                await asyncio.to_thread(self.candidate.follow, self._hold, self.live.registry_poll_s)
+        except DatabaseError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.warning("canary check for %s failed: %s", self.adapters.default.ref, exc)
 
     async def load_extra(self, ref: str) -> dict[str, Any]:
         """Serve ``ref`` too (e.g. a canary candidate), next to the configured references, up to ``max_adapters``; its listing."""

@@ -87,12 +87,20 @@ class Traffic:
 
     async def run(self, poll_s: float) -> None:
         """Re-read the canary every ``poll_s`` seconds and write this replica's figures (never stops serving on a registry hiccup)."""
+        from loraops.registry.db import DatabaseError
+        from loraops.serve.registry_health import RegistryHealth
+
         if self.router is None:
             return
+        outage = RegistryHealth()  # a database outage is logged when it starts and when it ends, not at every poll
         while True:
             try:
                 await asyncio.to_thread(self.router.refresh)
                 await asyncio.to_thread(self.router.flush)
+            except DatabaseError as exc:
+                outage.checked(exc)
             except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop the API
                 log.warning("canary check for %s failed: %s", self.name, exc)
+            else:
+                outage.checked(None)
             await asyncio.sleep(poll_s or 1.0)

@@ -1,0 +1,138 @@
+"""No request lost to a model replica's crash (issue #29 item 4): two model replicas under load with a canary
+running, one killed with ``ray.kill``. A request whose replica died is sent once more to another replica
+(generation is stateless), so every client gets a 2xx, and the crash is charged to neither version in the
+canary's figures. Then the Serve proxy is killed, and the endpoint must be back soon (item 5)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from helpers import save_random_adapters, wait_until
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.reliability]
+
+REPO = Path(__file__).resolve().parents[1]
+ADAPTER = "tiny"
+APP = "crash"
+DIALOGUE = "#Person1#: Hi, I'd like to book a table for two tonight.\n#Person2#: Sure, what time?\n#Person1#: Eight, please."
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, tiny_model_home) -> Path:
+    """A workspace with tiny:1 (production) and tiny:2 registered."""
+    from loraops.config import load_config
+    from loraops.registry import Lineage, Registry
+
+    workspace = tmp_path_factory.mktemp("crash-home")
+    shutil.copytree(tiny_model_home / "models", workspace / "models")
+    config = load_config(REPO / "tune" / "tiny.yaml", [f"workspace={workspace}"])
+    registry = Registry(workspace=workspace)
+    for folder in save_random_adapters(config, workspace / "adapters", 2):
+        registry.register(folder, ADAPTER, lineage=Lineage(config=config.model_dump(mode="json")))
+    registry.promote(ADAPTER, 1)
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def url(deploy_tiny_app, home):
+    from ray import serve
+
+    try:
+        yield deploy_tiny_app(
+            [f"name={APP}", f"args.workspace={home}", f"args.adapter={ADAPTER}@production", "args.registry_poll_s=1",
+             "args.default_max_new_tokens=4", "deployments.SummarizerModel.num_replicas=2"]
+        )  # fmt: skip
+    finally:
+        serve.shutdown()
+
+
+def model_replicas() -> list[str]:
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(f"SERVE_REPLICA::{APP}#SummarizerModel#"))
+
+
+def load(url: str, stop: threading.Event, clients: int = 4) -> tuple[list[threading.Thread], list[tuple[int | None, str]]]:
+    """``clients`` threads sending summaries back to back (no client retries) until ``stop``: (threads, [(status, body)])."""
+    answers: list[tuple[int | None, str]] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            while not stop.is_set():
+                try:
+                    response = http.post("/v1/summarize", json={"dialogue": DIALOGUE})
+                    answers.append((response.status_code, response.text[:300]))
+                except httpx.HTTPError as exc:
+                    answers.append((None, f"{type(exc).__name__}: {exc}"))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    return threads, answers
+
+
+def test_a_replica_killed_under_load_during_a_canary_loses_no_request_and_charges_no_version(url, home):
+    import ray
+
+    from loraops.registry import Registry
+
+    registry = Registry(workspace=home)
+    registry.start_canary(f"{ADAPTER}:2", 50, min_requests=1000)  # never judged here: only the figures are read
+    try:
+        wait_until(lambda: sum(r.loaded for r in registry.canary_status(ADAPTER).replicas) == 2, 120, "both replicas to load the candidate", 0.5)
+        victim = wait_until(lambda: len(model_replicas()) == 2 and model_replicas(), 30, "two model replicas")[0]
+        stop = threading.Event()
+        threads, answers = load(url, stop)
+        try:
+            wait_until(lambda: len(answers) >= 8, 120, "answers before the kill", 0.2)
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            killed_at = len(answers)
+            wait_until(lambda: len(answers) >= killed_at + 16, 180, "answers after the kill", 0.2)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        failed = [answer for answer in answers if answer[0] != 200]
+        assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:3]}"
+        versions = wait_until(
+            lambda: (s := registry.canary_status(ADAPTER)) and sum(v.requests for v in (s.baseline, s.candidate)) >= len(answers) and s,
+            30, "the canary figures to count every answer", 0.5,
+        )  # fmt: skip
+        assert [(v.version, v.errors) for v in (versions.baseline, versions.candidate)] == [(1, 0), (2, 0)], versions
+    finally:
+        registry.abort_canary(ADAPTER, reason="test over")
+
+
+def proxies() -> list[str]:
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_PROXY_ACTOR"))
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_the_endpoint_is_back_soon_after_its_proxy_is_killed(url):
+    """Serve's controller replaces a dead proxy after 3 failed health checks: with loraops' local setting
+    (every 2 s, not Serve's 10) the endpoint answers again within the issue's 10 s target, doubled for a
+    loaded machine (32 s with Serve's default)."""
+    import time
+
+    import ray
+
+    victim = wait_until(proxies, 30, "the Serve proxy")[0]
+    assert answers(url)
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    killed = time.monotonic()
+    wait_until(lambda: not answers(url), 30, "the endpoint to go down", 0.1)
+    wait_until(lambda: answers(url), 120, "the endpoint to answer again", 0.2)
+    assert time.monotonic() - killed < 20, time.monotonic() - killed
