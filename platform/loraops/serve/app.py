@@ -216,8 +216,7 @@ class SummarizerAPI:
             "max_batch_dialogues": self.settings.max_batch_dialogues,
             "max_body_bytes": self.settings.max_body_bytes,
         }
-        adapters = info.get("adapters") or [{"ref": info["adapter"], "name": info["name"], "version": info["version"]}]
-        body = {"object": "list", "data": model_list(adapters, self.traffic.name), "models": [info | {"limits": limits}]}
+        body = {"object": "list", "data": model_list(info.adapters, self.traffic.name), "models": [info.to_dict() | {"limits": limits}]}
         if self.traffic.canary is not None:
             body["canary"] = self.traffic.canary
         return body
@@ -233,11 +232,11 @@ class SummarizerAPI:
         that only read status codes.
         """
         info = await self._call(self.model.info.remote(), timeout=HEALTH_TIMEOUT_S)
-        model = {key: info[key] for key in ("name", "version", "mode", "adapter")}
-        body: dict[str, Any] = {"status": "degraded" if info.get("problem") else "ok", "model": model}
-        if info.get("problem"):
-            body["problem"] = info["problem"]
-        return JSONResponse(body, status_code=503 if strict and info.get("problem") else 200)
+        model = {"name": info.name, "version": info.version, "mode": info.mode, "adapter": info.adapter}
+        body: dict[str, Any] = {"status": "degraded" if info.problem else "ok", "model": model}
+        if info.problem:
+            body["problem"] = info.problem
+        return JSONResponse(body, status_code=503 if strict and info.problem else 200)
 
     # --- one request ---------------------------------------------------------------------------
 

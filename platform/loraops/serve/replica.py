@@ -2,10 +2,10 @@
 
 A replica serves the references of ``adapters`` (default ``[adapter]``: ``NAME@production`` or a pinned
 ``NAME:VERSION``) on one base model, rebuilt from the training config recorded with the first one, in
-the configured mode (``nf4`` or ``merged``, see :func:`loraops.generate.load_for_serving`). A request
+the configured mode (``nf4`` or ``merged``, see :func:`loraops.serve.model.load_for_serving`). A request
 may name one in ``model`` (default: the first); one adapter loaded runs the fast path (merged mode:
 merged into the dequantized base), several run unmerged with per-row adapters in shared batches
-(:mod:`loraops.serve.adapters`, :meth:`loraops.generate.ServingModel.adapter_rows`).
+(:mod:`loraops.serve.adapters`, :meth:`loraops.serve.model.ServingModel.adapter_rows`).
 
 Requests go to the replica's :class:`~loraops.serve.engine.core.Engine`: continuous batching (requests join and
 leave the running batch between decode steps) over a KV cache whose shapes come from a fixed set of
@@ -19,7 +19,7 @@ fails alone, which is answered with a 422 when the model demonstrably works (:fu
 
 A replica that cannot load an alias's target (a corrupt artifact, a refused training config)
 serves the version the alias pointed to most recently before that still verifies
-(:func:`fallback_order`) and reports the problem in ``info()`` (``/v1/models``, ``/healthz``
+(:func:`~loraops.serve.adapters.fallback_order`) and reports the problem in ``info()`` (``/v1/models``, ``/healthz``
 "degraded"), so a bad version never keeps capacity from coming back.
 
 Adapter swaps without downtime: every ``registry_poll_s`` the replica asks the registry where its
@@ -45,25 +45,11 @@ from ray import serve
 
 from loraops.errors import LoraopsError
 from loraops.registry.refs import normalize_ref
-from loraops.serve.adapters import AdapterSet, adapter_slot, fallback_order, swap_blocker, training_config
+from loraops.serve.adapters import AdapterSet
 from loraops.serve.candidate import CandidateLoader
-from loraops.serve.contract import AnsweredBy, Rejection, SummaryRequest, SummaryResult, Usage
+from loraops.serve.contract import AnsweredBy, Rejection, ReplicaInfo, SummaryRequest, SummaryResult, Usage
 from loraops.serve.public import public_model_name, without_paths
 from loraops.serve.settings import MODEL_DEPLOYMENT, LiveSettings, ServeSettings, validate_live
-
-# The serving helpers moved to loraops.serve.adapters stay importable from here.
-__all__ = [
-    "DialogueTooLong",
-    "Rejection",
-    "SummarizerModel",
-    "adapter_slot",
-    "fallback_order",
-    "reject_or_raise",
-    "swap_blocker",
-    "training_config",
-    "public_model_name",
-    "without_paths",
-]
 
 log = logging.getLogger("ray.serve")
 
@@ -355,30 +341,30 @@ class SummarizerModel:
             raise DialogueTooLong(len(ids), max_new_tokens, self.context_tokens)
         return ids
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> ReplicaInfo:
         """What this replica serves (``name``, ``version``, ``adapter``: the default reference; ``adapters``: every one)."""
         served = self.served
-        return {
-            "replica": serve.get_replica_context().replica_id.unique_id,
-            "name": self.version.name,
-            "version": self.version.version,
-            "adapter": self.adapters.default.ref,
-            "adapters": [reference.listing() for reference in self.adapters.references],
-            "max_adapters": self.settings.max_adapters,
-            "mode": served.mode,
-            "base_model": public_model_name(served.config.model.name),
-            "dtype": str(served.dtype).removeprefix("torch."),
-            "device": str(next(served.model.parameters()).device),
-            "context_tokens": self.context_tokens,
-            "max_batch_size": self.live.max_batch_size,
-            "batch_wait_timeout_s": self.live.batch_wait_timeout_s,
-            "registry_poll_s": self.live.registry_poll_s,
-            "batching": self.engine.policy,
-            "buckets": {name: list(getattr(self.engine.buckets, name)) for name in ("batch", "length", "prefill_batch")},
-            "warm_up": self.warm_up_report,
-            "canary": self.candidate.info(),
-            "problem": without_paths(self.problem) if self.problem else None,
-        }
+        return ReplicaInfo(
+            replica=serve.get_replica_context().replica_id.unique_id,
+            name=self.version.name,
+            version=self.version.version,
+            adapter=self.adapters.default.ref,
+            adapters=[reference.listing() for reference in self.adapters.references],
+            max_adapters=self.settings.max_adapters,
+            mode=served.mode,
+            base_model=public_model_name(served.config.model.name),
+            dtype=str(served.dtype).removeprefix("torch."),
+            device=str(next(served.model.parameters()).device),
+            context_tokens=self.context_tokens,
+            max_batch_size=self.live.max_batch_size,
+            batch_wait_timeout_s=self.live.batch_wait_timeout_s,
+            registry_poll_s=self.live.registry_poll_s,
+            batching=self.engine.policy,
+            buckets={name: list(getattr(self.engine.buckets, name)) for name in ("batch", "length", "prefill_batch")},
+            warm_up=self.warm_up_report,
+            canary=self.candidate.info(),
+            problem=without_paths(self.problem) if self.problem else None,
+        )
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose registry watch or engine died is restarted.

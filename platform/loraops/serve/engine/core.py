@@ -25,7 +25,7 @@ lowest slots (a finished row's slot takes the last row), so a step over ``n`` ro
 ``Buckets.batch_for(n)``.
 
 Several adapters: each request names its adapter (None: the default); requests for different adapters
-share batches, every pass naming each row's adapter (:meth:`loraops.generate.ServingModel.adapter_rows`).
+share batches, every pass naming each row's adapter (:meth:`loraops.serve.model.ServingModel.adapter_rows`).
 Streaming: a request's ``on_token`` callback receives each new token id from the engine's thread.
 
 Greedy rows produce the tokens :func:`loraops.generate.generate_completions` produces for the same
@@ -72,7 +72,7 @@ class Generated:
 
 
 class Engine:
-    """Batched generation for one :class:`~loraops.generate.ServingModel` at fixed shapes (see the module docstring).
+    """Batched generation for one :class:`~loraops.serve.model.ServingModel` at fixed shapes (see the module docstring).
 
     ``observer``, if given, is called with ``(phase, batch, length)`` before every forward pass (tests
     record the shapes with it). ``resolve_adapter`` maps a request's ``adapter`` to a loaded adapter's
