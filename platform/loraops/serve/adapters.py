@@ -47,6 +47,8 @@ class Reference:
     version: Any
     extra: bool = False
     problem: str | None = None
+    #: Loaded because a request named it (:mod:`loraops.serve.on_demand`): Serve's LRU may evict it.
+    on_demand: bool = False
 
     @property
     def slot(self) -> str:
@@ -119,18 +121,24 @@ class AdapterSet:
 
     # --- loading -------------------------------------------------------------------------------
 
-    def load(self, ref: str, hold: Hold = contextlib.nullcontext, extra: bool = False) -> Reference:
-        """Start serving ``ref``: its target, or for an alias whose target does not load, an earlier target (with a problem)."""
+    def load(self, ref: str, hold: Hold = contextlib.nullcontext, extra: bool = False, on_demand: bool = False) -> Reference:
+        """Start serving ``ref``: its target, or for an alias whose target does not load, an earlier target (with a problem).
+
+        ``on_demand``: a request named it; Serve's LRU bounds those (outside the ``max_adapters`` count of the others),
+        and a target that does not load fails the load (the request named that version, not an earlier one)."""
         known = next((r for r in self.references if r.ref == ref), None)
         if known is not None:
             return known
-        if len(self.references) >= self.settings.max_adapters:
-            raise LoraopsError(f"{ref}: this replica already serves max_adapters ({self.settings.max_adapters}) references: {', '.join(self.refs())}")
+        fixed = [r.ref for r in self.references if not r.on_demand]
+        if not on_demand and len(fixed) >= self.settings.max_adapters:
+            raise LoraopsError(f"{ref}: this replica already serves max_adapters ({self.settings.max_adapters}) references: {', '.join(fixed)}")
         target = self.registry.get(ref)
         try:
             self._attach(target, hold)
-            reference = Reference(ref, target, extra=extra)
+            reference = Reference(ref, target, extra=extra, on_demand=on_demand)
         except Exception as exc:  # noqa: BLE001 - whatever stops the target, an earlier version may serve
+            if on_demand:
+                raise
             reference = self._fall_back(ref, target, exc, hold, extra)
         self.references.append(reference)
         return reference

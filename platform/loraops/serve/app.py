@@ -262,7 +262,7 @@ class SummarizerAPI:
     async def _summarize(self, payload: SummaryRequest, field: str) -> dict[str, Any]:
         started = time.perf_counter()
         try:
-            result = await self._call(self.model.summarize.remote(payload), timeout=self.settings.request_timeout_s)
+            result = await self._call(self._model_for(payload).summarize.remote(payload), timeout=self.settings.request_timeout_s)
         except ApiError as exc:
             self.traffic.record_failure(payload.model, time.perf_counter() - started, server_side=exc.status >= 500, split=payload.split)
             raise
@@ -275,15 +275,23 @@ class SummarizerAPI:
         self.traffic.record(payload.model, result, time.perf_counter() - started, split=payload.split)
         return result.to_dict()
 
+    def _model_for(self, payload: SummaryRequest) -> DeploymentHandle:
+        """The model deployment for ``payload``: a reference that loads on demand goes with Serve's model multiplexing,
+        so repeated requests for it reach a replica that holds it (the replica checks the reference itself)."""
+        if not self.settings.load_on_demand or payload.model is None or payload.canary or payload.model in self.settings.adapters:
+            return self.model
+        return self.model.options(multiplexed_model_id=payload.model.strip())
+
     def _rejected(self, rejection: Rejection, field: str) -> ApiError:
-        if rejection.status == 404:  # the model named is not served: the field is "model", not the text
-            return ApiError(404, rejection.type, rejection.message, field="model")
+        if rejection.status == 404 or rejection.field == "model":  # the model named is at fault: the field is "model", not the text
+            retry = {"Retry-After": "5"} if rejection.status == 503 else None  # an on-demand load that failed is tried again later
+            return ApiError(rejection.status, rejection.type, rejection.message, field="model", headers=retry)
         return ApiError(rejection.status, rejection.type, f"{field}: {rejection.message}", field=field)
 
     async def _open_stream(self, payload: SummaryRequest, field: str) -> AsyncIterator[dict[str, Any]]:
         """The model's stream of events, once its first event shows the request was taken (a refusal is an ordinary error answer)."""
         started = time.perf_counter()
-        events = self.model.options(stream=True).summarize_stream.remote(payload)
+        events = self._model_for(payload).options(stream=True).summarize_stream.remote(payload)
         try:
             first = await self._call(events.__anext__(), timeout=self.settings.request_timeout_s)
         except ApiError:

@@ -108,6 +108,8 @@ class ReplicaInfo:
     warm_up: dict[str, Any] | None
     canary: dict[str, Any] | None
     problem: str | None
+    #: With ``load_on_demand``: the references resident on demand, the LRU's capacity, ``loads`` and ``evictions``.
+    on_demand: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of ``/v1/models``' ``models`` entry."""

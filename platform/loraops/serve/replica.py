@@ -122,6 +122,7 @@ class SummarizerModel:
             self.candidate.follow(contextlib.nullcontext, self.live.registry_poll_s)  # a replica (re)started during a canary serves it at once
         except Exception as exc:  # noqa: BLE001 - the watch retries; the default serves meanwhile
             log.warning("canary check for %s failed: %s", self.adapters.default.ref, exc)
+        self.on_demand = self._start_on_demand() if self.settings.load_on_demand else None
         self.engine = self._start_engine(self.live.max_batch_size)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_registry())
 
@@ -136,6 +137,26 @@ class SummarizerModel:
 
     def _hold(self):
         return self.engine.exclusive() if self.engine is not None else contextlib.nullcontext()
+
+    async def _change(self, change: Callable[[], Any]) -> Any:
+        """Run ``change`` (a blocking change of the loaded adapters) in a thread, serialised with the other changes."""
+        async with self._switch_lock:
+            return await asyncio.to_thread(change)
+
+    def _start_on_demand(self):
+        """On-demand loading (``args.load_on_demand``): Serve's multiplexed loader and LRU, wired at start because its
+        size, ``max_adapters`` minus the configured references, comes from the settings (Serve detects it on the instance)."""
+        from loraops.serve.on_demand import OnDemand
+
+        on_demand = OnDemand(self.settings, self.registry, self.adapters, self._change, self._hold)
+
+        # A plain function, not a bound method: Serve keeps its LRU on the function object.
+        async def load_registered_adapter(ref: str):
+            return await on_demand.load(ref)
+
+        self._load_on_demand = serve.multiplexed(max_num_models_per_replica=on_demand.capacity)(load_registered_adapter)
+        on_demand.load_adapter = self._load_on_demand
+        return on_demand
 
     def _start_engine(self, max_batch_size: int):
         """The decode engine for the served model: buckets from the settings, every shape run once (warm-up), its loop started."""
@@ -242,7 +263,7 @@ class SummarizerModel:
         if isinstance(prepared, Rejection):
             return prepared
         try:
-            generated = await self._generate(*prepared)
+            generated = await self._generate(*prepared)  # releases an on-demand adapter's lease when it ends
         except RowFailed as exc:
             return await reject_or_raise(exc, lambda: self._generate(self._probe, 1, 0.0, None))
         return self._answer(generated)
@@ -263,7 +284,7 @@ class SummarizerModel:
             # Read on the engine's thread while the request decodes, when no swap can happen: the adapter it runs with.
             loop.call_soon_threadsafe(tokens.put_nowait, (token, self.adapters.adapter_of(reference)))
 
-        future = self.engine.submit(*prepared, on_token=on_token)
+        future = self._submit(*prepared, on_token=on_token)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
         text, named = TextStream(self.served.tokenizer), False
         try:
@@ -286,8 +307,15 @@ class SummarizerModel:
         yield {"done": True, **answer.to_dict()}
 
     async def _prepare(self, request: SummaryRequest):
-        """``(prompt, max_new_tokens, temperature, reference)`` for the engine, or a :class:`Rejection`."""
-        reference = self.adapters.find(request.model)
+        """``(prompt, max_new_tokens, temperature, reference, lease)`` for :meth:`_submit`, or a :class:`Rejection`.
+
+        ``lease``: an on-demand adapter's, taken for this row (loaded first if it is not resident), else None."""
+        reference, lease = self.adapters.find(request.model), None
+        if self.on_demand is not None and request.model is not None and not request.canary and (reference is None or reference.on_demand):
+            lease = await self.on_demand.lease(request.model)
+            if isinstance(lease, Rejection):
+                return lease
+            reference = next(r for r in self.adapters.references if r.ref == lease.ref)  # held by the lease: still loaded
         if reference is None and request.canary:  # the API routed it to a candidate this replica has not loaded (yet)
             reference = self.adapters.default
         if reference is None:
@@ -297,8 +325,10 @@ class SummarizerModel:
             self._check_size(request.dialogue, max_new_tokens)
             prompt = await asyncio.to_thread(self._encode, request.dialogue, max_new_tokens)
         except DialogueTooLong as exc:
+            if lease is not None:
+                lease.release()
             return Rejection(422, "context_length_exceeded", str(exc), "dialogue")
-        return prompt, max_new_tokens, float(request.temperature or 0.0), reference
+        return prompt, max_new_tokens, float(request.temperature or 0.0), reference, lease
 
     def _answer(self, generated) -> SummaryResult:
         completion = generated.completion
@@ -307,9 +337,21 @@ class SummarizerModel:
         usage = Usage(completion.prompt_tokens, len(completion.token_ids), round(generated.model_s * 1000, 2), round(generated.queue_s * 1000, 2))
         return SummaryResult(completion.text, AnsweredBy(version.name, version.version), usage, "stop" if ended else "length")
 
-    async def _generate(self, prompt: list[int], max_new_tokens: int, temperature: float, reference):
+    def _submit(self, prompt: list[int], max_new_tokens: int, temperature: float, reference, lease=None, on_token=None):
+        """Queue one request in the engine; an on-demand ``lease`` is released when it ends, however it ends."""
+        try:
+            future = self.engine.submit(prompt, max_new_tokens, temperature, adapter=reference, on_token=on_token)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        if lease is not None:
+            future.add_done_callback(lambda _: lease.release())
+        return future
+
+    async def _generate(self, prompt: list[int], max_new_tokens: int, temperature: float, reference, lease=None):
         """The engine's :class:`~loraops.serve.engine.core.Generated` for one request; a cancelled caller's request is dropped."""
-        future = self.engine.submit(prompt, max_new_tokens, temperature, adapter=reference)
+        future = self._submit(prompt, max_new_tokens, temperature, reference, lease)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -364,6 +406,7 @@ class SummarizerModel:
             warm_up=self.warm_up_report,
             canary=self.candidate.info(),
             problem=without_paths(self.problem) if self.problem else None,
+            on_demand=self.on_demand.info() if self.on_demand is not None else None,
         )
 
     def check_health(self) -> None:
