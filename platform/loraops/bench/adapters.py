@@ -8,6 +8,8 @@ fast path). Then the other N-1 are loaded the way a replica loads an adapter on 
 and sha256-verified by :func:`~loraops.serve.model.prepare_version`, then added next to the others),
 each load timed (the cold-load latency, local store), and the clients run again, each request naming
 one of the N adapters: uniformly, or Zipf-like with ``--skew s`` (adapter i drawn with weight 1/i^s).
+The two runs take turns (three rounds, the N-1 unloaded and loaded again each round), so a shared
+machine's changing load hits both alike.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from loraops.bench.load import run_model_load, summarize_records
+
+#: Turns of the one-adapter and the N-adapter runs, each ``duration / ROUNDS`` seconds.
+ROUNDS = 3
 
 
 def benchmark_adapters(
@@ -74,40 +79,49 @@ def _scratch_registry(settings, folder: Path, count: int):
 
 
 def _run_mode(registry, refs, settings, mode, skew, clients, duration_s, max_new_tokens, dialogues):
-    """The one-adapter run, the cold loads of the others, the N-adapter run: (result rows, cold-load figures)."""
+    """The one-adapter and N-adapter runs, taking turns in :data:`ROUNDS` rounds (a load change on a shared machine
+    hits both alike), the other N-1 adapters loaded cold before each N-adapter turn: (result rows, cold-load figures)."""
     from loraops.serve.engine.core import Engine
-    from loraops.serve.model import load_registered, prepare_version
+    from loraops.serve.model import load_registered
     from loraops.training.data import prompt_ids
 
     served = load_registered(registry, refs[0], mode, settings.dtype, settings.allow_trust_remote_code)
     prompts = [(prompt_ids(served.tokenizer, text, served.config.data, budget=10**9), max_new_tokens) for text in dialogues]
     engine = Engine.from_settings(served, settings, clients)
     engine.warm_start()
-    rows = []
+    weights = [1.0 / (rank + 1) ** skew for rank in range(len(refs))]
+    draw = random.Random(0)
+    one, many, loads = [], [], []
     try:
-        records = run_model_load(lambda prompt, limit: engine.submit(prompt, limit), prompts, clients, duration_s)
-        rows.append({"mode": mode, "adapters": 1, "skew": None, "concurrency": clients} | summarize_records(records, duration_s))
-        loads = []
-        for ref in refs[1:]:
-            started = time.perf_counter()
-            with engine.exclusive():  # a replica adds an adapter while the engine holds no request
-                prepared = prepare_version(registry, registry.get(ref), settings.allow_trust_remote_code, served)
-                served.add(prepared.path, prepared.slot)
-            loads.append(time.perf_counter() - started)
-        slots = list(served.adapters)
-        weights = [1.0 / (rank + 1) ** skew for rank in range(len(slots))]
-        draw = random.Random(0)
-
-        def submit(prompt, limit):
-            return engine.submit(prompt, limit, adapter=draw.choices(slots, weights)[0])
-
-        records = run_model_load(submit, prompts, clients, duration_s)
-        rows.append({"mode": mode, "adapters": len(slots), "skew": skew, "concurrency": clients} | summarize_records(records, duration_s))
+        for _ in range(ROUNDS):
+            one += run_model_load(lambda prompt, limit: engine.submit(prompt, limit), prompts, clients, duration_s / ROUNDS)
+            loads += [_load_cold(engine, registry, ref, settings) for ref in refs[1:]]
+            slots = list(served.adapters)
+            mixed = lambda p, n, slots=slots: engine.submit(p, n, adapter=draw.choices(slots, weights)[0])  # noqa: E731
+            many += run_model_load(mixed, prompts, clients, duration_s / ROUNDS)
+            with engine.exclusive():
+                for slot in slots[1:]:
+                    served.remove(slot)
     finally:
         engine.stop()
+    rows = [
+        {"mode": mode, "adapters": 1, "skew": None, "concurrency": clients} | summarize_records(one, duration_s),
+        {"mode": mode, "adapters": len(refs), "skew": skew, "concurrency": clients} | summarize_records(many, duration_s),
+    ]
     for row in rows:
         row.pop("overhead_p50_ms", None), row.pop("overhead_p99_ms", None)  # no Serve here
     return rows, _quantiles(loads)
+
+
+def _load_cold(engine, registry, ref: str, settings) -> float:
+    """Seconds to load ``ref`` next to the loaded adapters as a replica does: checked and verified, added while the engine holds no request."""
+    from loraops.serve.model import prepare_version
+
+    started = time.perf_counter()
+    with engine.exclusive():
+        prepared = prepare_version(registry, registry.get(ref), settings.allow_trust_remote_code, engine.served)
+        engine.served.add(prepared.path, prepared.slot)
+    return time.perf_counter() - started
 
 
 def _quantiles(samples: list[float]) -> dict[str, Any]:

@@ -37,6 +37,8 @@ log = logging.getLogger("ray.serve")
 #: The first wait before a failed load is tried again, and the longest.
 RETRY_S = 1.0
 MAX_RETRY_S = 30.0
+#: How long an eviction waits for the unload (rows of other adapters finishing first) before Serve goes on.
+UNLOAD_TIMEOUT_S = 300.0
 
 
 def allowed(name: str, patterns: list[str] | None) -> bool:
@@ -93,7 +95,7 @@ class Lease:
             if _in_loop(self._loop):
                 self._loop.create_task(self._unload(self.ref))
             else:
-                asyncio.run_coroutine_threadsafe(self._unload(self.ref), self._loop).result()
+                asyncio.run_coroutine_threadsafe(self._unload(self.ref), self._loop).result(UNLOAD_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - a finalizer must not raise; the adapter then stays loaded
             log.warning("could not unload %s: %s", getattr(self, "ref", "?"), exc)
 

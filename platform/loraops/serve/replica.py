@@ -315,7 +315,10 @@ class SummarizerModel:
             lease = await self.on_demand.lease(request.model)
             if isinstance(lease, Rejection):
                 return lease
-            reference = next(r for r in self.adapters.references if r.ref == lease.ref)  # held by the lease: still loaded
+            reference = next((r for r in self.adapters.references if r.ref == lease.ref), None)  # the lease keeps it loaded
+            if reference is None:  # removed by hand (unload_extra) meanwhile
+                lease.release()
+                return Rejection(503, "model_unavailable", f"model {lease.ref!r} was unloaded while this request waited; retry", "model")
         if reference is None and request.canary:  # the API routed it to a candidate this replica has not loaded (yet)
             reference = self.adapters.default
         if reference is None:
