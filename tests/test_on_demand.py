@@ -86,6 +86,52 @@ def test_a_lease_unloads_its_adapter_on_eviction_only_after_its_last_row():
     assert unloaded == ["b:1", "a:1"]
 
 
+def test_an_adapter_added_between_steps_keeps_the_running_rows(serving_home):
+    """The engine's between_steps(): the running pass ends, the rows stay (not drained), and they go on after it."""
+    import threading
+
+    from loraops.generate import generate_completions
+    from loraops.registry import Registry
+    from loraops.serve.engine.buckets import Buckets
+    from loraops.serve.engine.core import Engine
+    from loraops.serve.model import load_registered, prepare_version
+    from loraops.training.data import prompt_ids
+
+    registry = Registry(workspace=serving_home)
+    served = load_registered(registry, "tiny:1", "nf4")
+    prompt = prompt_ids(served.tokenizer, DIALOGUE, served.config.data, budget=10**9)
+    engine = Engine(served, Buckets((1, 2), (256,), (1,)))
+    engine.warm_start()
+    at_second_token, go_on, seen, tokens = threading.Event(), threading.Event(), {}, []
+
+    def on_token(token: int) -> None:  # the engine's thread, inside a pass
+        tokens.append(token)
+        if len(tokens) == 2:
+            at_second_token.set()
+            go_on.wait(60)  # the pass ends only once a holder waits for it
+
+    def hold() -> None:
+        with engine.between_steps():
+            seen["rows"], seen["done"] = len(engine.scheduler.rows), future.done()
+            prepared = prepare_version(registry, registry.get("tiny:2"), served=served)
+            served.add(prepared.path, prepared.slot)
+
+    try:
+        future = engine.submit(prompt, TOKENS, on_token=on_token)
+        assert at_second_token.wait(60)
+        holder = threading.Thread(target=hold)
+        holder.start()
+        wait_until(lambda: engine.scheduler.held == 1, 30, "the holder waiting for the pass")
+        go_on.set()
+        holder.join(60)
+        generated = future.result(60)
+    finally:
+        engine.stop()
+    alone = generate_completions(load_registered(registry, "tiny:1", "nf4").model, served.tokenizer, [prompt], TOKENS)[0]
+    assert (seen["rows"], seen["done"]) == (1, False)  # held with the row in place, not drained
+    assert served.adapters == ["tiny_v1", "tiny_v2"] and generated.completion.token_ids == alone.token_ids
+
+
 async def wait_for(condition, timeout_s: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -189,6 +235,12 @@ def test_every_version_is_answered_by_itself_and_the_lru_evicts(url, alone):
         model = answer.json()["model"]
         assert f"{model['name']}:{model['version']}" == (ref or "tiny:1")
         assert answer.json()["summary"] == alone[ON_DEMAND.get(ref, 6)], ref
+    # The other routes name versions the same way: OpenAI's chat completions and the batch route.
+    messages = [{"role": "user", "content": DIALOGUE}]
+    chat = httpx.post(url + "/v1/chat/completions", json={"model": "od-c:1", "messages": messages, "max_tokens": TOKENS}, timeout=180)
+    batch = httpx.post(url + "/v1/summarize/batch", json={"model": "od-d:1", "dialogues": [DIALOGUE] * 2, "max_new_tokens": TOKENS}, timeout=180)
+    assert chat.status_code == 200 and chat.json()["model"] == "od-c:1" and chat.json()["choices"][0]["message"]["content"] == alone[6], chat.text
+    assert batch.status_code == 200 and [(s["model"]["name"], s["summary"]) for s in batch.json()] == [("od-d", alone[12])] * 2, batch.text
     replicas = _replicas(url).values()
     print(json.dumps(next(iter(replicas))["on_demand"]))
     assert cold.status_code == warm.status_code == 200 and cold.json()["summary"] == warm.json()["summary"]

@@ -11,7 +11,9 @@ Serve keeps what the loader returns, a :class:`Lease`, in its own LRU of ``max_a
 configured references per replica, and drops the least recently used one when a new one comes
 (calling its ``__del__``). The lease owns the adapter's slot in the engine: it unloads the adapter
 then, or, while rows of that adapter are still waiting or decoding (a reference count, not a
-timer), when the last one ends. The configured references (the default among them) and a canary's
+timer), when the last one ends. Adding or removing an adapter next to others that stay unmerged
+(``nf4``, or ``merged`` with several loaded) pauses the engine between two steps, rows kept; only
+the change from one merged adapter to several (or back) waits for the running rows to finish. The configured references (the default among them) and a canary's
 candidate are loaded outside the LRU, so they are never evicted. A load that fails is retried on a
 later request, after a back-off that doubles per failure (:data:`RETRY_S` to :data:`MAX_RETRY_S`).
 """
@@ -122,11 +124,13 @@ class OnDemand:
 
     ``load_adapter(ref)`` is the ``@serve.multiplexed`` wrapper of :meth:`load` (set by the replica);
     ``change(fn)`` runs ``fn`` (a blocking change of the adapter set) serialised with the replica's other changes;
-    ``hold`` holds the engine while the loaded adapters change.
+    ``hold_for(adding)`` holds the engine while an adapter is added (or removed).
     """
 
-    def __init__(self, settings, registry, adapters, change: Callable[[Callable[[], Any]], Awaitable[Any]], hold, clock: Callable[[], float] = time.monotonic):
-        self.settings, self.registry, self.adapters, self._change, self._hold, self._clock = settings, registry, adapters, change, hold, clock
+    def __init__(
+        self, settings, registry, adapters, change: Callable[[Callable[[], Any]], Awaitable[Any]], hold_for, clock: Callable[[], float] = time.monotonic
+    ):
+        self.settings, self.registry, self.adapters, self._change, self._hold_for, self._clock = settings, registry, adapters, change, hold_for, clock
         self.load_adapter: Callable[[str], Awaitable[Lease]] | None = None
         self.loads = self.evictions = 0
         #: Loads per reference: more than one means it was evicted and asked for again.
@@ -195,7 +199,7 @@ class OnDemand:
     async def load(self, ref: str) -> Lease:
         """Serve's multiplexed loader: load ``ref``'s adapter next to the others (verified, as every load); its lease."""
         started = time.perf_counter()
-        await self._change(lambda: self.adapters.load(ref, self._hold, True, on_demand=True))
+        await self._change(lambda: self.adapters.load(ref, lambda: self._hold_for(True), True, on_demand=True))
         seconds = time.perf_counter() - started
         self.loads += 1
         self.loaded[ref] = self.loaded.get(ref, 0) + 1
@@ -207,7 +211,7 @@ class OnDemand:
         return Lease(ref, self._unload, asyncio.get_running_loop())
 
     async def _unload(self, ref: str) -> None:
-        await self._change(lambda: self.adapters.unload(ref, self._hold))
+        await self._change(lambda: self.adapters.unload(ref, lambda: self._hold_for(False)))
         self.evictions += 1
         self._metrics["evictions"].inc()
         self._metrics["resident"].set(len(self.adapters.references))

@@ -138,6 +138,14 @@ class SummarizerModel:
     def _hold(self):
         return self.engine.exclusive() if self.engine is not None else contextlib.nullcontext()
 
+    def _hold_for(self, adding: bool):
+        """The hold for adding (or removing) one adapter next to others: one step when the running rows compute as
+        before (nf4, or several adapters stay unmerged), else the drain (merging or unmerging changes every row's weights)."""
+        if self.engine is None:
+            return contextlib.nullcontext()
+        in_place = self.served.mode == "nf4" or len(self.served.adapters) > (1 if adding else 2)
+        return self.engine.between_steps() if in_place else self.engine.exclusive()
+
     async def _change(self, change: Callable[[], Any]) -> Any:
         """Run ``change`` (a blocking change of the loaded adapters) in a thread, serialised with the other changes."""
         async with self._switch_lock:
@@ -148,7 +156,7 @@ class SummarizerModel:
         size, ``max_adapters`` minus the configured references, comes from the settings (Serve detects it on the instance)."""
         from loraops.serve.on_demand import OnDemand
 
-        on_demand = OnDemand(self.settings, self.registry, self.adapters, self._change, self._hold)
+        on_demand = OnDemand(self.settings, self.registry, self.adapters, self._change, self._hold_for)
 
         # A plain function, not a bound method: Serve keeps its LRU on the function object.
         async def load_registered_adapter(ref: str):

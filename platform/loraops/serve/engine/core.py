@@ -211,6 +211,11 @@ class Engine:
         with self.scheduler.exclusive(lambda: self._thread.running):
             yield
 
+    def between_steps(self) -> Iterator[None]:
+        """Hold the model between two passes, rows kept: for adapter changes that leave the running rows' computation
+        as it is (an adapter added or removed while several stay unmerged). Thread-safe."""
+        return self.scheduler.between_steps()
+
     def adopt(self, other: Engine) -> None:
         """Take over the requests waiting in ``other`` (held with :meth:`exclusive`, so none is running there). Thread-safe."""
         self.scheduler.add_waiting(other.scheduler.take_waiting())
