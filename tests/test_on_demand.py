@@ -303,7 +303,7 @@ def test_a_corrupted_version_fails_alone_and_loads_once_restored(url, home):
 def test_a_promotion_reaches_the_replica_that_holds_the_alias_and_the_one_that_does_not(url, home):
     from loraops.registry import Registry
 
-    assert _ask(url, "promo@production").json()["model"]["version"] == 1
+    assert _ask(url, "promo").json()["model"]["version"] == 1  # a bare NAME is NAME@production
     holders = [r for r in _replicas(url).values() if "promo@production" in r["on_demand"]["resident"]]
     assert len(holders) >= 1
     Registry(workspace=home).promote("promo", 2)

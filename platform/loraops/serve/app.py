@@ -42,6 +42,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraops import __version__
+from loraops.errors import LoraopsError
+from loraops.registry.refs import normalize_ref
 from loraops.serve.bodies import ERROR_RESPONSES, ApiError, BatchRequest, SummarizeRequest, Summary, field_of, valid_text
 from loraops.serve.contract import Rejection, SummaryRequest, SummaryResult
 from loraops.serve.guard import RequestGuard, error_response, is_openai_route, request_id_of
@@ -278,9 +280,13 @@ class SummarizerAPI:
     def _model_for(self, payload: SummaryRequest) -> DeploymentHandle:
         """The model deployment for ``payload``: a reference that loads on demand goes with Serve's model multiplexing,
         so repeated requests for it reach a replica that holds it (the replica checks the reference itself)."""
-        if not self.settings.load_on_demand or payload.model is None or payload.canary or payload.model in self.settings.adapters:
+        if not self.settings.load_on_demand or payload.model is None or payload.canary:
             return self.model
-        return self.model.options(multiplexed_model_id=payload.model.strip())
+        try:
+            ref = normalize_ref(payload.model.strip())  # the id the replica loads it under: "od-a" and "od-a@production" meet
+        except LoraopsError:
+            return self.model  # not a reference: any replica refuses it
+        return self.model if ref in self.settings.adapters else self.model.options(multiplexed_model_id=ref)
 
     def _rejected(self, rejection: Rejection, field: str) -> ApiError:
         if rejection.status == 404 or rejection.field == "model":  # the model named is at fault: the field is "model", not the text
