@@ -29,6 +29,10 @@ reloaded. Serve's ``user_config`` (``reconfigure``) can change the default refer
 settings and the poll interval the same way (the set of ``adapters`` changes with a redeploy, or
 one reference at a time with :meth:`SummarizerModel.load_extra`). Every response names the version
 that generated it.
+
+With ``load_on_demand`` a request may also name any other registered version: Serve's model
+multiplexing routes it and the replica loads it on first use into an LRU of ``max_adapters`` minus
+the configured references (:mod:`loraops.serve.on_demand`).
 """
 
 from __future__ import annotations
@@ -335,10 +339,12 @@ class SummarizerModel:
         try:
             self._check_size(request.dialogue, max_new_tokens)
             prompt = await asyncio.to_thread(self._encode, request.dialogue, max_new_tokens)
-        except DialogueTooLong as exc:
+        except BaseException as exc:  # the row never reaches the engine: give the lease back (a cancelled caller too)
             if lease is not None:
                 lease.release()
-            return Rejection(422, "context_length_exceeded", str(exc), "dialogue")
+            if isinstance(exc, DialogueTooLong):
+                return Rejection(422, "context_length_exceeded", str(exc), "dialogue")
+            raise
         return prompt, max_new_tokens, float(request.temperature or 0.0), reference, lease
 
     def _answer(self, generated) -> SummaryResult:
