@@ -231,8 +231,9 @@ class OnDemand:
 
 
 def _metrics() -> dict[str, Any]:
-    """The replica's on-demand Ray metrics (beside :mod:`loraops.serve.metrics`' per-version ones)."""
-    from ray.util.metrics import Counter, Gauge, Histogram
+    """The replica's on-demand Ray metrics (beside :mod:`loraops.serve.metrics`' per-version ones); Serve's metric
+    classes tag each with the deployment and the replica, so the gauge is the resident count per replica."""
+    from ray.serve.metrics import Counter, Gauge, Histogram
 
     return {
         "loads": Counter("loraops_adapter_loads_total", "Adapters loaded on demand"),
