@@ -204,6 +204,18 @@ def _ask(url: str, model: str | None) -> httpx.Response:
     return httpx.post(url + "/v1/summarize", json=body, timeout=180)
 
 
+def _exported(metric: str) -> float:
+    """The sum over replicas of ``metric`` on Ray's Prometheus endpoint (Serve tags each sample with its replica)."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return 0.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(metric + "{") and 'replica="' in line)
+
+
 def _replicas(url: str) -> dict[str, dict]:
     """Each model replica's /v1/models entry (polled until both answered: the API asks one at a time)."""
     seen: dict[str, dict] = {}
@@ -246,6 +258,7 @@ def test_every_version_is_answered_by_itself_and_the_lru_evicts(url, alone):
     assert cold.status_code == warm.status_code == 200 and cold.json()["summary"] == warm.json()["summary"]
     assert sum(r["on_demand"]["evictions"] for r in replicas) > 0
     assert all(len(r["on_demand"]["resident"]) <= r["on_demand"]["capacity"] == 2 for r in replicas)
+    wait_until(lambda: _exported("ray_loraops_adapter_evictions_total") > 0, 90, "Ray's metrics endpoint to export the evictions per replica", 0.5)
     listing = httpx.get(url + "/v1/models", timeout=60).json()
     assert "evictions" in listing["models"][0]["on_demand"] and "load when a request names them" in listing["models"][0]["on_demand"]["note"]
 
