@@ -1,4 +1,4 @@
-"""Several adapters on one base model: the serving model's add/remove (:mod:`loraops.generate`), mixed-adapter
+"""Several adapters on one base model: the serving model's add/remove (:mod:`loraops.serve.model`), mixed-adapter
 batches in the engine (:mod:`loraops.serve.engine.core`) that answer per row what that adapter alone answers, token
 streaming, the adapter settings, and a replica serving two versions at once (:mod:`loraops.serve.adapters`)."""
 
@@ -13,20 +13,17 @@ ADAPTER = "tiny"  # what the serving_home fixture registers: v1 (production) and
 
 
 def _load(home, number: int, mode: str):
-    from loraops.generate import load_for_serving
     from loraops.registry import Registry
-    from loraops.serve.replica import adapter_slot, training_config
+    from loraops.serve.model import load_registered
 
     registry = Registry(workspace=home)
-    version = registry.get(f"{ADAPTER}:{number}")
-    config = training_config(version, str(home))
-    return load_for_serving(config, registry.resolve(version.ref), mode, adapter_name=adapter_slot(ADAPTER, number)), registry
+    return load_registered(registry, f"{ADAPTER}:{number}", mode), registry
 
 
 @pytest.fixture(scope="module", params=["nf4", "merged"])
 def two(request, serving_home):
     """(served with v1 and v2 loaded, {slot: served with that version alone})."""
-    from loraops.serve.replica import adapter_slot
+    from loraops.serve.model import adapter_slot
 
     both, registry = _load(serving_home, 1, request.param)
     both.add(registry.resolve(f"{ADAPTER}:2"), adapter_slot(ADAPTER, 2))
@@ -91,7 +88,7 @@ def test_a_mixed_adapter_batch_answers_each_row_as_its_adapter_alone(two, policy
 
 @pytest.mark.slow
 def test_back_to_one_adapter_merges_again_and_answers_as_a_fresh_load(two, serving_home):
-    from loraops.serve.replica import adapter_slot
+    from loraops.serve.model import adapter_slot
 
     both, alone = two
     served, registry = _load(serving_home, 1, both.mode)
@@ -146,7 +143,7 @@ def test_a_request_for_an_unloaded_adapter_fails_alone(two):
 @pytest.mark.slow
 def test_swapping_one_of_several_adapters_keeps_the_others(two, serving_home):
     """A mixed swap (the alias of one of several references moved): the replaced rows get the new adapter, the others are untouched."""
-    from loraops.serve.replica import adapter_slot
+    from loraops.serve.model import adapter_slot
 
     both, alone = two
     served, registry = _load(serving_home, 1, both.mode)
@@ -330,8 +327,8 @@ def test_each_request_is_answered_by_the_version_it_named(replica, serving_home)
     assert all(a.finish_reason in ("stop", "length") for a in answers)
     assert isinstance(unknown, Rejection) and (unknown.status, unknown.type, unknown.field) == (404, "model_not_found", "model")
     assert "loaded: tiny@production, tiny:2" in unknown.message
-    assert info["adapters"] == [{"ref": "tiny@production", "name": ADAPTER, "version": 1}, {"ref": "tiny:2", "name": ADAPTER, "version": 2}]
-    assert (info["adapter"], info["version"]) == ("tiny@production", 1)
+    assert info.adapters == [{"ref": "tiny@production", "name": ADAPTER, "version": 1}, {"ref": "tiny:2", "name": ADAPTER, "version": 2}]
+    assert (info.adapter, info.version) == ("tiny@production", 1)
 
 
 @pytest.mark.ray
@@ -376,4 +373,4 @@ def test_an_extra_reference_loads_and_unloads_without_failing_requests(replica):
     assert loaded["version"] == 2 and extra.model.version == 2 and removed is True
     assert all(a.model.version == 1 for a in answers)
     assert isinstance(gone, Rejection) and gone.status == 404
-    assert [a["ref"] for a in info["adapters"]] == ["tiny@production"]
+    assert [a["ref"] for a in info.adapters] == ["tiny@production"]

@@ -42,14 +42,10 @@ def test_default_buckets_are_powers_of_two_capped_by_the_limit():
 
 @pytest.fixture(scope="module", params=["nf4", "merged"])
 def served(request, serving_home):
-    from loraops.generate import load_for_serving
     from loraops.registry import Registry
-    from loraops.serve.replica import adapter_slot, training_config
+    from loraops.serve.model import load_registered
 
-    registry = Registry(workspace=serving_home)
-    version = registry.get(f"{ADAPTER}:2")
-    config = training_config(version, str(serving_home))
-    return load_for_serving(config, registry.resolve(version.ref), request.param, adapter_name=adapter_slot(version.name, version.version))
+    return load_registered(Registry(workspace=serving_home), f"{ADAPTER}:2", request.param)
 
 
 def _prompts(served, count: int, long: int = 0) -> list[list[int]]:

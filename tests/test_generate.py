@@ -1,4 +1,4 @@
-"""Batched generation and the serving model (:mod:`loraops.generate`), in-process without Ray: left
+"""Batched generation (:mod:`loraops.generate`) and the serving model (:mod:`loraops.serve.model`), in-process without Ray: left
 padding, merged-vs-nf4 numerics on the built-in test dialogues, and adapter swaps that equal a fresh load."""
 
 from __future__ import annotations
@@ -19,14 +19,11 @@ def test_left_pad_aligns_the_ends_of_the_prompts():
 
 
 def _served(home: Path, ref: str, mode: str):
-    from loraops.generate import load_for_serving
     from loraops.registry import Registry
-    from loraops.serve.replica import adapter_slot, training_config
+    from loraops.serve.model import load_registered
 
     registry = Registry(workspace=home)
-    version = registry.get(ref)
-    config = training_config(version, str(home))
-    return load_for_serving(config, registry.resolve(version.ref), mode, adapter_name=adapter_slot(version.name, version.version)), registry
+    return load_registered(registry, ref, mode), registry
 
 
 def _greedy_tokens(served, dialogues: list[str], max_new_tokens: int) -> list[list[int]]:
@@ -67,7 +64,7 @@ def test_adapter_swap_equals_a_fresh_load(serving_home, mode):
     import torch
 
     from loraops.generate import left_pad
-    from loraops.serve.replica import adapter_slot
+    from loraops.serve.model import adapter_slot
     from loraops.training.data import prompt_ids
 
     swapped, registry = _served(serving_home, f"{ADAPTER}:1", mode)

@@ -312,13 +312,10 @@ def test_hostile_requests_never_fail_their_batch_mates(http):
 
 
 def _served_model(home: Path, ref: str):
-    from loraops.generate import load_for_serving
     from loraops.registry import Registry
-    from loraops.serve.replica import training_config
+    from loraops.serve.model import load_registered
 
-    registry = Registry(workspace=home)
-    version = registry.get(ref)
-    return load_for_serving(training_config(version, str(home)), registry.resolve(ref), "merged")
+    return load_registered(Registry(workspace=home), ref, "merged")
 
 
 def _engine_rows(served, rows):
@@ -337,8 +334,9 @@ def _engine_rows(served, rows):
 def test_a_request_whose_generation_fails_fails_alone_and_only_the_culprit_is_rejected(home):
     import asyncio
 
+    from loraops.serve.contract import Rejection
     from loraops.serve.engine.core import RowFailed
-    from loraops.serve.replica import Rejection, reject_or_raise
+    from loraops.serve.replica import reject_or_raise
 
     served = _served_model(home, f"{ADAPTER}:1")
     rows = [(DIALOGUE, 0.0), ("#Person1#: hi", 1e-300), (DIALOGUE + " Thanks.", 0.0), ("#Person1#: Taxi?\n#Person2#: Yes.", 0.0)]
@@ -360,8 +358,9 @@ def test_a_request_whose_generation_fails_fails_alone_and_only_the_culprit_is_re
 def test_a_lone_failing_request_is_rejected_when_the_model_works_and_a_broken_model_raises():
     import asyncio
 
+    from loraops.serve.contract import Rejection
     from loraops.serve.engine.core import RowFailed
-    from loraops.serve.replica import Rejection, reject_or_raise
+    from loraops.serve.replica import reject_or_raise
 
     async def works():
         return "a summary"
@@ -467,7 +466,7 @@ def test_internal_errors_answer_internal_error_with_the_request_id_of_the_log_li
 def test_fallback_order_is_the_alias_history_newest_first():
     from types import SimpleNamespace
 
-    from loraops.serve.replica import fallback_order
+    from loraops.serve.adapters import fallback_order
 
     def moved(source, target):
         return SimpleNamespace(from_version=source, to_version=target)
@@ -479,7 +478,7 @@ def test_fallback_order_is_the_alias_history_newest_first():
 
 
 def test_without_paths_keeps_the_message_and_drops_the_locations():
-    from loraops.serve.replica import without_paths
+    from loraops.serve.public import without_paths
 
     text = (
         "cannot load tiny:3: tiny:3 (s3://bucket/loraops/registry/tiny/v3): checksum mismatch for file adapter_model.safetensors "
@@ -676,7 +675,7 @@ def test_drill_replica_killed_under_load_while_production_is_corrupt(http, url, 
 def test_trust_remote_code_of_a_registered_version_is_refused_unless_allowed(home, cli_env):
     from loraops.errors import LoraopsError
     from loraops.registry import Lineage, Registry
-    from loraops.serve.replica import training_config
+    from loraops.serve.model import training_config
 
     registry = Registry(workspace=home)
     config = _tiny_config(home, "model.trust_remote_code=true").model_dump(mode="json")

@@ -23,7 +23,7 @@ def url(shared_app):
 def _evaluated(home, dialogues: list[str], ref: str = REF) -> list[str]:
     """Greedy summaries through `loraops evaluate`'s own code path (generate_summaries) on the registered version."""
     from loraops.registry import Registry
-    from loraops.serve.adapters import training_config
+    from loraops.serve.model import training_config
     from loraops.training.evaluate import generate_summaries
     from loraops.training.model import attach_adapter, load_base_model, load_tokenizer
 

@@ -1,4 +1,4 @@
-"""The package's shape: no import cycles, no oversized modules, README's layout section matches the tree."""
+"""The package's shape: no import cycles, no import up the layers, no oversized modules, README's layout section matches the tree."""
 
 from __future__ import annotations
 
@@ -80,6 +80,47 @@ def test_the_package_has_no_import_cycle():
     graph = {name: imported_modules(path, name, set(modules)) for name, path in modules.items()}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+#: The layers, lowest first: a module imports only modules of its own layer or of lower ones. Each
+#: entry is a module or a package (its submodules too); a module's layer is its longest matching entry.
+LAYERS: list[tuple[str, ...]] = [
+    # The shared root modules; generate.py is plain batched generation (the serving model is serve's).
+    ("loraops", "loraops.errors", "loraops.layout", "loraops.config", "loraops.storage", "loraops.metrics", "loraops.console", "loraops.cluster",
+     "loraops.generate"),  # fmt: skip
+    ("loraops.training",),
+    ("loraops.registry", "loraops.tune"),
+    ("loraops.serve",),
+    ("loraops.bench",),
+    ("loraops.commands", "loraops.demo"),
+    ("loraops.cli", "loraops.__main__"),
+]
+
+
+def layer_of(name: str) -> int | None:
+    """The index in :data:`LAYERS` of module ``name``, or None when no entry names it or a package above it."""
+    matches = [(len(entry), index) for index, entries in enumerate(LAYERS) for entry in entries if name == entry or name.startswith(entry + ".")]
+    return max(matches)[1] if matches else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of ``graph`` that runs from a module to one of a higher layer, as ``a -> b``."""
+    return sorted(f"{name} -> {dep}" for name, deps in graph.items() for dep in deps if layer_of(dep) > layer_of(name))
+
+
+def test_layer_check_finds_an_upward_import():
+    assert upward_imports({"loraops.training.model": {"loraops.serve.model"}, "loraops.serve.model": {"loraops.training.model"}}) == [
+        "loraops.training.model -> loraops.serve.model"
+    ]
+    assert layer_of("loraops.serve.engine.core") == layer_of("loraops.serve") > layer_of("loraops.generate")
+
+
+def test_no_module_imports_one_of_a_higher_layer():
+    modules = package_modules()
+    unplaced = sorted(name for name in modules if layer_of(name) is None)
+    assert unplaced == [], f"modules in no layer of LAYERS (add them): {', '.join(unplaced)}"
+    graph = {name: imported_modules(path, name, set(modules)) for name, path in modules.items()}
+    assert upward_imports(graph) == [], "imports that run up the layers"
 
 
 @pytest.mark.parametrize("name", sorted(set(package_modules()) - DATA_TABLES))

@@ -7,7 +7,7 @@ Two levels, the same workload and statistics:
   request as soon as the previous one answered) for a fixed time per concurrency. Every answer
   carries the model's own time (``usage.model_ms``), so the end-to-end time minus it is what Serve
   adds: HTTP, proxy, ingress, routing, tokenization (``overhead`` in the results).
-- **Model** (``--model-only``): no Ray, no HTTP. The replica's :class:`~loraops.generate.ServingModel`
+- **Model** (``--model-only``): no Ray, no HTTP. The replica's :class:`~loraops.serve.model.ServingModel`
   and :class:`~loraops.serve.engine.core.Engine`, called by N client threads directly. ``--random-init phi-2``
   serves Phi-2's architecture with random weights (no download, no registry), so it runs on a GPU
   machine without Ray. ``generate`` is the batching the replica had before the engine: one
@@ -241,7 +241,7 @@ def _ms(seconds: float | None) -> float | None:
 
 def _tokenizer_for(settings):
     """The tokenizer of the adapter the settings serve (for --lengths reference over HTTP)."""
-    from loraops.serve.replica import training_config
+    from loraops.serve.model import training_config
     from loraops.training.model import load_tokenizer
 
     absolute = settings.with_absolute_paths()

@@ -19,7 +19,7 @@ from loraops.layout import ADAPTER_CONFIG_FILE
 
 def load_served(settings, mode: str, random_init: str | None, random_init_layers: int | None):
     """The served model: the settings' registered adapter (as a replica loads it), or a random-init architecture with a fresh adapter."""
-    from loraops.generate import load_for_serving
+    from loraops.serve.model import load_for_serving, load_registered
 
     if random_init:
         from loraops.bench.train import ensure_random_init_model
@@ -31,13 +31,10 @@ def load_served(settings, mode: str, random_init: str | None, random_init_layers
         layers = f", {random_init_layers} layers" if random_init_layers else ""
         label = f"random-init {random_init} (its architecture, RANDOM weights, embedded tokenizer{layers}) + a fresh LoRA adapter"
         return load_for_serving(config, adapter, mode, dtype=settings.dtype), label
-    from loraops.serve.replica import adapter_slot, training_config
-
     registry = settings.open_registry()
     version = registry.get(settings.adapter)
-    config = training_config(version, settings.workspace, settings.allow_trust_remote_code)
-    served = load_for_serving(config, registry.resolve(version.ref), mode, adapter_name=adapter_slot(version.name, version.version), dtype=settings.dtype)
-    return served, f"{config.model.name} + {version.ref}"
+    served = load_registered(registry, version, mode, settings.dtype, settings.allow_trust_remote_code)
+    return served, f"{served.config.model.name} + {version.ref}"
 
 
 def random_init_config(folder: Path, workspace: Path):

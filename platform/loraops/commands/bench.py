@@ -54,6 +54,16 @@ def _add_serve(kinds: SubParsers) -> None:
     )
     bench.add_argument("--random-init-layers", type=int, metavar="N", help=argparse.SUPPRESS)  # tests: a short random-init model
     bench.add_argument(
+        "--adapters",
+        type=int,
+        metavar="N",
+        help="with --model-only: N registered adapters resident at once (per-row adapters) against one, 16 clients (the largest "
+        "--concurrency), and the cold load of each adapter (default output WORKSPACE/benchmarks/serve-adapters-<device>.json)",
+    )
+    bench.add_argument(
+        "--skew", type=float, default=0.0, metavar="S", help="with --adapters: Zipf-like mix, adapter i drawn with weight 1/i^S (default 0: uniform)"
+    )
+    bench.add_argument(
         "--output", metavar="FILE", help="JSON results (default WORKSPACE/benchmarks/serve-cpu-tiny.json; with --model-only serve-model-<device>.json)"
     )
     bench.add_argument("--address", metavar="ADDR", help="Ray cluster (default: $RAY_ADDRESS, else a new local instance)")
@@ -76,6 +86,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise LoraopsError(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
     if args.random_init and not args.model_only:
         raise LoraopsError("--random-init needs --model-only (a random-init model is not in the registry a deployment serves from)")
+    if args.adapters is not None:
+        return _run_adapters(args, modes, max(concurrencies))
     if args.model_only:
         output = args.output or _default_output(None, f"serve-model-{_device_tag()}.json")
         benchmark_model(
@@ -91,6 +103,28 @@ def run_serve(args: argparse.Namespace) -> int:
             args.config, args.overrides, modes, concurrencies, args.duration, args.max_new_tokens, output,
             address=args.address, batchings=batchings, data=args.data, lengths=args.lengths or "fixed",
         )
+    print(f"results: {output}")
+    return 0
+
+
+def _run_adapters(args: argparse.Namespace, modes: list[str], clients: int) -> int:
+    """``bench serve --model-only --adapters N``: :mod:`loraops.bench.adapters`."""
+    import json
+    from pathlib import Path
+
+    from loraops.bench.adapters import benchmark_adapters, format_adapters_report
+
+    if not args.model_only:
+        raise LoraopsError("--adapters needs --model-only (it runs the replica's model and engine directly)")
+    if not 2 <= args.adapters <= 64:
+        raise LoraopsError(f"--adapters {args.adapters}: expected 2 to 64 (a replica's max_adapters is at most 64)")
+    if args.skew < 0:
+        raise LoraopsError(f"--skew {args.skew}: expected 0 (uniform) or more")
+    report = benchmark_adapters(args.config, args.overrides, modes, args.adapters, args.skew, clients, args.duration, args.max_new_tokens)
+    output = Path(args.output or _default_output(None, f"serve-adapters-{_device_tag()}.json"))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_adapters_report(report))
     print(f"results: {output}")
     return 0
 

@@ -1,7 +1,7 @@
 """The registry references a model replica serves on its one base model, and which version each one serves.
 
 A replica serves the references of ``adapters`` (``adapters[0]`` is the default, what a request that
-names no ``model`` gets) plus any loaded on demand (:meth:`AdapterSet.load_extra`, e.g. a canary
+names no ``model`` gets) plus any loaded later (:meth:`AdapterSet.load` with ``extra``, e.g. a canary
 candidate), at most ``max_adapters`` in all. Each reference serves one registry version; two references
 naming the same version share its adapter. An alias reference follows its alias
 (:meth:`AdapterSet.follow`); one whose target cannot be loaded at start falls back to the version the
@@ -18,23 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from loraops.errors import LoraopsError
 from loraops.registry.refs import Bare, Ref, normalize_ref
+from loraops.serve.model import adapter_slot, load_for_serving, prepare_version
 
 log = logging.getLogger("ray.serve")
-
-#: Training-config sections a replica needs: the base model, how it was quantized, the prompt.
-CONFIG_SECTIONS = ("model", "quantization", "data")
-
-
-def adapter_slot(name: str, version: int) -> str:
-    """The PEFT adapter name of a version (PEFT names may not contain dots)."""
-    return f"{re.sub(r'[^A-Za-z0-9_]', '_', name)}_v{version}"
 
 
 def fallback_order(events: Sequence, failed: int) -> list[int]:
@@ -47,46 +39,6 @@ def fallback_order(events: Sequence, failed: int) -> list[int]:
     return order
 
 
-def training_config(version, workspace: str, allow_trust_remote_code: bool = False):
-    """The loraops :class:`~loraops.config.Config` a registered version was trained with, for serving.
-
-    Only the sections serving needs are taken (base model, quantization, prompt and lengths), so
-    unrelated training keys never stop a replica; ``workspace`` is the serving workspace, where
-    ``builtin:tiny-phi`` lives. Versions registered without a config fall back to the columns
-    the registry always records and the default prompt. A version trained with
-    ``model.trust_remote_code: true`` is refused unless ``allow_trust_remote_code``: the registry
-    would otherwise decide what code every replica runs.
-    """
-    from loraops.config import Config, validate
-
-    raw = version.config or {}
-    data: dict[str, Any] = {key: raw[key] for key in CONFIG_SECTIONS if isinstance(raw.get(key), dict)}
-    if "model" not in data and version.base_model:
-        data["model"] = {"name": version.base_model}
-    if "quantization" not in data and version.quantization:
-        data["quantization"] = version.quantization
-    if not raw:
-        log.warning("%s was registered without its training config: assuming the default prompt template", version.ref)
-    config = validate(Config, data | {"workspace": workspace}, origin=f"training config of {version.ref}")
-    if config.model.trust_remote_code and not allow_trust_remote_code:
-        raise LoraopsError(
-            f"{version.ref} was trained with model.trust_remote_code: true, which runs code from the model repository "
-            "in every replica; set args.allow_trust_remote_code: true in the serve config to serve it"
-        )
-    return config
-
-
-def swap_blocker(current, new) -> str | None:
-    """Why a replica serving ``current`` (a Config) cannot switch to an adapter trained as ``new``, or None."""
-    if current.model != new.model:
-        return f"base model {new.model.name!r} differs from the loaded {current.model.name!r}"
-    if current.quantization != new.quantization:
-        return "quantization settings differ from the loaded base model's"
-    if current.data.prompt_template != new.data.prompt_template:
-        return "its prompt template differs"
-    return None
-
-
 @dataclass
 class Reference:
     """One served reference: as configured (normalized), the version it serves now, and why not its target, if so."""
@@ -95,6 +47,8 @@ class Reference:
     version: Any
     extra: bool = False
     problem: str | None = None
+    #: Loaded because a request named it (:mod:`loraops.serve.on_demand`): Serve's LRU may evict it.
+    on_demand: bool = False
 
     @property
     def slot(self) -> str:
@@ -112,7 +66,7 @@ Hold = Callable[[], contextlib.AbstractContextManager]
 
 
 class AdapterSet:
-    """The served references of one replica and its :class:`~loraops.generate.ServingModel` (created by the first load).
+    """The served references of one replica and its :class:`~loraops.serve.model.ServingModel` (created by the first load).
 
     ``hold`` holds the engine idle while the loaded adapters change. Not thread-safe: the replica serialises changes.
     """
@@ -167,18 +121,24 @@ class AdapterSet:
 
     # --- loading -------------------------------------------------------------------------------
 
-    def load(self, ref: str, hold: Hold = contextlib.nullcontext, extra: bool = False) -> Reference:
-        """Start serving ``ref``: its target, or for an alias whose target does not load, an earlier target (with a problem)."""
+    def load(self, ref: str, hold: Hold = contextlib.nullcontext, extra: bool = False, on_demand: bool = False) -> Reference:
+        """Start serving ``ref``: its target, or for an alias whose target does not load, an earlier target (with a problem).
+
+        ``on_demand``: a request named it; Serve's LRU bounds those (outside the ``max_adapters`` count of the others),
+        and a target that does not load fails the load (the request named that version, not an earlier one)."""
         known = next((r for r in self.references if r.ref == ref), None)
         if known is not None:
             return known
-        if len(self.references) >= self.settings.max_adapters:
-            raise LoraopsError(f"{ref}: this replica already serves max_adapters ({self.settings.max_adapters}) references: {', '.join(self.refs())}")
+        fixed = [r.ref for r in self.references if not r.on_demand]
+        if not on_demand and len(fixed) >= self.settings.max_adapters:
+            raise LoraopsError(f"{ref}: this replica already serves max_adapters ({self.settings.max_adapters}) references: {', '.join(fixed)}")
         target = self.registry.get(ref)
         try:
             self._attach(target, hold)
-            reference = Reference(ref, target, extra=extra)
+            reference = Reference(ref, target, extra=extra, on_demand=on_demand)
         except Exception as exc:  # noqa: BLE001 - whatever stops the target, an earlier version may serve
+            if on_demand:
+                raise
             reference = self._fall_back(ref, target, exc, hold, extra)
         self.references.append(reference)
         return reference
@@ -204,32 +164,20 @@ class AdapterSet:
         raise LoraopsError(f"cannot load {target.ref}, the target of {ref}, nor any earlier target of {alias}: {failure}") from failure
 
     def _prepare(self, version):
-        """``(adapter name, verified adapter folder or None when that version is loaded already)`` for ``version``, checked against the base."""
-        slot = adapter_slot(version.name, version.version)
-        config = training_config(version, self.settings.workspace, self.settings.allow_trust_remote_code)
-        if self.served is not None:
-            blocker = swap_blocker(self.served.config, config)
-            if blocker:
-                raise LoraopsError(f"{blocker}: redeploy the application to serve it")
-            if slot in self.served.adapters:
-                return slot, None
-        return slot, self.registry.resolve(version.ref)  # checksums verified before anything is loaded or held
+        return prepare_version(self.registry, version, self.settings.allow_trust_remote_code, self.served)
 
     def _attach(self, version, hold: Hold) -> None:
         """Load ``version``'s adapter on the base (the first load creates the serving model)."""
-        from loraops.generate import load_for_serving
-
-        slot, path = self._prepare(version)
-        if path is None:
+        prepared = self._prepare(version)
+        if prepared.path is None:
             return
         if self.served is None:
-            config = training_config(version, self.settings.workspace, self.settings.allow_trust_remote_code)
-            self.served = load_for_serving(config, path, self.settings.mode, adapter_name=slot, dtype=self.settings.dtype)
+            self.served = load_for_serving(prepared.config, prepared.path, self.settings.mode, adapter_name=prepared.slot, dtype=self.settings.dtype)
         else:
             with hold():
-                self.served.add(path, slot)
-        self.versions[slot] = version
-        log.info("serving %s (%s mode, %s) from %s", version.ref, self.settings.mode, self.served.dtype, path)
+                self.served.add(prepared.path, prepared.slot)
+        self.versions[prepared.slot] = version
+        log.info("serving %s (%s mode, %s) from %s", version.ref, self.settings.mode, self.served.dtype, prepared.path)
 
     # --- changing the set ----------------------------------------------------------------------
 
@@ -237,7 +185,8 @@ class AdapterSet:
         """Make ``reference`` serve ``version`` (its alias moved); True if it changed. Raises LoraopsError when it cannot load."""
         if (version.name, version.version) == (reference.version.name, reference.version.version):
             return False
-        old, (new, path) = reference.slot, self._prepare(version)
+        old, prepared = reference.slot, self._prepare(version)
+        new, path = prepared.slot, prepared.path
         shared = any(r is not reference and r.slot == old for r in self.references)  # another reference still serves the old version
         with hold():  # the swap and the re-pointing happen while no request runs
             if path is not None:

@@ -42,6 +42,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraops import __version__
+from loraops.errors import LoraopsError
+from loraops.registry.refs import normalize_ref
 from loraops.serve.bodies import ERROR_RESPONSES, ApiError, BatchRequest, SummarizeRequest, Summary, field_of, valid_text
 from loraops.serve.contract import Rejection, SummaryRequest, SummaryResult
 from loraops.serve.guard import RequestGuard, error_response, is_openai_route, request_id_of
@@ -232,8 +234,7 @@ class SummarizerAPI:
             "max_batch_dialogues": self.settings.max_batch_dialogues,
             "max_body_bytes": self.settings.max_body_bytes,
         }
-        adapters = info.get("adapters") or [{"ref": info["adapter"], "name": info["name"], "version": info["version"]}]
-        body = {"object": "list", "data": model_list(adapters, self.traffic.name), "models": [info | {"limits": limits}]}
+        body = {"object": "list", "data": model_list(info.adapters, self.traffic.name), "models": [info.to_dict() | {"limits": limits}]}
         if self.traffic.canary is not None:
             body["canary"] = self.traffic.canary
         return body
@@ -249,11 +250,11 @@ class SummarizerAPI:
         that only read status codes.
         """
         info = await self._call(self.model.info.remote(), timeout=HEALTH_TIMEOUT_S)
-        model = {key: info[key] for key in ("name", "version", "mode", "adapter")}
-        body: dict[str, Any] = {"status": "degraded" if info.get("problem") else "ok", "model": model}
-        if info.get("problem"):
-            body["problem"] = info["problem"]
-        return JSONResponse(body, status_code=503 if strict and info.get("problem") else 200)
+        model = {"name": info.name, "version": info.version, "mode": info.mode, "adapter": info.adapter}
+        body: dict[str, Any] = {"status": "degraded" if info.problem else "ok", "model": model}
+        if info.problem:
+            body["problem"] = info.problem
+        return JSONResponse(body, status_code=503 if strict and info.problem else 200)
 
     # --- one request ---------------------------------------------------------------------------
 
@@ -279,14 +280,14 @@ class SummarizerAPI:
     async def _summarize(self, payload: SummaryRequest, field: str) -> dict[str, Any]:
         started = time.perf_counter()
         try:
-            result = await self._call(self.model.summarize.remote(payload), timeout=self.settings.request_timeout_s)
+            result = await self._call(self._model_for(payload).summarize.remote(payload), timeout=self.settings.request_timeout_s)
         except ReplicaDied:  # once more, on another replica, within what is left of the request's deadline
             left = self.settings.request_timeout_s - (time.perf_counter() - started)
             if left < 1.0:
                 raise  # no time left for another try; a crash is no version's error either way
             log.warning("a model replica died holding a request; retrying it once (%.0f s left)", left)
             try:
-                result = await self._call(self.model.summarize.remote(payload), timeout=left)
+                result = await self._call(self._model_for(payload).summarize.remote(payload), timeout=left)
             except ReplicaDied:
                 raise  # a crash is no version's error: not charged in the canary figures
             except ApiError as exc:
@@ -304,15 +305,27 @@ class SummarizerAPI:
         self.traffic.record(payload.model, result, time.perf_counter() - started, split=payload.split)
         return result.to_dict()
 
+    def _model_for(self, payload: SummaryRequest) -> DeploymentHandle:
+        """The model deployment for ``payload``: a reference that loads on demand goes with Serve's model multiplexing,
+        so repeated requests for it reach a replica that holds it (the replica checks the reference itself)."""
+        if not self.settings.load_on_demand or payload.model is None or payload.canary:
+            return self.model
+        try:
+            ref = normalize_ref(payload.model.strip())  # the id the replica loads it under: "od-a" and "od-a@production" meet
+        except LoraopsError:
+            return self.model  # not a reference: any replica refuses it
+        return self.model if ref in self.settings.adapters else self.model.options(multiplexed_model_id=ref)
+
     def _rejected(self, rejection: Rejection, field: str) -> ApiError:
-        if rejection.status == 404:  # the model named is not served: the field is "model", not the text
-            return ApiError(404, rejection.type, rejection.message, field="model")
+        if rejection.status == 404 or rejection.field == "model":  # the model named is at fault: the field is "model", not the text
+            retry = {"Retry-After": "5"} if rejection.status == 503 else None  # an on-demand load that failed is tried again later
+            return ApiError(rejection.status, rejection.type, rejection.message, field="model", headers=retry)
         return ApiError(rejection.status, rejection.type, f"{field}: {rejection.message}", field=field)
 
     async def _open_stream(self, payload: SummaryRequest, field: str) -> AsyncIterator[dict[str, Any]]:
         """The model's stream of events, once its first event shows the request was taken (a refusal is an ordinary error answer)."""
         started = time.perf_counter()
-        events = self.model.options(stream=True).summarize_stream.remote(payload)
+        events = self._model_for(payload).options(stream=True).summarize_stream.remote(payload)
         try:
             first = await self._call(events.__anext__(), timeout=self.settings.request_timeout_s)
         except ApiError:

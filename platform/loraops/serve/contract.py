@@ -79,3 +79,38 @@ class Rejection:
     def event(self) -> dict[str, Any]:
         """The one event of a refused stream."""
         return {"rejection": {"status": self.status, "type": self.type, "message": self.message, "field": self.field}}
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What one model replica serves and how (``/v1/models``' ``models`` entry, ``/healthz``' ``model``).
+
+    ``name``, ``version`` and ``adapter`` are the default reference's; ``adapters`` lists every served
+    reference (``{"ref", "name", "version"}``); ``problem`` says why a reference does not serve its target.
+    """
+
+    replica: str
+    name: str
+    version: int
+    adapter: str
+    adapters: list[dict[str, Any]]
+    max_adapters: int
+    mode: str
+    base_model: str
+    dtype: str
+    device: str
+    context_tokens: int
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    registry_poll_s: float
+    batching: str
+    buckets: dict[str, list[int]]
+    warm_up: dict[str, Any] | None
+    canary: dict[str, Any] | None
+    problem: str | None
+    #: With ``load_on_demand``: the references resident on demand, the LRU's capacity, ``loads`` and ``evictions``.
+    on_demand: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of ``/v1/models``' ``models`` entry."""
+        return asdict(self)

@@ -24,7 +24,7 @@ def target_version(config):
     ``model.trust_remote_code: true`` (unless ``args.allow_trust_remote_code``) is an error. Needs no
     Ray: ``loraops serve`` calls it before starting a cluster, so such a mistake costs no cluster start.
     """
-    from loraops.serve.adapters import training_config
+    from loraops.serve.model import training_config
 
     settings = config.settings.with_absolute_paths()
     registry = settings.open_registry()

@@ -2,10 +2,10 @@
 
 A replica serves the references of ``adapters`` (default ``[adapter]``: ``NAME@production`` or a pinned
 ``NAME:VERSION``) on one base model, rebuilt from the training config recorded with the first one, in
-the configured mode (``nf4`` or ``merged``, see :func:`loraops.generate.load_for_serving`). A request
+the configured mode (``nf4`` or ``merged``, see :func:`loraops.serve.model.load_for_serving`). A request
 may name one in ``model`` (default: the first); one adapter loaded runs the fast path (merged mode:
 merged into the dequantized base), several run unmerged with per-row adapters in shared batches
-(:mod:`loraops.serve.adapters`, :meth:`loraops.generate.ServingModel.adapter_rows`).
+(:mod:`loraops.serve.adapters`, :meth:`loraops.serve.model.ServingModel.adapter_rows`).
 
 Requests go to the replica's :class:`~loraops.serve.engine.core.Engine`: continuous batching (requests join and
 leave the running batch between decode steps) over a KV cache whose shapes come from a fixed set of
@@ -19,7 +19,7 @@ fails alone, which is answered with a 422 when the model demonstrably works (:fu
 
 A replica that cannot load an alias's target (a corrupt artifact, a refused training config)
 serves the version the alias pointed to most recently before that still verifies
-(:func:`fallback_order`) and reports the problem in ``info()`` (``/v1/models``, ``/healthz``
+(:func:`~loraops.serve.adapters.fallback_order`) and reports the problem in ``info()`` (``/v1/models``, ``/healthz``
 "degraded"), so a bad version never keeps capacity from coming back.
 
 Adapter swaps without downtime: every ``registry_poll_s`` the replica asks the registry where its
@@ -29,6 +29,10 @@ reloaded. Serve's ``user_config`` (``reconfigure``) can change the default refer
 settings and the poll interval the same way (the set of ``adapters`` changes with a redeploy, or
 one reference at a time with :meth:`SummarizerModel.load_extra`). Every response names the version
 that generated it.
+
+With ``load_on_demand`` a request may also name any other registered version: Serve's model
+multiplexing routes it and the replica loads it on first use into an LRU of ``max_adapters`` minus
+the configured references (:mod:`loraops.serve.on_demand`).
 """
 
 from __future__ import annotations
@@ -46,27 +50,13 @@ from ray import serve
 from loraops.errors import LoraopsError
 from loraops.registry.db import DatabaseError
 from loraops.registry.refs import normalize_ref
-from loraops.serve.adapters import AdapterSet, adapter_slot, fallback_order, swap_blocker, training_config
+from loraops.serve.adapters import AdapterSet
 from loraops.serve.candidate import CandidateLoader
-from loraops.serve.contract import AnsweredBy, Rejection, SummaryRequest, SummaryResult, Usage
+from loraops.serve.contract import AnsweredBy, Rejection, ReplicaInfo, SummaryRequest, SummaryResult, Usage
 from loraops.serve.public import public_model_name, without_paths
 from loraops.serve.registry_health import RegistryHealth
 from loraops.serve.remembered import RememberingRegistry
 from loraops.serve.settings import MODEL_DEPLOYMENT, LiveSettings, ServeSettings, validate_live
-
-# The serving helpers moved to loraops.serve.adapters stay importable from here.
-__all__ = [
-    "DialogueTooLong",
-    "Rejection",
-    "SummarizerModel",
-    "adapter_slot",
-    "fallback_order",
-    "reject_or_raise",
-    "swap_blocker",
-    "training_config",
-    "public_model_name",
-    "without_paths",
-]
 
 log = logging.getLogger("ray.serve")
 
@@ -139,6 +129,7 @@ class SummarizerModel:
         if self.registry.outage is not None:
             self.registry_health.checked(self.registry.outage)
             self.registry.outage = None
+        self.on_demand = self._start_on_demand() if self.settings.load_on_demand else None
         self.engine = self._start_engine(self.live.max_batch_size)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_registry())
 
@@ -166,6 +157,34 @@ class SummarizerModel:
 
     def _hold(self):
         return self.engine.exclusive() if self.engine is not None else contextlib.nullcontext()
+
+    def _hold_for(self, adding: bool):
+        """The hold for adding (or removing) one adapter next to others: one step when the running rows compute as
+        before (nf4, or several adapters stay unmerged), else the drain (merging or unmerging changes every row's weights)."""
+        if self.engine is None:
+            return contextlib.nullcontext()
+        in_place = self.served.mode == "nf4" or len(self.served.adapters) > (1 if adding else 2)
+        return self.engine.between_steps() if in_place else self.engine.exclusive()
+
+    async def _change(self, change: Callable[[], Any]) -> Any:
+        """Run ``change`` (a blocking change of the loaded adapters) in a thread, serialised with the other changes."""
+        async with self._switch_lock:
+            return await asyncio.to_thread(change)
+
+    def _start_on_demand(self):
+        """On-demand loading (``args.load_on_demand``): Serve's multiplexed loader and LRU, wired at start because its
+        size, ``max_adapters`` minus the configured references, comes from the settings (Serve detects it on the instance)."""
+        from loraops.serve.on_demand import OnDemand
+
+        on_demand = OnDemand(self.settings, self.registry, self.adapters, self._change, self._hold_for)
+
+        # A plain function, not a bound method: Serve keeps its LRU on the function object.
+        async def load_registered_adapter(ref: str):
+            return await on_demand.load(ref)
+
+        self._load_on_demand = serve.multiplexed(max_num_models_per_replica=on_demand.capacity)(load_registered_adapter)
+        on_demand.load_adapter = self._load_on_demand
+        return on_demand
 
     def _start_engine(self, max_batch_size: int):
         """The decode engine for the served model: buckets from the settings, every shape run once (warm-up), its loop started."""
@@ -285,7 +304,7 @@ class SummarizerModel:
         if isinstance(prepared, Rejection):
             return prepared
         try:
-            generated = await self._generate(*prepared)
+            generated = await self._generate(*prepared)  # releases an on-demand adapter's lease when it ends
         except RowFailed as exc:
             return await reject_or_raise(exc, lambda: self._generate(self._probe, 1, 0.0, None))
         return self._answer(generated)
@@ -306,7 +325,7 @@ class SummarizerModel:
             # Read on the engine's thread while the request decodes, when no swap can happen: the adapter it runs with.
             loop.call_soon_threadsafe(tokens.put_nowait, (token, self.adapters.adapter_of(reference)))
 
-        future = self.engine.submit(*prepared, on_token=on_token)
+        future = self._submit(*prepared, on_token=on_token)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
         text, named = TextStream(self.served.tokenizer), False
         try:
@@ -329,8 +348,18 @@ class SummarizerModel:
         yield {"done": True, **answer.to_dict()}
 
     async def _prepare(self, request: SummaryRequest):
-        """``(prompt, max_new_tokens, temperature, reference)`` for the engine, or a :class:`Rejection`."""
-        reference = self.adapters.find(request.model)
+        """``(prompt, max_new_tokens, temperature, reference, lease)`` for :meth:`_submit`, or a :class:`Rejection`.
+
+        ``lease``: an on-demand adapter's, taken for this row (loaded first if it is not resident), else None."""
+        reference, lease = self.adapters.find(request.model), None
+        if self.on_demand is not None and request.model is not None and not request.canary and (reference is None or reference.on_demand):
+            lease = await self.on_demand.lease(request.model)
+            if isinstance(lease, Rejection):
+                return lease
+            reference = next((r for r in self.adapters.references if r.ref == lease.ref), None)  # the lease keeps it loaded
+            if reference is None:  # removed by hand (unload_extra) meanwhile
+                lease.release()
+                return Rejection(503, "model_unavailable", f"model {lease.ref!r} was unloaded while this request waited; retry", "model")
         if reference is None and request.canary:  # the API routed it to a candidate this replica has not loaded (yet)
             reference = self.adapters.default
         if reference is None:
@@ -339,9 +368,13 @@ class SummarizerModel:
         try:
             self._check_size(request.dialogue, max_new_tokens)
             prompt = await asyncio.to_thread(self._encode, request.dialogue, max_new_tokens)
-        except DialogueTooLong as exc:
-            return Rejection(422, "context_length_exceeded", str(exc), "dialogue")
-        return prompt, max_new_tokens, float(request.temperature or 0.0), reference
+        except BaseException as exc:  # the row never reaches the engine: give the lease back (a cancelled caller too)
+            if lease is not None:
+                lease.release()
+            if isinstance(exc, DialogueTooLong):
+                return Rejection(422, "context_length_exceeded", str(exc), "dialogue")
+            raise
+        return prompt, max_new_tokens, float(request.temperature or 0.0), reference, lease
 
     def _answer(self, generated) -> SummaryResult:
         completion = generated.completion
@@ -350,9 +383,21 @@ class SummarizerModel:
         usage = Usage(completion.prompt_tokens, len(completion.token_ids), round(generated.model_s * 1000, 2), round(generated.queue_s * 1000, 2))
         return SummaryResult(completion.text, AnsweredBy(version.name, version.version), usage, "stop" if ended else "length")
 
-    async def _generate(self, prompt: list[int], max_new_tokens: int, temperature: float, reference):
+    def _submit(self, prompt: list[int], max_new_tokens: int, temperature: float, reference, lease=None, on_token=None):
+        """Queue one request in the engine; an on-demand ``lease`` is released when it ends, however it ends."""
+        try:
+            future = self.engine.submit(prompt, max_new_tokens, temperature, adapter=reference, on_token=on_token)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        if lease is not None:
+            future.add_done_callback(lambda _: lease.release())
+        return future
+
+    async def _generate(self, prompt: list[int], max_new_tokens: int, temperature: float, reference, lease=None):
         """The engine's :class:`~loraops.serve.engine.core.Generated` for one request; a cancelled caller's request is dropped."""
-        future = self.engine.submit(prompt, max_new_tokens, temperature, adapter=reference)
+        future = self._submit(prompt, max_new_tokens, temperature, reference, lease)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -384,30 +429,31 @@ class SummarizerModel:
             raise DialogueTooLong(len(ids), max_new_tokens, self.context_tokens)
         return ids
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> ReplicaInfo:
         """What this replica serves (``name``, ``version``, ``adapter``: the default reference; ``adapters``: every one)."""
         served = self.served
-        return {
-            "replica": serve.get_replica_context().replica_id.unique_id,
-            "name": self.version.name,
-            "version": self.version.version,
-            "adapter": self.adapters.default.ref,
-            "adapters": [reference.listing() for reference in self.adapters.references],
-            "max_adapters": self.settings.max_adapters,
-            "mode": served.mode,
-            "base_model": public_model_name(served.config.model.name),
-            "dtype": str(served.dtype).removeprefix("torch."),
-            "device": str(next(served.model.parameters()).device),
-            "context_tokens": self.context_tokens,
-            "max_batch_size": self.live.max_batch_size,
-            "batch_wait_timeout_s": self.live.batch_wait_timeout_s,
-            "registry_poll_s": self.live.registry_poll_s,
-            "batching": self.engine.policy,
-            "buckets": {name: list(getattr(self.engine.buckets, name)) for name in ("batch", "length", "prefill_batch")},
-            "warm_up": self.warm_up_report,
-            "canary": self.candidate.info(),
-            "problem": without_paths(self.problem) if self.problem else None,
-        }
+        return ReplicaInfo(
+            replica=serve.get_replica_context().replica_id.unique_id,
+            name=self.version.name,
+            version=self.version.version,
+            adapter=self.adapters.default.ref,
+            adapters=[reference.listing() for reference in self.adapters.references],
+            max_adapters=self.settings.max_adapters,
+            mode=served.mode,
+            base_model=public_model_name(served.config.model.name),
+            dtype=str(served.dtype).removeprefix("torch."),
+            device=str(next(served.model.parameters()).device),
+            context_tokens=self.context_tokens,
+            max_batch_size=self.live.max_batch_size,
+            batch_wait_timeout_s=self.live.batch_wait_timeout_s,
+            registry_poll_s=self.live.registry_poll_s,
+            batching=self.engine.policy,
+            buckets={name: list(getattr(self.engine.buckets, name)) for name in ("batch", "length", "prefill_batch")},
+            warm_up=self.warm_up_report,
+            canary=self.candidate.info(),
+            problem=without_paths(self.problem) if self.problem else None,
+            on_demand=self.on_demand.info() if self.on_demand is not None else None,
+        )
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose registry watch or engine died is restarted.

@@ -12,6 +12,7 @@ Errors name the key and are raised as :class:`~loraops.config.ConfigError`.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -40,6 +41,12 @@ def _check_ref(value: str) -> str:
         raise ValueError(f"{exc} (expected NAME, NAME@ALIAS or NAME:VERSION)") from None
 
 
+def _check_pattern(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\*?", value):
+        raise ValueError(f"{value!r}: expected an adapter name or a prefix pattern like 'team-*'")
+    return value
+
+
 class LiveSettings(Section):
     """The part of the settings a replica applies in place, from Serve's ``user_config``."""
 
@@ -64,7 +71,17 @@ class ServeSettings(LiveSettings):
         min_length=1,
         description="Registry references served at once (a request picks one with model); the first is the default and is adapter. Default: [adapter].",
     )
-    max_adapters: int = Field(4, ge=1, le=64, description="Most references a replica serves at once: adapters plus those loaded on demand (canary candidate).")
+    max_adapters: int = Field(
+        4, ge=1, le=64, description="Most references a replica serves at once: adapters plus those loaded on demand (a running canary's candidate: one more)."
+    )
+    load_on_demand: bool = Field(
+        False,
+        description="Serve any registered NAME@ALIAS or NAME:VERSION a request names, loaded on first use; a replica keeps the most "
+        "recently used ones, max_adapters minus adapters (see docs/serving.md, \"Adapters on demand\").",
+    )
+    on_demand_names: list[Annotated[str, AfterValidator(_check_pattern)]] | None = Field(
+        None, min_length=1, description="With load_on_demand: the adapter names that may be loaded, each a name or a prefix-* pattern. Default: any."
+    )
 
     mode: Literal["nf4", "merged"] = Field(
         "merged", description="nf4: 4-bit base + unmerged adapter (least memory). merged: base dequantized, adapter merged (fast, same numerics)."
@@ -137,6 +154,14 @@ class ServeSettings(LiveSettings):
         if "adapter" in self.model_fields_set and self.adapter != self.adapters[0]:
             raise ValueError(f"adapter: {self.adapter} differs from the first of adapters ({self.adapters[0]}); set one of them")
         self.__dict__["adapter"] = self.adapters[0]
+        return self
+
+    @model_validator(mode="after")
+    def _room_on_demand(self) -> ServeSettings:
+        if self.load_on_demand and len(self.adapters) >= self.max_adapters:
+            raise ValueError(f"load_on_demand: max_adapters ({self.max_adapters}) leaves no room next to the {len(self.adapters)} configured adapters")
+        if self.on_demand_names is not None and not self.load_on_demand:
+            raise ValueError("on_demand_names: set load_on_demand: true too (the list only limits what loads on demand)")
         return self
 
     def buckets(self, max_batch_size: int, context_tokens: int):

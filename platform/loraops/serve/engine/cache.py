@@ -13,7 +13,7 @@ lets a row see only its own columns: a row computes exactly what it computes alo
 slots and shifting columns therefore changes no numbers. Decode steps are compiled (``compile=True``),
 one graph per (batch, length) bucket, all during :meth:`SlotModel.warm_up`.
 
-With several adapters loaded (:attr:`~loraops.generate.ServingModel.mixed`) both passes take each row's
+With several adapters loaded (:attr:`~loraops.serve.model.ServingModel.mixed`) both passes take each row's
 adapter name and run eagerly: the per-row names are Python data that a compiled graph would guard on
 (a recompilation per mix of adapters), so compiled decode steps are used only while one adapter is loaded.
 """
@@ -74,7 +74,7 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotModel:
-    """A :class:`~loraops.generate.ServingModel` run at bucket shapes over slot buffers. ``observer(phase, batch, length)`` sees every pass."""
+    """A :class:`~loraops.serve.model.ServingModel` run at bucket shapes over slot buffers. ``observer(phase, batch, length)`` sees every pass."""
 
     def __init__(self, served, buckets: Buckets, compile: bool = False, observer: Callable[[str, int, int], None] | None = None):
         attention = getattr(served.model.config, "_attn_implementation", "sdpa")

@@ -25,7 +25,7 @@ lowest slots (a finished row's slot takes the last row), so a step over ``n`` ro
 ``Buckets.batch_for(n)``.
 
 Several adapters: each request names its adapter (None: the default); requests for different adapters
-share batches, every pass naming each row's adapter (:meth:`loraops.generate.ServingModel.adapter_rows`).
+share batches, every pass naming each row's adapter (:meth:`loraops.serve.model.ServingModel.adapter_rows`).
 Streaming: a request's ``on_token`` callback receives each new token id from the engine's thread.
 
 Greedy rows produce the tokens :func:`loraops.generate.generate_completions` produces for the same
@@ -72,7 +72,7 @@ class Generated:
 
 
 class Engine:
-    """Batched generation for one :class:`~loraops.generate.ServingModel` at fixed shapes (see the module docstring).
+    """Batched generation for one :class:`~loraops.serve.model.ServingModel` at fixed shapes (see the module docstring).
 
     ``observer``, if given, is called with ``(phase, batch, length)`` before every forward pass (tests
     record the shapes with it). ``resolve_adapter`` maps a request's ``adapter`` to a loaded adapter's
@@ -210,6 +210,11 @@ class Engine:
         """Hold the model alone: no request starts, and the ones running finish first (for adapter swaps). Thread-safe."""
         with self.scheduler.exclusive(lambda: self._thread.running):
             yield
+
+    def between_steps(self) -> Iterator[None]:
+        """Hold the model between two passes, rows kept: for adapter changes that leave the running rows' computation
+        as it is (an adapter added or removed while several stay unmerged). Thread-safe."""
+        return self.scheduler.between_steps()
 
     def adopt(self, other: Engine) -> None:
         """Take over the requests waiting in ``other`` (held with :meth:`exclusive`, so none is running there). Thread-safe."""

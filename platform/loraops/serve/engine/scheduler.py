@@ -73,6 +73,7 @@ class Scheduler:
         self.pending: deque[Request] = deque()
         self.cond = threading.Condition()
         self.paused, self.busy, self.stopping = 0, False, False
+        self.held = 0  # between_steps() holders: no pass runs, the rows stay
         self.failure: BaseException | None = None
         self.set_limits(max_batch_size, batch_wait_s)
 
@@ -98,6 +99,9 @@ class Scheduler:
             while True:
                 if self.stopping:
                     return None
+                if self.held and wait:  # the engine's thread; a caller running passes itself holds nothing
+                    self.cond.wait()
+                    continue
                 if self.rows:
                     break
                 if self.pending and not self.paused:
@@ -167,6 +171,20 @@ class Scheduler:
         finally:
             with self.cond:
                 self.paused -= 1
+                self.cond.notify_all()
+
+    @contextlib.contextmanager
+    def between_steps(self) -> Iterator[None]:
+        """No pass runs while held: the running pass ends first, the rows stay (they wait, they are not drained)."""
+        with self.cond:
+            self.held += 1
+            while self.busy:
+                self.cond.wait()
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.held -= 1
                 self.cond.notify_all()
 
     def take_waiting(self) -> list[Request]:
