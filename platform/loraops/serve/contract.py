@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from loraops.serve.engine.params import SamplingParams
+
 
 @dataclass(frozen=True)
 class SummaryRequest:
@@ -28,6 +30,8 @@ class SummaryRequest:
     canary: bool = False
     #: The split chose the version (the request named none): the canary's figures count only these.
     split: bool = True
+    #: The OpenAI routes' sampling parameters (their temperature replaces ``temperature``); None: ``temperature`` alone.
+    sampling: SamplingParams | None = None
 
 
 @dataclass(frozen=True)

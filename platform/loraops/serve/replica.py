@@ -48,6 +48,7 @@ from loraops.registry.refs import normalize_ref
 from loraops.serve.adapters import AdapterSet, adapter_slot, fallback_order, swap_blocker, training_config
 from loraops.serve.candidate import CandidateLoader
 from loraops.serve.contract import AnsweredBy, Rejection, SummaryRequest, SummaryResult, Usage
+from loraops.serve.engine.params import GREEDY, SamplingParams
 from loraops.serve.public import public_model_name, without_paths
 from loraops.serve.settings import MODEL_DEPLOYMENT, LiveSettings, ServeSettings, validate_live
 
@@ -258,7 +259,7 @@ class SummarizerModel:
         try:
             generated = await self._generate(*prepared)
         except RowFailed as exc:
-            return await reject_or_raise(exc, lambda: self._generate(self._probe, 1, 0.0, None))
+            return await reject_or_raise(exc, lambda: self._generate(self._probe, 1, GREEDY, None))
         return self._answer(generated)
 
     async def summarize_stream(self, request: SummaryRequest):
@@ -277,20 +278,21 @@ class SummarizerModel:
             # Read on the engine's thread while the request decodes, when no swap can happen: the adapter it runs with.
             loop.call_soon_threadsafe(tokens.put_nowait, (token, self.adapters.adapter_of(reference)))
 
-        future = self.engine.submit(*prepared, on_token=on_token)
+        prompt, max_new_tokens, sampling, _ = prepared
+        future = self.engine.submit(prompt, max_new_tokens, adapter=reference, on_token=on_token, sampling=sampling)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
-        text, named = TextStream(self.served.tokenizer), False
+        text, named = TextStream(self.served.tokenizer, sampling.stop, until_eos=not sampling.ignore_eos), False
         try:
             while (item := await tokens.get()) is not None:
                 token, slot = item
                 if not named:  # first, the version that answers, so that every chunk can name it
                     version, named = self.adapters.versions[slot], True
-                    yield {"model": {"name": version.name, "version": version.version}}
+                    yield {"model": {"name": version.name, "version": version.version}, "prompt_tokens": len(prompt)}
                 if piece := text.add(token):
-                    yield {"text": piece}
+                    yield {"text": piece, "tokens": len(text.ids)}
             generated = future.result()
         except RowFailed as exc:
-            yield (await reject_or_raise(exc, lambda: self._generate(self._probe, 1, 0.0, None))).event()
+            yield (await reject_or_raise(exc, lambda: self._generate(self._probe, 1, GREEDY, None))).event()
             return
         finally:
             future.cancel()  # a caller that went away: the engine drops the request (no-op once it is done)
@@ -300,30 +302,33 @@ class SummarizerModel:
         yield {"done": True, **answer.to_dict()}
 
     async def _prepare(self, request: SummaryRequest):
-        """``(prompt, max_new_tokens, temperature, reference)`` for the engine, or a :class:`Rejection`."""
+        """``(prompt, max_new_tokens, sampling parameters, reference)`` for the engine, or a :class:`Rejection`."""
         reference = self.adapters.find(request.model)
         if reference is None and request.canary:  # the API routed it to a candidate this replica has not loaded (yet)
             reference = self.adapters.default
         if reference is None:
             return Rejection(404, "model_not_found", f"model {request.model!r} is not served here; loaded: {', '.join(self.adapters.refs())}", "model")
         max_new_tokens = request.max_new_tokens or self.settings.default_max_new_tokens
+        sampling = request.sampling or SamplingParams(temperature=float(request.temperature or 0.0))
+        vocabulary = self.served.model.config.vocab_size
+        if unknown := [token for token, _ in sampling.logit_bias if token >= vocabulary]:
+            return Rejection(400, "invalid_value", f"token id {unknown[0]} is not in the vocabulary (ids 0 to {vocabulary - 1})", "logit_bias")
         try:
             self._check_size(request.dialogue, max_new_tokens)
             prompt = await asyncio.to_thread(self._encode, request.dialogue, max_new_tokens)
         except DialogueTooLong as exc:
             return Rejection(422, "context_length_exceeded", str(exc), "dialogue")
-        return prompt, max_new_tokens, float(request.temperature or 0.0), reference
+        return prompt, max_new_tokens, sampling, reference
 
     def _answer(self, generated) -> SummaryResult:
         completion = generated.completion
         version = self.adapters.versions[generated.adapter]
-        ended = bool(completion.token_ids) and completion.token_ids[-1] == self.served.tokenizer.eos_token_id
         usage = Usage(completion.prompt_tokens, len(completion.token_ids), round(generated.model_s * 1000, 2), round(generated.queue_s * 1000, 2))
-        return SummaryResult(completion.text, AnsweredBy(version.name, version.version), usage, "stop" if ended else "length")
+        return SummaryResult(completion.text, AnsweredBy(version.name, version.version), usage, generated.finish_reason)
 
-    async def _generate(self, prompt: list[int], max_new_tokens: int, temperature: float, reference):
+    async def _generate(self, prompt: list[int], max_new_tokens: int, sampling: SamplingParams, reference):
         """The engine's :class:`~loraops.serve.engine.core.Generated` for one request; a cancelled caller's request is dropped."""
-        future = self.engine.submit(prompt, max_new_tokens, temperature, adapter=reference)
+        future = self.engine.submit(prompt, max_new_tokens, adapter=reference, sampling=sampling)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
