@@ -164,13 +164,12 @@ def guidellm_python() -> Path:
     return python
 
 
-def test_guidellm_completes_every_request_at_concurrency_1_and_8(url, serving_home, tmp_path):
-    output_tokens, requests = 24, 24
-    out = tmp_path / "guidellm.json"
+def _guidellm_run(url: str, tokenizer: Path, out: Path, output_tokens: int, requests: int) -> list[dict]:
+    """``guidellm run`` at concurrency 1 then 8 (the command docs/serving.md shows); its benchmarks."""
     command = [
         str(guidellm_python()), "-m", "guidellm", "run",
         "--backend", f"kind=openai_http,target={url},model=tiny",
-        "--tokenizer", f"kind=hf_auto,model={serving_home / 'models' / 'tiny-phi'}",
+        "--tokenizer", f"kind=hf_auto,model={tokenizer}",
         "--data", f"kind=synthetic_text,prompt_tokens=120,output_tokens={output_tokens}",
         "--profile", "kind=concurrent", "--override", "profile.streams", "1,8",
         "--constraint", f"kind=max_requests,count={requests}",
@@ -178,14 +177,26 @@ def test_guidellm_completes_every_request_at_concurrency_1_and_8(url, serving_ho
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads(out.read_text())["benchmarks"]
 
-    report = json.loads(out.read_text())
-    benchmarks = report["benchmarks"]
-    assert len(benchmarks) == 2
+
+def _lost_by_guidellm(benchmark: dict) -> bool:
+    """GuideLLM 0.8.1's own race (seen once in eight runs here, at concurrency 1): its scheduler ends a benchmark still
+    counting one request as processing, with nothing errored or incomplete; the server answered it."""
+    totals = benchmark["metrics"]["request_totals"]
+    return benchmark["scheduler_state"]["processing_requests"] > 0 and totals["errored"] == totals["incomplete"] == 0
+
+
+def test_guidellm_completes_every_request_at_concurrency_1_and_8(url, serving_home, tmp_path):
+    output_tokens, requests = 24, 24
+    tokenizer = serving_home / "models" / "tiny-phi"
+    benchmarks = _guidellm_run(url, tokenizer, tmp_path / "guidellm.json", output_tokens, requests)
+    if any(_lost_by_guidellm(b) for b in benchmarks):  # its accounting, not a request that failed: run it once more
+        benchmarks = _guidellm_run(url, tokenizer, tmp_path / "guidellm-again.json", output_tokens, requests)
+
+    assert [b["config"]["strategy"]["streams"] for b in benchmarks] == [1, 8]
     for benchmark in benchmarks:
-        totals, state = benchmark["metrics"]["request_totals"], benchmark["scheduler_state"]
-        print(f"\n{benchmark['config']['strategy']}: {totals}, created {state['created_requests']}, processed {state['processed_requests']}, "
-              f"processing {state['processing_requests']}, {benchmark['duration']:.1f} s")  # fmt: skip
+        totals = benchmark["metrics"]["request_totals"]
         assert (totals["successful"], totals["errored"], totals["incomplete"]) == (requests, 0, 0), totals
         lengths = {r["output_metrics"]["text_tokens"] for r in benchmark["requests"]["successful"]}
         assert lengths == {output_tokens}, lengths

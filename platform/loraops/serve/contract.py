@@ -4,8 +4,9 @@ change of these types that the checker and the tests see.
 The ingress sends a :class:`SummaryRequest` (validated: limits checked, the version chosen); a replica
 answers a :class:`SummaryResult`, or a :class:`Rejection` when the request's own input is at fault. The
 JSON the API returns is :meth:`SummaryResult.to_dict` (the shape of :class:`loraops.serve.bodies.Summary`).
-Streams carry dict events (``{"text"}`` ..., then ``{"done": True, **result.to_dict()}``, or one
-``Rejection.event()``): Serve ships each event on its own.
+Streams carry dict events (``{"model"}``, ``{"text"}`` ..., then ``{"done": True, **result.to_dict()}``, or one
+``Rejection.event()``): Serve ships each event on its own. A request with ``sampling`` (the OpenAI routes)
+also gets ``prompt_tokens`` in its ``{"model"}`` event and the tokens so far (``tokens``) in each ``{"text"}``.
 """
 
 from __future__ import annotations

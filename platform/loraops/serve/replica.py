@@ -279,6 +279,8 @@ class SummarizerModel:
             loop.call_soon_threadsafe(tokens.put_nowait, (token, self.adapters.adapter_of(reference)))
 
         prompt, max_new_tokens, sampling, _ = prepared
+        # The OpenAI routes' requests (those with sampling parameters) count tokens in their events, for usage on every chunk.
+        counted = request.sampling is not None
         future = self.engine.submit(prompt, max_new_tokens, adapter=reference, on_token=on_token, sampling=sampling)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
         text, named = TextStream(self.served.tokenizer, sampling.stop, until_eos=not sampling.ignore_eos), False
@@ -287,9 +289,9 @@ class SummarizerModel:
                 token, slot = item
                 if not named:  # first, the version that answers, so that every chunk can name it
                     version, named = self.adapters.versions[slot], True
-                    yield {"model": {"name": version.name, "version": version.version}, "prompt_tokens": len(prompt)}
+                    yield {"model": {"name": version.name, "version": version.version}} | ({"prompt_tokens": len(prompt)} if counted else {})
                 if piece := text.add(token):
-                    yield {"text": piece, "tokens": len(text.ids)}
+                    yield {"text": piece} | ({"tokens": len(text.ids)} if counted else {})
             generated = future.result()
         except RowFailed as exc:
             yield (await reject_or_raise(exc, lambda: self._generate(self._probe, 1, GREEDY, None))).event()
