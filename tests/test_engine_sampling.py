@@ -152,6 +152,7 @@ def test_a_rows_parameters_do_not_change_another_rows_tokens(served, prompts, gr
         (prompts[1], TOKENS, _params(logit_bias=((eos, 100.0),), min_tokens=3, repetition_penalty=1.3)),
         (prompts[2], 10, _params(ignore_eos=True, temperature=0.7, seed=2)),
         (prompts[2], TOKENS, _params()),
+        (prompts[1], TOKENS, _params(logprobs=2)),
     ]
     engine = _engine(served)
     together = _run(engine, requests)
@@ -160,3 +161,10 @@ def test_a_rows_parameters_do_not_change_another_rows_tokens(served, prompts, gr
     assert [r.completion.token_ids for r in together] == [r.completion.token_ids for r in alone]
     assert [r.completion.text for r in together] == [r.completion.text for r in alone]
     assert together[0].completion.token_ids == greedy[0].token_ids and together[6].completion.token_ids == greedy[2].token_ids
+    assert together[7].completion.token_ids == greedy[1].token_ids  # asking for log probabilities changes no token
+    # Other batch shapes run other kernels: the numbers agree to rounding, the ranking exactly.
+    for (logprob, top), (alone_logprob, alone_top) in zip(together[7].logprobs, alone[7].logprobs, strict=True):
+        assert [t for t, _ in top] == [t for t, _ in alone_top]
+        assert [logprob, *(v for _, v in top)] == pytest.approx([alone_logprob, *(v for _, v in alone_top)], abs=1e-4)
+    assert [top[0][0] for _, top in together[7].logprobs] == together[7].completion.token_ids  # greedy: the likeliest token each time
+    assert all(logprob == top[0][1] <= 0 for logprob, top in together[7].logprobs) and together[0].logprobs is None

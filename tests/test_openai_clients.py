@@ -90,6 +90,27 @@ def test_sampling_fields_change_the_answer_as_they_mean_to(client):
     assert penalized.choices[0].text != text or len(set(text.split())) == len(text.split())
 
 
+def test_log_probabilities_of_each_token_in_openai_shapes(client):
+    import math
+
+    plain = _complete(client, temperature=0)
+    listed = _complete(client, temperature=0, logprobs=3).choices[0]
+    assert listed.text == plain.choices[0].text  # asking for them changes no token
+    logprobs = listed.logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == plain.usage.completion_tokens
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert logprob <= 0 and 1 <= len(top) <= 3 and math.isclose(max(top.values()), logprob, abs_tol=1e-5)  # greedy: the likeliest
+        assert top.get(token, logprob) == pytest.approx(logprob, abs=1e-5)
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": DIALOGUE}], max_tokens=TOKENS, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(entry.top_logprobs) == 2 for entry in content)
+    assert [entry.logprob for entry in content] == pytest.approx(logprobs.token_logprobs, abs=1e-5)  # the same tokens, the same numbers
+    assert all(bytes(entry.bytes).decode("utf-8") == entry.token for entry in content)
+    assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": DIALOGUE}], max_tokens=TOKENS).choices[0].logprobs is None
+
+
 def test_a_stream_with_stop_and_continuous_usage(client):
     plain = _complete(client, temperature=0).choices[0].text
     stop = plain[len(plain) // 2 :][:3]
@@ -108,9 +129,10 @@ def test_a_stream_with_stop_and_continuous_usage(client):
 @pytest.mark.parametrize(
     ("route", "fields", "status", "param"),
     [
-        ("/v1/completions", {"logprobs": 2}, 400, "logprobs"),
+        ("/v1/completions", {"logprobs": 2, "stream": True}, 400, "logprobs"),
+        ("/v1/completions", {"logprobs": 21}, 422, "logprobs"),
         ("/v1/completions", {"best_of": 2}, 400, "best_of"),
-        ("/v1/chat/completions", {"logprobs": True}, 400, "logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "stream": True}, 400, "logprobs"),
         ("/v1/chat/completions", {"top_logprobs": 3}, 400, "top_logprobs"),
         ("/v1/completions", {"min_tokens": TOKENS + 1}, 400, "min_tokens"),
         ("/v1/completions", {"logit_bias": {"99999999": 5}}, 400, "logit_bias"),

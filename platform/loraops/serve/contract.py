@@ -58,6 +58,8 @@ class SummaryResult:
     model: AnsweredBy
     usage: Usage
     finish_reason: Literal["stop", "length"]
+    #: When the request asked (the OpenAI routes' ``logprobs``): per token ``{"token", "logprob", "top": [[token, logprob], ...]}``.
+    logprobs: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The API's JSON answer."""
@@ -65,7 +67,7 @@ class SummaryResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SummaryResult:
-        return cls(data["summary"], AnsweredBy(**data["model"]), Usage(**data["usage"]), data["finish_reason"])
+        return cls(data["summary"], AnsweredBy(**data["model"]), Usage(**data["usage"]), data["finish_reason"], data.get("logprobs"))
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ the last user message. Both answer with the summary in OpenAI's shapes, so the o
 client works against the endpoint unchanged (``base_url=http://HOST:PORT/v1``), and so do the clients
 built for vLLM (benchmarks such as GuideLLM). OpenAI's sampling parameters and the extensions vLLM
 accepts (``top_k``, ``min_tokens``, ``ignore_eos``, ``repetition_penalty``...) have vLLM's meaning
-(:class:`~loraops.serve.engine.params.SamplingParams`); a value that cannot be honoured (``logprobs``,
-``best_of`` above 1) is a 400 naming the field, and an unknown field a 422 naming it: nothing that would
-change the answer is silently ignored. The routes themselves are methods of the ingress (:mod:`loraops.serve.app`).
+(:class:`~loraops.serve.engine.params.SamplingParams`); a value that cannot be honoured (``best_of``
+above 1, ``logprobs`` in a stream) is a 400 naming the field, and an unknown field a 422 naming it:
+nothing that would change the answer is silently ignored. The routes themselves are methods of the ingress (:mod:`loraops.serve.app`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads these classes' annotations at runtime.
@@ -101,11 +101,18 @@ class _OpenAIRequest(BaseModel):
             min_tokens=self.min_tokens or 0,
             ignore_eos=bool(self.ignore_eos),
             logit_bias=tuple((int(token), float(bias)) for token, bias in sorted((self.logit_bias or {}).items())),
+            logprobs=self.top_logprobs_asked(),
         )
+
+    def top_logprobs_asked(self) -> int | None:
+        """How many most likely tokens to list beside each chosen one's log probability; None: no log probabilities."""
+        return None
 
     def _refuse_unsupported(self) -> None:
         if self.best_of is not None and self.best_of > 1:
             raise ApiError(400, "unsupported_value", f"best_of: only 1 is supported (one answer per request), got {self.best_of}", field="best_of")
+        if self.stream and self.top_logprobs_asked() is not None:  # a stream's pieces of text are not tokens: nothing to attach them to
+            raise ApiError(400, "unsupported_value", "logprobs: log probabilities are not supported when streaming", field="logprobs")
 
     def usage_per_chunk(self) -> bool:
         """vLLM's continuous usage: every chunk carries the usage so far (only with include_usage, as there)."""
@@ -116,12 +123,10 @@ class CompletionRequest(_OpenAIRequest):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"model": "tiny", "prompt": EXAMPLE_DIALOGUE, "max_tokens": 48}]})
 
     prompt: Dialogue | list[Dialogue] = Field(description="The dialogue to summarize (a list must hold exactly one).")
-    logprobs: Annotated[int, Field(strict=True, ge=0)] | None = Field(None, description="Not supported: only null is accepted (400 otherwise).")
+    logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = Field(None, description="Log probabilities of each token and of the N most likely.")
 
-    def _refuse_unsupported(self) -> None:
-        super()._refuse_unsupported()
-        if self.logprobs is not None:
-            raise ApiError(400, "unsupported_value", f"logprobs: log probabilities are not supported; send null, got {self.logprobs}", field="logprobs")
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -161,14 +166,13 @@ class ChatRequest(_OpenAIRequest):
 
     messages: list[Message] = Field(min_length=1, description="The conversation; the last user message is the dialogue to summarize.")
     max_completion_tokens: MaxNewTokens = None
-    logprobs: bool | None = Field(None, strict=True, description="Not supported: only false or null is accepted (400 otherwise).")
-    top_logprobs: Annotated[int, Field(strict=True, ge=0)] | None = Field(None, description="Not supported: only 0 or null is accepted.")
+    logprobs: bool | None = Field(None, strict=True, description="Log probabilities of each token of the answer.")
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = Field(None, description="With logprobs: also the N most likely at each token.")
 
-    def _refuse_unsupported(self) -> None:
-        super()._refuse_unsupported()
-        for name, value, neutral in (("logprobs", self.logprobs, "false"), ("top_logprobs", self.top_logprobs, "0")):
-            if value:
-                raise ApiError(400, "unsupported_value", f"{name}: log probabilities are not supported; send {neutral} or null, got {value}", field=name)
+    def top_logprobs_asked(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(400, "invalid_value", "top_logprobs: needs logprobs true", field="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def dialogue_index(self) -> int | None:
         """Index of the last user message, the dialogue; None when there is none."""
@@ -198,11 +202,14 @@ class Answer:
 
     def body(self, result: dict[str, Any]) -> dict[str, Any]:
         """The whole answer to a request that did not stream."""
+        logprobs = result.get("logprobs")
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": result["summary"]}, "logprobs": None, "finish_reason": result["finish_reason"]}
+            content = chat_logprobs(logprobs) if logprobs is not None else None
+            choice = {"index": 0, "message": {"role": "assistant", "content": result["summary"]}, "logprobs": content, "finish_reason": result["finish_reason"]}
             kind = "chat.completion"
         else:
-            choice = {"index": 0, "text": result["summary"], "logprobs": None, "finish_reason": result["finish_reason"]}
+            listed = completion_logprobs(logprobs) if logprobs is not None else None
+            choice = {"index": 0, "text": result["summary"], "logprobs": listed, "finish_reason": result["finish_reason"]}
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": model_id(result), "choices": [choice], "usage": usage(result)}
 
@@ -253,6 +260,29 @@ class Answer:
                 yield sse({"error": event["error"]})
                 return
         yield "data: [DONE]\n\n"
+
+
+def completion_logprobs(tokens: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's completions ``logprobs``: the tokens, their log probabilities, the most likely at each, text offsets."""
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token["token"])
+    return {
+        "tokens": [t["token"] for t in tokens],
+        "token_logprobs": [t["logprob"] for t in tokens],
+        "top_logprobs": [dict(t["top"]) for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tokens: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs``: ``content``, one entry per token with its bytes and the most likely tokens."""
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [entry(t["token"], t["logprob"]) | {"top_logprobs": [entry(k, v) for k, v in t["top"]]} for t in tokens]}
 
 
 def sse(payload: dict[str, Any]) -> str:

@@ -326,7 +326,15 @@ class SummarizerModel:
         completion = generated.completion
         version = self.adapters.versions[generated.adapter]
         usage = Usage(completion.prompt_tokens, len(completion.token_ids), round(generated.model_s * 1000, 2), round(generated.queue_s * 1000, 2))
-        return SummaryResult(completion.text, AnsweredBy(version.name, version.version), usage, generated.finish_reason)
+        return SummaryResult(completion.text, AnsweredBy(version.name, version.version), usage, generated.finish_reason, self._logprobs(generated))
+
+    def _logprobs(self, generated) -> list[dict[str, Any]] | None:
+        """The engine's log probabilities with each token's text."""
+        if generated.logprobs is None:
+            return None
+        text = lambda token: self.served.tokenizer.decode([token])  # noqa: E731
+        tokens = generated.completion.token_ids
+        return [{"token": text(t), "logprob": lp, "top": [[text(i), v] for i, v in top]} for t, (lp, top) in zip(tokens, generated.logprobs, strict=True)]
 
     async def _generate(self, prompt: list[int], max_new_tokens: int, sampling: SamplingParams, reference):
         """The engine's :class:`~loraops.serve.engine.core.Generated` for one request; a cancelled caller's request is dropped."""

@@ -75,6 +75,8 @@ class Generated:
     #: "stop": end-of-text or a stop text ended it; "length": it reached its ``max_new_tokens``.
     finish_reason: str = "length"
     adapter: str | None = None  # the adapter (PEFT name) that generated it
+    #: Per generated token: (log probability, [(token, log probability) of the most likely]), when the request asked.
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 class Engine:
@@ -352,7 +354,8 @@ class Engine:
             now = time.perf_counter()
             times = {"queue_s": row.admitted - request.submitted, "model_s": now - request.submitted}
             adapter = row.adapter or self.served.adapter_name
-            request.future.set_result(Generated(completion, **times, adapter=adapter, finish_reason="stop" if stopped else "length"))
+            logprobs = row.logprobs[: len(completion.token_ids)] if request.sampling.logprobs is not None else None
+            request.future.set_result(Generated(completion, **times, adapter=adapter, finish_reason="stop" if stopped else "length", logprobs=logprobs))
 
     def _retry_alone(self, requests: list[Request], exc: Exception) -> None:
         """After a failed forward pass: a request that was alone gets the error, the others are retried one at a time."""

@@ -35,6 +35,9 @@ class SamplingParams:
     ignore_eos: bool = False
     #: Token id -> a number added to its logit (-100 bans it, 100 all but forces it).
     logit_bias: tuple[tuple[int, float], ...] = field(default=())
+    #: Return each chosen token's log probability and those of the ``logprobs`` most likely tokens (None: none), from
+    #: the model's own distribution, before any parameter above changed it (vLLM's default, "raw" log probabilities).
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:

@@ -62,6 +62,13 @@ def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generato
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def log_probabilities(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """``token``'s log probability under the model's ``logits``, and the ``top`` most likely tokens with theirs."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(logprobs, top) if top > 0 else (logprobs[:0], logprobs[:0].long())
+    return float(logprobs[token]), [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+
+
 def generator_for(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """The row's own random generator when it asked for a seed (None: the process-wide one)."""
     if params.seed is None or params.greedy:
@@ -72,11 +79,14 @@ def generator_for(params: SamplingParams, device: torch.device) -> torch.Generat
 def sample_into(row: Row, logits: torch.Tensor, eos: int | None) -> None:
     """Pick ``row``'s next token and append it, telling its ``on_token`` listener (raises :class:`RowFailed`)."""
     params = row.request.sampling
+    raw = logits
     if params.processes_logits:
         logits = process(logits, params, row.request.prompt, row.tokens, eos)
     if row.generator is None and params.seed is not None:
         row.generator = generator_for(params, logits.device)
     token = pick(logits, params, row.generator)
+    if params.logprobs is not None:
+        row.logprobs.append(log_probabilities(raw, token, params.logprobs))
     row.tokens.append(token)
     if row.request.on_token is not None:
         try:

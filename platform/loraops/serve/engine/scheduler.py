@@ -56,6 +56,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     stopped_at: int | None = None  # where a stop string starts in the row's text, once one appeared
     generator: Any = None  # the row's own torch.Generator when its request has a seed
+    logprobs: list = field(default_factory=list)  # per token (log probability, [(token, log probability), ...]) when asked
 
     @property
     def remaining(self) -> int:
