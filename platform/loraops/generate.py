@@ -72,11 +72,31 @@ def generate_completions(
     return [completion_from_ids(tokenizer, row[:limit], len(prompt)) for prompt, row, limit in zip(prompts, new_tokens, limits, strict=True)]
 
 
-def completion_from_ids(tokenizer, ids: list[int], prompt_tokens: int) -> Completion:
-    """The completion of generated ``ids``: cut after the first end-of-text token, decoded without special tokens."""
-    if tokenizer.eos_token_id in ids:
+def completion_from_ids(tokenizer, ids: list[int], prompt_tokens: int, until_eos: bool = True) -> Completion:
+    """The completion of generated ``ids``: cut after the first end-of-text token (unless not ``until_eos``: a request
+    that ignores end-of-text), decoded without special tokens."""
+    if until_eos and tokenizer.eos_token_id in ids:
         ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
     return Completion(text=tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=list(ids), prompt_tokens=prompt_tokens)
+
+
+def find_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first of the ``stop`` texts starts in ``text`` (the answer ends there), or None."""
+    found = [index for index in (text.find(s) for s in stop) if index >= 0]
+    return min(found) if found else None
+
+
+def held_back(text: str, stop: Sequence[str]) -> str:
+    """``text`` cut before its first stop text, or without an end that may be the start of one (not certain yet)."""
+    if (index := find_stop(text, stop)) is not None:
+        return text[:index]
+    keep = len(text)
+    for s in stop:
+        for size in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:size]):
+                keep = min(keep, len(text) - size)
+                break
+    return text[:keep]
 
 
 class TextStream:
@@ -84,20 +104,22 @@ class TextStream:
 
     Each :meth:`add` decodes all tokens so far as :func:`completion_from_ids` does (up to end-of-text,
     special tokens skipped, stripped) and hands out only what can no longer change: trailing whitespace
-    (the final text is stripped) and an unfinished multi-byte character wait for the next token.
+    (the final text is stripped), an unfinished multi-byte character, and an end that may be the start of
+    one of the ``stop`` texts wait for the next token. ``until_eos=False``: the request ignores end-of-text.
     """
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, stop: Sequence[str] = (), until_eos: bool = True):
+        self.tokenizer, self.stop, self.until_eos = tokenizer, tuple(stop), until_eos
         self.ids: list[int] = []
         self.sent = ""
 
     def add(self, token: int) -> str:
         """The new text after ``token`` ("" while nothing new is certain)."""
-        if self.ids and self.ids[-1] == self.tokenizer.eos_token_id:
+        if self.until_eos and self.ids and self.ids[-1] == self.tokenizer.eos_token_id:
             return ""
         self.ids.append(token)
-        stable = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip()
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        stable = (held_back(text, self.stop) if self.stop else text).strip().rstrip("\ufffd").rstrip()
         if not stable.startswith(self.sent):  # decoding more tokens changed earlier text: wait for the end
             return ""
         piece, self.sent = stable[len(self.sent) :], stable

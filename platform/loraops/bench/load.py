@@ -134,7 +134,7 @@ class GenerateBatcher:
 
     def __init__(self, served, max_batch_size: int, batch_wait_s: float, context_tokens: int):
         from loraops.serve.engine.buckets import Buckets
-        from loraops.serve.engine.sampler import LoopThread
+        from loraops.serve.engine.loop import LoopThread
         from loraops.serve.engine.scheduler import Scheduler
 
         self.served = served
@@ -143,12 +143,13 @@ class GenerateBatcher:
         self._thread.start()
 
     def submit(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0) -> Future:
+        from loraops.serve.engine.params import SamplingParams
         from loraops.serve.engine.scheduler import Request
 
         if len(prompt) + max_new_tokens - 1 > self.scheduler.buckets.max_length:
             raise ValueError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens is over the context ({self.scheduler.buckets.max_length})")
         future: Future = Future()
-        self.scheduler.enqueue(Request(list(prompt), max_new_tokens, float(temperature), future, time.perf_counter()))
+        self.scheduler.enqueue(Request(list(prompt), max_new_tokens, SamplingParams(float(temperature)), future, time.perf_counter()))
         return future
 
     def stop(self) -> None:
@@ -156,12 +157,12 @@ class GenerateBatcher:
         self._thread.join()
 
     def _run_once(self, wait: bool) -> bool:
-        batch = self.scheduler.next_work(wait, column=0)  # nothing stays running between calls: each batch starts at column 0
-        if batch is None:
+        plan = self.scheduler.next_step(wait, column=0)  # nothing stays running between calls: each batch starts at column 0
+        if plan is None:
             return False
         try:
-            if batch:
-                self._generate(batch)
+            if plan.joining:
+                self._generate(plan.joining)
         finally:
             self.scheduler.idle()
         return True
@@ -182,7 +183,9 @@ class GenerateBatcher:
         now, adapter = time.perf_counter(), self.served.adapter_name
         for request, completion in zip(batch, completions, strict=True):
             if not request.future.done():
-                request.future.set_result(Generated(completion, queue_s=started - request.submitted, model_s=now - request.submitted, adapter=adapter))
+                ended = "stop" if completion.token_ids[-1:] == [self.served.tokenizer.eos_token_id] else "length"
+                times = {"queue_s": started - request.submitted, "model_s": now - request.submitted}
+                request.future.set_result(Generated(completion, **times, adapter=adapter, finish_reason=ended))
 
 
 # --- statistics --------------------------------------------------------------------------------

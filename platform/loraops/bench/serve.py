@@ -33,6 +33,7 @@ from typing import Any
 
 from loraops.bench.load import GenerateBatcher, run_load, run_model_load, summarize_records
 from loraops.bench.served import load_served
+from loraops.serve.prompts import prompt_of
 
 #: Batching schemes the model-level benchmark compares: the engine's two policies and the pre-engine baseline.
 MODEL_BATCHINGS = ("continuous", "static", "generate")
@@ -291,7 +292,7 @@ def benchmark_model(
         load_s = time.perf_counter() - started
         if not items:
             items = workload_items(rows, max_new_tokens, lengths, tokenizer=served.tokenizer)
-        prompts = [(_prompt(served, item.dialogue), item.max_new_tokens) for item in items]
+        prompts = [(prompt_of(served, item.dialogue), item.max_new_tokens) for item in items]
         context = settings.context_tokens or served.context_tokens
         prompts = [(p, n) for p, n in prompts if len(p) + n <= context]  # the API would answer 422 to the others
         runners = {}
@@ -352,14 +353,6 @@ def _runner(served, settings, batching: str, max_batch_size: int):
 
     engine = Engine.from_settings(served, settings, max_batch_size, policy=batching)
     return engine, engine.warm_start()
-
-
-def _prompt(served, dialogue: str) -> list[int]:
-    import sys
-
-    from loraops.training.data import prompt_ids
-
-    return prompt_ids(served.tokenizer, dialogue, served.config.data, budget=sys.maxsize)
 
 
 def _free_accelerator() -> None:

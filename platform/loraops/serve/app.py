@@ -9,6 +9,8 @@ Routes (OpenAPI docs at ``/docs``)::
     POST /v1/chat/completions     OpenAI's chat completions: the last user message is the dialogue
     GET  /v1/models               what is served (OpenAI's list in ``data``, loraops' details in ``models``)
     GET  /healthz                 200 {"status": "ok" | "degraded"} when a model replica answers, else 503
+    GET  /health                  vLLM's, SGLang's and TGI's convention: 200 while a replica serves its target, else 503
+    GET  /version                 {"version": loraops' version}
 
 Every error is JSON ``{"error": {"type", "message", "field"?, "request_id"?}}`` (on the OpenAI
 routes OpenAI's ``{"error": {"message", "type", "param", "code"}}``): 422 for invalid input (the
@@ -26,6 +28,7 @@ and methods, 503 when no model replica can take the request (the client retries 
 # FastAPI must see real classes in their signatures (with strings the body became a query parameter).
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -206,6 +209,7 @@ class SummarizerAPI:
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         """OpenAI-compatible completions: ``prompt`` is the dialogue, the completion its summary."""
         payload = self._payload(body.dialogue(), body.new_tokens(), body.temperature, body.model, request, limit_field="max_tokens")
+        payload = dataclasses.replace(payload, sampling=body.sampling(payload.max_new_tokens))
         return await self._openai_answer(Answer("completion", request_id_of(request.scope), body.model or self.traffic.name), payload, body, "prompt")
 
     @app.post("/v1/chat/completions", dependencies=[Security(bearer_token)])
@@ -221,6 +225,7 @@ class SummarizerAPI:
             raise ApiError(422, "validation_error", f"{field}: {exc}", field=field) from None
         limit_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         payload = self._payload(dialogue, body.new_tokens(), body.temperature, body.model, request, limit_field=limit_field)
+        payload = dataclasses.replace(payload, sampling=body.sampling(payload.max_new_tokens))
         return await self._openai_answer(Answer("chat", request_id_of(request.scope), body.model or self.traffic.name), payload, body, field)
 
     @app.get("/v1/models", responses=ERROR_RESPONSES, dependencies=[Security(bearer_token)])
@@ -255,6 +260,16 @@ class SummarizerAPI:
         if info.problem:
             body["problem"] = info.problem
         return JSONResponse(body, status_code=503 if strict and info.problem else 200)
+
+    @app.api_route("/health", methods=["GET", "HEAD"], responses={503: ERROR_RESPONSES[503]})
+    async def health(self) -> JSONResponse:
+        """The health route clients of vLLM, SGLang and TGI call before they start (GuideLLM does): ``/healthz?strict=true``."""
+        return await self.healthz(strict=True)
+
+    @app.get("/version")
+    async def version(self) -> dict[str, str]:
+        """The loraops version serving (vLLM's ``/version``)."""
+        return {"version": __version__}
 
     # --- one request ---------------------------------------------------------------------------
 
@@ -320,6 +335,8 @@ class SummarizerAPI:
         if rejection.status == 404 or rejection.field == "model":  # the model named is at fault: the field is "model", not the text
             retry = {"Retry-After": "5"} if rejection.status == 503 else None  # an on-demand load that failed is tried again later
             return ApiError(rejection.status, rejection.type, rejection.message, field="model", headers=retry)
+        if rejection.field not in (None, "dialogue"):  # a sampling field the replica checks (logit_bias): that one, not the text
+            return ApiError(rejection.status, rejection.type, f"{rejection.field}: {rejection.message}", field=rejection.field)
         return ApiError(rejection.status, rejection.type, f"{field}: {rejection.message}", field=field)
 
     async def _open_stream(self, payload: SummaryRequest, field: str) -> AsyncIterator[dict[str, Any]]:
@@ -364,7 +381,8 @@ class SummarizerAPI:
     async def _openai_answer(self, answer: Answer, payload: SummaryRequest, body, field: str) -> Any:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(answer.stream(await self._open_stream(payload, field), include_usage), **EVENT_STREAM)
+            events = answer.stream(await self._open_stream(payload, field), include_usage, body.usage_per_chunk())
+            return StreamingResponse(events, **EVENT_STREAM)
         return answer.body(await self._summarize(payload, field))
 
     async def _call(self, response, timeout: float) -> Any:

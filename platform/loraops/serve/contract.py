@@ -4,14 +4,17 @@ change of these types that the checker and the tests see.
 The ingress sends a :class:`SummaryRequest` (validated: limits checked, the version chosen); a replica
 answers a :class:`SummaryResult`, or a :class:`Rejection` when the request's own input is at fault. The
 JSON the API returns is :meth:`SummaryResult.to_dict` (the shape of :class:`loraops.serve.bodies.Summary`).
-Streams carry dict events (``{"text"}`` ..., then ``{"done": True, **result.to_dict()}``, or one
-``Rejection.event()``): Serve ships each event on its own.
+Streams carry dict events (``{"model"}``, ``{"text"}`` ..., then ``{"done": True, **result.to_dict()}``, or one
+``Rejection.event()``): Serve ships each event on its own. A request with ``sampling`` (the OpenAI routes)
+also gets ``prompt_tokens`` in its ``{"model"}`` event and the tokens so far (``tokens``) in each ``{"text"}``.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
+
+from loraops.serve.engine.params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class SummaryRequest:
     canary: bool = False
     #: The split chose the version (the request named none): the canary's figures count only these.
     split: bool = True
+    #: The OpenAI routes' sampling parameters (their temperature replaces ``temperature``); None: ``temperature`` alone.
+    sampling: SamplingParams | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class SummaryResult:
     model: AnsweredBy
     usage: Usage
     finish_reason: Literal["stop", "length"]
+    #: When the request asked (the OpenAI routes' ``logprobs``): per token ``{"token", "logprob", "top": [[token, logprob], ...]}``.
+    logprobs: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The API's JSON answer."""
@@ -60,7 +67,7 @@ class SummaryResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SummaryResult:
-        return cls(data["summary"], AnsweredBy(**data["model"]), Usage(**data["usage"]), data["finish_reason"])
+        return cls(data["summary"], AnsweredBy(**data["model"]), Usage(**data["usage"]), data["finish_reason"], data.get("logprobs"))
 
 
 @dataclass(frozen=True)

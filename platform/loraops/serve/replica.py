@@ -40,8 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -53,28 +51,14 @@ from loraops.registry.refs import normalize_ref
 from loraops.serve.adapters import AdapterSet
 from loraops.serve.candidate import CandidateLoader
 from loraops.serve.contract import AnsweredBy, Rejection, ReplicaInfo, SummaryRequest, SummaryResult, Usage
+from loraops.serve.engine.params import GREEDY, SamplingParams
+from loraops.serve.prompts import DialogueTooLong, PromptBuilder, prompt_of
 from loraops.serve.public import public_model_name, without_paths
 from loraops.serve.registry_health import RegistryHealth
 from loraops.serve.remembered import RememberingRegistry
 from loraops.serve.settings import MODEL_DEPLOYMENT, LiveSettings, ServeSettings, validate_live
 
 log = logging.getLogger("ray.serve")
-
-
-class DialogueTooLong(LoraopsError):
-    """The prompt plus the requested summary does not fit the model's context."""
-
-    def __init__(self, prompt_tokens: int, max_new_tokens: int, context_tokens: int, at_least: bool = False):
-        # Positional args only, so the error pickles across the Ray handle unchanged.
-        super().__init__(prompt_tokens, max_new_tokens, context_tokens, at_least)
-        self.prompt_tokens, self.max_new_tokens, self.context_tokens, self.at_least = prompt_tokens, max_new_tokens, context_tokens, at_least
-
-    def __str__(self) -> str:
-        bound = "at least " if self.at_least else ""  # a bound from the dialogue's size, not a count: it was never tokenized
-        return (
-            f"the dialogue is {bound}{self.prompt_tokens} tokens as a prompt; with max_new_tokens {self.max_new_tokens} that is "
-            f"{bound}{self.prompt_tokens + self.max_new_tokens}, over the model's context of {self.context_tokens} tokens"
-        )
 
 
 async def reject_or_raise(error: Exception, probe: Callable[[], Awaitable[Any]]) -> Rejection:
@@ -90,12 +74,6 @@ async def reject_or_raise(error: Exception, probe: Callable[[], Awaitable[Any]])
         raise error from None
     log.warning("a request failed on its own and is rejected: %s: %s", type(error).__name__, error)
     return Rejection(422, "generation_failed", f"no summary could be generated for this request ({type(error).__name__}); other requests were answered")
-
-
-def max_token_bytes(tokenizer) -> int:
-    """The longest token of the vocabulary in UTF-8 bytes (an overestimate for byte-level vocabularies, which keeps the bound safe)."""
-    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return max(1, *(len(piece.encode("utf-8", "replace")) for piece in pieces if isinstance(piece, str)))
 
 
 @serve.deployment(name=MODEL_DEPLOYMENT, max_ongoing_requests=32, health_check_period_s=10)
@@ -116,8 +94,8 @@ class SummarizerModel:
         with self.registry.remembered():  # a replica started while the database is down serves what it last resolved
             self._load_configured()
         self.served = self.adapters.served
-        self._probe = self._prompt("#Person1#: Hello.\n#Person2#: Hi.")
-        self._max_token_bytes = max_token_bytes(self.served.tokenizer)
+        self._probe = prompt_of(self.served, "#Person1#: Hello.\n#Person2#: Hi.")
+        self._prompts = PromptBuilder(self.served)
         self.candidate = CandidateLoader(self.registry, self.adapters, serve.get_replica_context().replica_id.unique_id)
         try:
             if self.registry.outage is None:
@@ -306,7 +284,7 @@ class SummarizerModel:
         try:
             generated = await self._generate(*prepared)  # releases an on-demand adapter's lease when it ends
         except RowFailed as exc:
-            return await reject_or_raise(exc, lambda: self._generate(self._probe, 1, 0.0, None))
+            return await reject_or_raise(exc, lambda: self._generate(self._probe, 1, GREEDY, None))
         return self._answer(generated)
 
     async def summarize_stream(self, request: SummaryRequest):
@@ -325,20 +303,23 @@ class SummarizerModel:
             # Read on the engine's thread while the request decodes, when no swap can happen: the adapter it runs with.
             loop.call_soon_threadsafe(tokens.put_nowait, (token, self.adapters.adapter_of(reference)))
 
+        prompt, _, sampling, *_ = prepared
+        # The OpenAI routes' requests (those with sampling parameters) count tokens in their events, for usage on every chunk.
+        counted = request.sampling is not None
         future = self._submit(*prepared, on_token=on_token)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
-        text, named = TextStream(self.served.tokenizer), False
+        text, named = TextStream(self.served.tokenizer, sampling.stop, until_eos=not sampling.ignore_eos), False
         try:
             while (item := await tokens.get()) is not None:
                 token, slot = item
                 if not named:  # first, the version that answers, so that every chunk can name it
                     version, named = self.adapters.versions[slot], True
-                    yield {"model": {"name": version.name, "version": version.version}}
+                    yield {"model": {"name": version.name, "version": version.version}} | ({"prompt_tokens": len(prompt)} if counted else {})
                 if piece := text.add(token):
-                    yield {"text": piece}
+                    yield {"text": piece} | ({"tokens": len(text.ids)} if counted else {})
             generated = future.result()
         except RowFailed as exc:
-            yield (await reject_or_raise(exc, lambda: self._generate(self._probe, 1, 0.0, None))).event()
+            yield (await reject_or_raise(exc, lambda: self._generate(self._probe, 1, GREEDY, None))).event()
             return
         finally:
             future.cancel()  # a caller that went away: the engine drops the request (no-op once it is done)
@@ -348,7 +329,7 @@ class SummarizerModel:
         yield {"done": True, **answer.to_dict()}
 
     async def _prepare(self, request: SummaryRequest):
-        """``(prompt, max_new_tokens, temperature, reference, lease)`` for :meth:`_submit`, or a :class:`Rejection`.
+        """``(prompt, max_new_tokens, sampling parameters, reference, lease)`` for :meth:`_submit`, or a :class:`Rejection`.
 
         ``lease``: an on-demand adapter's, taken for this row (loaded first if it is not resident), else None."""
         reference, lease = self.adapters.find(request.model), None
@@ -365,28 +346,39 @@ class SummarizerModel:
         if reference is None:
             return Rejection(404, "model_not_found", f"model {request.model!r} is not served here; loaded: {', '.join(self.adapters.refs())}", "model")
         max_new_tokens = request.max_new_tokens or self.settings.default_max_new_tokens
+        sampling = request.sampling or SamplingParams(temperature=float(request.temperature or 0.0))
+        vocabulary = self.served.model.config.vocab_size
+        if unknown := [token for token, _ in sampling.logit_bias if token >= vocabulary]:
+            return Rejection(400, "invalid_value", f"token id {unknown[0]} is not in the vocabulary (ids 0 to {vocabulary - 1})", "logit_bias")
         try:
-            self._check_size(request.dialogue, max_new_tokens)
-            prompt = await asyncio.to_thread(self._encode, request.dialogue, max_new_tokens)
+            self._prompts.check_size(request.dialogue, max_new_tokens, self.context_tokens)
+            prompt = await asyncio.to_thread(self._prompts.encode, request.dialogue, max_new_tokens, self.context_tokens)
         except BaseException as exc:  # the row never reaches the engine: give the lease back (a cancelled caller too)
             if lease is not None:
                 lease.release()
             if isinstance(exc, DialogueTooLong):
                 return Rejection(422, "context_length_exceeded", str(exc), "dialogue")
             raise
-        return prompt, max_new_tokens, float(request.temperature or 0.0), reference, lease
+        return prompt, max_new_tokens, sampling, reference, lease
 
     def _answer(self, generated) -> SummaryResult:
         completion = generated.completion
         version = self.adapters.versions[generated.adapter]
-        ended = bool(completion.token_ids) and completion.token_ids[-1] == self.served.tokenizer.eos_token_id
         usage = Usage(completion.prompt_tokens, len(completion.token_ids), round(generated.model_s * 1000, 2), round(generated.queue_s * 1000, 2))
-        return SummaryResult(completion.text, AnsweredBy(version.name, version.version), usage, "stop" if ended else "length")
+        return SummaryResult(completion.text, AnsweredBy(version.name, version.version), usage, generated.finish_reason, self._logprobs(generated))
 
-    def _submit(self, prompt: list[int], max_new_tokens: int, temperature: float, reference, lease=None, on_token=None):
+    def _logprobs(self, generated) -> list[dict[str, Any]] | None:
+        """The engine's log probabilities with each token's text."""
+        if generated.logprobs is None:
+            return None
+        text = lambda token: self.served.tokenizer.decode([token])  # noqa: E731
+        tokens = generated.completion.token_ids
+        return [{"token": text(t), "logprob": lp, "top": [[text(i), v] for i, v in top]} for t, (lp, top) in zip(tokens, generated.logprobs, strict=True)]
+
+    def _submit(self, prompt: list[int], max_new_tokens: int, sampling: SamplingParams, reference, lease=None, on_token=None):
         """Queue one request in the engine; an on-demand ``lease`` is released when it ends, however it ends."""
         try:
-            future = self.engine.submit(prompt, max_new_tokens, temperature, adapter=reference, on_token=on_token)
+            future = self.engine.submit(prompt, max_new_tokens, adapter=reference, on_token=on_token, sampling=sampling)
         except BaseException:
             if lease is not None:
                 lease.release()
@@ -395,39 +387,14 @@ class SummarizerModel:
             future.add_done_callback(lambda _: lease.release())
         return future
 
-    async def _generate(self, prompt: list[int], max_new_tokens: int, temperature: float, reference, lease=None):
+    async def _generate(self, prompt: list[int], max_new_tokens: int, sampling: SamplingParams, reference, lease=None):
         """The engine's :class:`~loraops.serve.engine.core.Generated` for one request; a cancelled caller's request is dropped."""
-        future = self._submit(prompt, max_new_tokens, temperature, reference, lease)
+        future = self._submit(prompt, max_new_tokens, sampling, reference, lease)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             future.cancel()  # the engine drops the request at its next step
             raise
-
-    def _prompt(self, dialogue: str) -> list[int]:
-        from loraops.training.data import prompt_ids
-
-        return prompt_ids(self.served.tokenizer, dialogue, self.served.config.data, budget=sys.maxsize)
-
-    def _check_size(self, dialogue: str, max_new_tokens: int) -> None:
-        """Refuse a dialogue that cannot fit before tokenizing it (a megabyte takes the tokenizer most of a second).
-
-        No token spans more than ``max_token_bytes`` bytes, so a text of B bytes is at least B / max_token_bytes
-        tokens; whitespace is not counted, since the prompt may drop some of it.
-        """
-        budget = self.context_tokens - max_new_tokens
-        if len(dialogue) <= budget * self._max_token_bytes:  # characters <= bytes: it might fit, tokenize it
-            return
-        least = -(-len(re.sub(r"\s+", "", dialogue).encode("utf-8", "replace")) // self._max_token_bytes)
-        if least > budget:
-            raise DialogueTooLong(least, max_new_tokens, self.context_tokens, True)
-
-    def _encode(self, dialogue: str, max_new_tokens: int) -> list[int]:
-        """The training prompt for ``dialogue``, uncut: a dialogue that does not fit is an error, not truncated."""
-        ids = self._prompt(dialogue)
-        if len(ids) + max_new_tokens > self.context_tokens:
-            raise DialogueTooLong(len(ids), max_new_tokens, self.context_tokens)
-        return ids
 
     async def info(self) -> ReplicaInfo:
         """What this replica serves (``name``, ``version``, ``adapter``: the default reference; ``adapters``: every one)."""

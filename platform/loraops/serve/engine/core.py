@@ -1,10 +1,12 @@
 """The serving engine: batched generation at fixed shapes, with continuous or static batching.
 
 The engine is three parts: :mod:`~loraops.serve.engine.scheduler` (the queue, the running rows,
-admission), :mod:`~loraops.serve.engine.cache` (the KV cache of fixed slots and the forward passes over
-it, at the shapes of :mod:`~loraops.serve.engine.buckets`) and :mod:`~loraops.serve.engine.sampler`
-(the next token of each row, and the engine's thread). :class:`Engine` joins them: it prefills what the
-scheduler admits into cache slots, runs decode steps, and moves rows and columns.
+admission and the room they need), :mod:`~loraops.serve.engine.cache` (the KV cache of fixed slots and
+the forward passes over it, at the shapes of :mod:`~loraops.serve.engine.buckets`) and
+:mod:`~loraops.serve.engine.sampler` (the next token of each row under its own sampling parameters).
+:class:`Engine` joins them: each pass it runs the scheduler's :class:`~loraops.serve.engine.scheduler.StepPlan`
+(prefill the joiners into slots, free the slots of cancelled requests, one decode step) and moves the
+cache to match the rows; its thread is :mod:`~loraops.serve.engine.loop`'s.
 
 A serving replica generates through an :class:`Engine` rather than one ``generate`` call per batch:
 
@@ -48,11 +50,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraops.errors import LoraopsError
-from loraops.generate import Completion, completion_from_ids
+from loraops.generate import Completion, completion_from_ids, find_stop
 from loraops.serve.engine.buckets import Buckets
 from loraops.serve.engine.cache import SlotModel
-from loraops.serve.engine.sampler import LoopThread, sample_into
-from loraops.serve.engine.scheduler import POLICIES, Policy, Request, Row, RowFailed, Scheduler, fail
+from loraops.serve.engine.loop import LoopThread
+from loraops.serve.engine.params import SamplingParams
+from loraops.serve.engine.sampler import sample_into
+from loraops.serve.engine.scheduler import POLICIES, Policy, Request, Row, RowFailed, Scheduler, StepPlan, fail
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,11 @@ class Generated:
     queue_s: float
     #: Seconds from :meth:`Engine.submit` until its last token: the model's share of the request's time.
     model_s: float
+    #: "stop": end-of-text or a stop text ended it; "length": it reached its ``max_new_tokens``.
+    finish_reason: str = "length"
     adapter: str | None = None  # the adapter (PEFT name) that generated it
+    #: Per generated token: (log probability, [(token, log probability) of the most likely]), when the request asked.
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 class Engine:
@@ -162,11 +170,15 @@ class Engine:
         """Most rows decoding together (the settings validated it; capped by the largest batch bucket) and the idle wait for a batch to fill."""
         self.scheduler.set_limits(max_batch_size, batch_wait_s)
 
-    def submit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, adapter: Any = None, on_token=None) -> Future:
+    def submit(
+        self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, adapter: Any = None, on_token=None,
+        sampling: SamplingParams | None = None,
+    ) -> Future:  # fmt: skip
         """Queue one request; the future resolves to a :class:`Generated` (or raises :class:`RowFailed`). Thread-safe.
 
         ``adapter``: a loaded adapter's name, or a key ``resolve_adapter`` maps to one (None: the default).
-        ``on_token(token_id)`` is called from the engine's thread for each new token, before the future resolves."""
+        ``on_token(token_id)`` is called from the engine's thread for each new token, before the future resolves.
+        ``sampling``: the request's sampling parameters (its temperature replaces ``temperature``)."""
         if not prompt:
             raise ValueError("empty prompt")
         if max_new_tokens < 1:
@@ -174,7 +186,8 @@ class Engine:
         if len(prompt) + max_new_tokens - 1 > self.buckets.max_length:
             raise ValueError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens is over the largest cache bucket ({self.buckets.max_length})")
         future: Future = Future()
-        self.scheduler.enqueue(Request(list(prompt), max_new_tokens, float(temperature), future, time.perf_counter(), adapter, on_token))
+        sampling = sampling or SamplingParams(temperature=float(temperature))
+        self.scheduler.enqueue(Request(list(prompt), max_new_tokens, sampling, future, time.perf_counter(), adapter, on_token))
         return future
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], temperature: float = 0.0) -> list[Completion]:
@@ -224,17 +237,22 @@ class Engine:
 
     def run_once(self, wait: bool) -> bool:
         """Admit what may join, prefill it, run one decode step. With ``wait``, block until there is work; False once stopping."""
-        joiners = self.scheduler.next_work(wait, self._column)
-        if joiners is None:
+        plan = self.scheduler.next_step(wait, self._column)
+        if plan is None:
             return False
         try:
-            if joiners:
-                self._join(joiners)
-            if self.scheduler.rows:
-                self._step()
+            self._run(plan)
         finally:
             self.scheduler.idle()
         return True
+
+    def _run(self, plan: StepPlan) -> None:
+        if plan.joining:
+            self._join(plan.joining)
+        for slot in plan.dropping:  # their callers went away: stop spending steps on them
+            self._free(slot)
+        if plan.decoding and self.scheduler.rows:
+            self._step()
 
     # --- joining -------------------------------------------------------------------------------
 
@@ -267,56 +285,46 @@ class Engine:
             return
         now = time.perf_counter()
         self._make_room(joiners)
-        rows = self.scheduler.rows
         for j, request in enumerate(joiners):
             row = Row(request, start=self._column - len(request.prompt), admitted=now, adapter=adapters[j])
             try:
-                sample_into(row, first_logits[j])
+                self._sample(row, first_logits[j])
             except RowFailed as exc:
                 fail(request, exc)
                 continue
             if self._finished(row):
                 self._deliver(row)
                 continue
-            self.slots.store(len(rows), scratch, j, width, len(request.prompt), self._column)
-            rows.append(row)
+            self.slots.store(self.scheduler.place(row), scratch, j, width, len(request.prompt), self._column)
 
     def _make_room(self, joiners: list[Request]) -> None:
-        """Align the running rows' columns so that every joiner's prompt ends at the current column."""
-        rows = self.scheduler.rows
-        longest = max(len(r.prompt) for r in joiners)
-        if not rows:
-            self._column = longest
+        """Move the running rows' columns where the scheduler's room rule places the joiners: every joiner's prompt ends at the current column."""
+        placement = self.scheduler.placement(joiners, self._column)
+        if placement is None:  # admission counted this room: not finding it is a bug, not a request's fault
+            raise LoraopsError(f"no room for {len(joiners)} joining requests at column {self._column}")
+        if not self.scheduler.rows:
+            self._column = placement.column
             return
-        need = max(max(row.remaining for row in rows), max(r.max_new_tokens for r in joiners) - 1)
-        if max(self._column, longest) + need > self.buckets.max_length:
-            self._shift_columns(-min(row.start for row in rows))  # the room the scheduler's admission counted on
-        if longest > self._column:
-            self._shift_columns(longest - self._column)
+        self._shift_columns(-placement.drop)
+        self._shift_columns(placement.column - self._column)
 
     # --- decoding ------------------------------------------------------------------------------
 
     def _step(self) -> None:
         """One decode step for every active row; finished rows leave."""
-        for i in reversed(range(len(self.scheduler.rows))):
-            if self.scheduler.rows[i].request.future.cancelled():  # its caller went away: stop spending steps on it
-                self._drop_slot(i)
         rows = self.scheduler.rows
-        if not rows:
-            return
         self._compact_columns()
         try:
             positions, starts = [self._column - row.start for row in rows], [row.start for row in rows]
             logits = self.slots.decode([row.tokens[-1] for row in rows], positions, starts, self._column, [row.adapter for row in rows])
         except Exception as exc:  # noqa: BLE001 - retried alone; only a request that fails alone gets the error
-            self.scheduler.rows = []
-            self._retry_alone([row.request for row in rows], exc)
+            self._retry_alone([row.request for row in self.scheduler.clear()], exc)
             return
         self._column += 1
         done: list[int] = []
         for i, row in enumerate(rows):
             try:
-                sample_into(row, logits[i])
+                self._sample(row, logits[i])
             except RowFailed as exc:
                 fail(row.request, exc)
                 done.append(i)
@@ -325,18 +333,34 @@ class Engine:
                 self._deliver(row)
                 done.append(i)
         for i in reversed(done):
-            self._drop_slot(i)
+            self._free(i)
+
+    def _sample(self, row: Row, logits) -> None:
+        """The row's next token; a row with stop texts notes where the first one starts, once it is allowed to stop."""
+        sample_into(row, logits, self._eos)
+        sampling = row.request.sampling
+        if sampling.stop and len(row.tokens) >= sampling.min_tokens:
+            text = self.served.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            row.stopped_at = find_stop(text, sampling.stop)
 
     def _finished(self, row: Row) -> bool:
-        return row.tokens[-1] == self._eos or row.remaining <= 0
+        ended = row.tokens[-1] == self._eos and not row.request.sampling.ignore_eos
+        return ended or row.stopped_at is not None or row.remaining <= 0
 
     def _deliver(self, row: Row) -> None:
         request = row.request
-        completion = completion_from_ids(self.served.tokenizer, row.tokens, len(request.prompt))
+        until_eos = not request.sampling.ignore_eos
+        completion = completion_from_ids(self.served.tokenizer, row.tokens, len(request.prompt), until_eos=until_eos)
+        stopped = row.stopped_at is not None or (until_eos and row.tokens[-1] == self._eos)
+        if row.stopped_at is not None:  # the text ends before the stop text (the tokens keep the one that completed it, as vLLM's do)
+            text = self.served.tokenizer.decode(row.tokens, skip_special_tokens=True)[: row.stopped_at].strip()
+            completion = Completion(text=text, token_ids=completion.token_ids, prompt_tokens=completion.prompt_tokens)
         if not request.future.done():
             now = time.perf_counter()
             times = {"queue_s": row.admitted - request.submitted, "model_s": now - request.submitted}
-            request.future.set_result(Generated(completion, **times, adapter=row.adapter or self.served.adapter_name))
+            adapter = row.adapter or self.served.adapter_name
+            logprobs = row.logprobs[: len(completion.token_ids)] if request.sampling.logprobs is not None else None
+            request.future.set_result(Generated(completion, **times, adapter=adapter, finish_reason="stop" if stopped else "length", logprobs=logprobs))
 
     def _retry_alone(self, requests: list[Request], exc: Exception) -> None:
         """After a failed forward pass: a request that was alone gets the error, the others are retried one at a time."""
@@ -353,18 +377,15 @@ class Engine:
 
     # --- moving rows and columns ---------------------------------------------------------------
 
-    def _drop_slot(self, slot: int) -> None:
-        """Free ``slot``: the last active row moves into it, so active rows stay in the lowest slots."""
-        rows = self.scheduler.rows
-        last = len(rows) - 1
-        if slot != last:
-            self.slots.move_slot(last, slot, self._column)
-            rows[slot] = rows[last]
-        rows.pop()
+    def _free(self, slot: int) -> None:
+        """Free ``slot``: the scheduler moves the last active row into it, and its cache moves along."""
+        moved = self.scheduler.free(slot)
+        if moved is not None:
+            self.slots.move_slot(moved, slot, self._column)
 
     def _compact_columns(self) -> None:
         """Drop the columns before every active row's first token when that lets the window use a smaller length bucket."""
-        shift = min(row.start for row in self.scheduler.rows)
+        shift = self.scheduler.first_column
         if shift and self.buckets.length_for(self._column + 1 - shift) < self.buckets.length_for(self._column + 1):
             self._shift_columns(-shift)
 
@@ -372,7 +393,6 @@ class Engine:
         """Move the active rows' live columns by ``delta`` (negative: left); positions are per row, so no number changes."""
         rows = self.scheduler.rows
         if delta and rows:
-            self.slots.shift_columns(len(rows), min(row.start for row in rows), self._column, delta)
+            self.slots.shift_columns(len(rows), self.scheduler.first_column, self._column, delta)
             self._column += delta
-            for row in rows:
-                row.start += delta
+            self.scheduler.shift(delta)

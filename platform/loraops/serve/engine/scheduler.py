@@ -1,10 +1,15 @@
 """Admission and scheduling: the queue of waiting requests, the rows decoding, and who may join when.
 
 The :class:`Scheduler` holds both under one lock (a :class:`threading.Condition`): callers on any
-thread queue requests and pause it (adapter swaps), the engine's thread asks it for the next work.
-Requests start FIFO, as many as free slots and cache room allow; with ``policy="static"`` a new batch
-starts only when the previous one has ended completely. A request retried alone after a failed forward
-pass (``solo``) runs by itself.
+thread queue requests and pause it (adapter swaps), the engine's thread asks it for the next pass, a
+:class:`StepPlan` (in the spirit of vLLM v1's ``SchedulerOutput``: what to prefill, which slots to
+free, whether to decode). Requests start FIFO, as many as free slots and cache room allow; with
+``policy="static"`` a new batch starts only when the previous one has ended completely. A request
+retried alone after a failed forward pass (``solo``) runs by itself.
+
+The scheduler owns the rows (slot ``i`` holds ``rows[i]``) and the room rule (:meth:`Scheduler.placement`):
+the engine changes them only through :meth:`Scheduler.place`, :meth:`Scheduler.free`,
+:meth:`Scheduler.shift` and :meth:`Scheduler.clear`, and moves the cache to match.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Literal
 
 from loraops.errors import LoraopsError
 from loraops.serve.engine.buckets import Buckets
+from loraops.serve.engine.params import SamplingParams
 
 POLICIES = ("continuous", "static")
 Policy = Literal["continuous", "static"]
@@ -33,7 +39,7 @@ class RowFailed(LoraopsError):
 class Request:
     prompt: list[int]
     max_new_tokens: int
-    temperature: float
+    sampling: SamplingParams
     future: Future
     submitted: float
     adapter: Any = None  # resolved to a loaded adapter name when it starts
@@ -48,10 +54,35 @@ class Row:
     admitted: float
     adapter: str | None = None
     tokens: list[int] = field(default_factory=list)
+    stopped_at: int | None = None  # where a stop string starts in the row's text, once one appeared
+    generator: Any = None  # the row's own torch.Generator when its request has a seed
+    logprobs: list = field(default_factory=list)  # per token (log probability, [(token, log probability), ...]) when asked
 
     @property
     def remaining(self) -> int:
         return self.request.max_new_tokens - len(self.tokens)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One pass of the engine, as the scheduler decided it.
+
+    ``joining``: requests to prefill, in this order; each takes the next free slot (``len(rows)``) unless
+    it ends at its first token (see :meth:`Scheduler.place`). ``dropping``: slots whose caller went away,
+    highest first, freed after the joins. Then every row left decodes one token (``decoding``)."""
+
+    joining: list[Request]
+    dropping: list[int]
+    decoding: bool
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where joining prompts go beside the running rows: drop the ``drop`` columns before every running row
+    (a shift left), then shift right as needed so that every prompt ends at ``column``."""
+
+    drop: int
+    column: int
 
 
 def fail(request: Request, exc: Exception) -> None:
@@ -90,8 +121,8 @@ class Scheduler:
             self.pending.append(request)
             self.cond.notify_all()
 
-    def next_work(self, wait: bool, column: int) -> list[Request] | None:
-        """The requests that start now (maybe none), marking the engine busy; None once stopping.
+    def next_step(self, wait: bool, column: int) -> StepPlan | None:
+        """The next pass (maybe with nothing to do), marking the engine busy; None once stopping.
 
         With ``wait``, block until there is work: a running row, or waiting requests whose batch is full
         or waited long enough. ``column``: the cache column the next decode step writes."""
@@ -111,11 +142,12 @@ class Scheduler:
                     self.cond.wait(delay)
                     continue
                 if not wait:
-                    return []
+                    return StepPlan([], [], decoding=False)
                 self.cond.wait()
             joiners = self._admit(column)
             self.busy = True
-            return joiners
+            dropping = [slot for slot in reversed(range(len(self.rows))) if self.rows[slot].request.future.cancelled()]
+            return StepPlan(joiners, dropping, decoding=len(self.rows) + len(joiners) > len(dropping))
 
     def idle(self) -> None:
         """The engine's pass is over: an :meth:`exclusive` waiting for it may go on."""
@@ -140,21 +172,62 @@ class Scheduler:
         if self.pending[0].solo:
             return [self.pending.popleft()]
         free = self.max_batch_size - len(self.rows)
-        # The column the joiners align to once the columns before every running row are dropped; an
-        # idle engine starts over at column 0, wherever the last request ended.
-        column = column - min(row.start for row in self.rows) if self.rows else 0
-        need = max((row.remaining for row in self.rows), default=0)
         joiners: list[Request] = []
-        longest = 0
         while self.pending and len(joiners) < free and not self.pending[0].solo:
-            candidate = self.pending[0]
-            longest_after = max(longest, len(candidate.prompt))
-            need_after = max(need, candidate.max_new_tokens - 1)
-            if max(column, longest_after) + need_after > self.buckets.max_length:
+            if self.placement([*joiners, self.pending[0]], column) is None:
                 break  # no room beside the running rows yet: it waits, and so does everything behind it
             joiners.append(self.pending.popleft())
-            longest, need = longest_after, need_after
         return joiners
+
+    def placement(self, joiners: list[Request], column: int) -> Placement | None:
+        """The room rule: where ``joiners`` go beside the running rows when the next decode step writes ``column``;
+        None when they do not fit in the largest length bucket even once the columns before every running row are dropped.
+
+        An idle engine starts over at column 0, wherever the last request ended. Called by admission (under the
+        lock) and by the engine for each prefill chunk it places, so both count the same room."""
+        longest = max(len(r.prompt) for r in joiners)
+        need = max(max((row.remaining for row in self.rows), default=0), max(r.max_new_tokens for r in joiners) - 1)
+        drop = 0
+        if not self.rows:
+            column = 0
+        elif max(column, longest) + need > self.buckets.max_length:
+            drop = min(row.start for row in self.rows)
+            column -= drop
+        if max(column, longest) + need > self.buckets.max_length:
+            return None
+        return Placement(drop, max(column, longest))
+
+    # --- the rows, changed by the engine's thread only -----------------------------------------
+
+    def place(self, row: Row) -> int:
+        """Give ``row`` the next free slot; returns it."""
+        self.rows.append(row)
+        return len(self.rows) - 1
+
+    def free(self, slot: int) -> int | None:
+        """Free ``slot``: the last row moves into it, so rows stay in the lowest slots. Returns the slot that row
+        left (the engine moves its cache there), or None when ``slot`` was the last."""
+        last = len(self.rows) - 1
+        moved = None
+        if slot != last:
+            self.rows[slot], moved = self.rows[last], last
+        self.rows.pop()
+        return moved
+
+    def shift(self, delta: int) -> None:
+        """The rows' columns moved by ``delta`` (negative: left)."""
+        for row in self.rows:
+            row.start += delta
+
+    @property
+    def first_column(self) -> int:
+        """The first column any running row uses."""
+        return min(row.start for row in self.rows)
+
+    def clear(self) -> list[Row]:
+        """Take every running row out (a failed forward pass retries their requests)."""
+        rows, self.rows = self.rows, []
+        return rows
 
     @contextlib.contextmanager
     def exclusive(self, has_thread: Callable[[], bool]) -> Iterator[None]:
