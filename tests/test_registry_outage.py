@@ -9,25 +9,10 @@ import time
 
 import pytest
 
-from pg_server import PostgresServer, server_bin
-
 pytestmark = pytest.mark.reliability
 
 #: libpq's connect timeout the tests set (seconds): short, so that a frozen server fails fast.
 CONNECT_S = 2
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    folder = server_bin()
-    if folder is None:
-        pytest.skip("PostgreSQL's server programs are not installed (.ci/run installs them)")
-    server = PostgresServer(folder)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.remove()
 
 
 @pytest.fixture

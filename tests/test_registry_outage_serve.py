@@ -12,7 +12,6 @@ import httpx
 import pytest
 
 from helpers import save_random_adapters, wait_until
-from pg_server import PostgresServer, server_bin
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.reliability]
 
@@ -20,19 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 ADAPTER = "tiny"
 POLL_S = 1
 DIALOGUE = "#Person1#: Hi, I'd like to book a table for two tonight.\n#Person2#: Sure, what time?\n#Person1#: Eight, please."
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    folder = server_bin()
-    if folder is None:
-        pytest.skip("PostgreSQL's server programs are not installed (.ci/run installs them)")
-    server = PostgresServer(folder)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.remove()
 
 
 @pytest.fixture(scope="module")
