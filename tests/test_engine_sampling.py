@@ -12,14 +12,10 @@ TOKENS = 24
 
 @pytest.fixture(scope="module")
 def served(serving_home):
-    from loraops.generate import load_for_serving
     from loraops.registry import Registry
-    from loraops.serve.replica import adapter_slot, training_config
+    from loraops.serve.model import load_registered
 
-    registry = Registry(workspace=serving_home)
-    version = registry.get(f"{ADAPTER}:2")
-    config = training_config(version, str(serving_home))
-    return load_for_serving(config, registry.resolve(version.ref), "merged", adapter_name=adapter_slot(version.name, version.version))
+    return load_registered(Registry(workspace=serving_home), f"{ADAPTER}:2", "merged")
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,8 @@ def test_a_replica_killed_under_load_during_a_canary_loses_no_request_and_charge
     registry.start_canary(f"{ADAPTER}:2", 50, min_requests=1000)  # never judged here: only the figures are read
     try:
         wait_until(lambda: sum(r.loaded for r in registry.canary_status(ADAPTER).replicas) == 2, 120, "both replicas to load the candidate", 0.5)
+        # The ingress counts the figures: only once it has read the canary is every answer counted (it polls on its own).
+        wait_until(lambda: "canary" in httpx.get(f"{url}/v1/models", timeout=30).json(), 60, "the ingress to read the canary", 0.5)
         victim = wait_until(lambda: len(model_replicas()) == 2 and model_replicas(), 30, "two model replicas")[0]
         stop = threading.Event()
         threads, answers = load(url, stop)
@@ -102,6 +104,7 @@ def test_a_replica_killed_under_load_during_a_canary_loses_no_request_and_charge
         versions = wait_until(
             lambda: (s := registry.canary_status(ADAPTER)) and sum(v.requests for v in (s.baseline, s.candidate)) >= len(answers) and s,
             30, "the canary figures to count every answer", 0.5,
+            detail=lambda: f"{len(answers)} answers; figures {registry.canary_status(ADAPTER)}",
         )  # fmt: skip
         assert [(v.version, v.errors) for v in (versions.baseline, versions.candidate)] == [(1, 0), (2, 0)], versions
     finally:
