@@ -62,7 +62,8 @@ CASES = [
     ("summarize-no-text", ["summarize"], "give the dialogue as TEXT"),
     ("summarize-missing-file", ["summarize", "--file", "{tmp}/nowhere.txt"], "--file {tmp}/nowhere.txt: No such file"),
     ("summarize-negative-timeout", ["summarize", "hi", "--timeout", "-1"], "--timeout: must be a number above 0"),
-    ("summarize-nothing-listening", ["summarize", "hi", "--url", "http://127.0.0.1:1", "--timeout", "5"], "cannot connect to http://127.0.0.1:1"),
+    ("summarize-nothing-listening", ["summarize", "hi", "--url", "http://127.0.0.1:1", "--timeout", "5", "--retries", "1"], "cannot connect to http://127.0.0.1:1"),
+    ("summarize-negative-retries", ["summarize", "hi", "--retries", "-1"], "--retries: must be 0 or more, got -1"),
 ]
 
 

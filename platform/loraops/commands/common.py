@@ -32,6 +32,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number of 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def add_serve_config_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     """--config / --set for a serve config (``serve``, ``bench serve``); ``default`` makes --config optional."""
     add_config_arguments(

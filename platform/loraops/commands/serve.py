@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from loraops.commands.common import SubParsers, add_serve_config_arguments, positive_float, quiet_http_log
+from loraops.commands.common import SubParsers, add_serve_config_arguments, non_negative_int, positive_float, quiet_http_log
 from loraops.errors import LoraopsError
 
 
@@ -84,6 +84,11 @@ def _add_summarize(sub: SubParsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="summary length limit in tokens")
     parser.add_argument("--temperature", type=float, metavar="T", help="0 (default): greedy; above 0: sampling")
     parser.add_argument("--timeout", type=positive_float, default=120.0, metavar="S", help="seconds per attempt (default 120)")
+    parser.add_argument(
+        "--retries", type=non_negative_int, default=5, metavar="N",
+        help="tries after the first while the service answers 503 or refuses connections, waiting 0.5 s, 1 s, 2 s, ... "
+        "(or its Retry-After) between them (default 5)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the whole JSON answer")
     parser.set_defaults(handler=_run_summarize)
 
@@ -94,7 +99,7 @@ def _run_summarize(args: argparse.Namespace) -> int:
     quiet_http_log(args)
 
     dialogue = _read_dialogue(args.text, args.file)
-    with SummarizerClient(args.url, token=args.token, timeout=args.timeout) as client:
+    with SummarizerClient(args.url, token=args.token, timeout=args.timeout, retries=args.retries) as client:
         answer = client.summarize(dialogue, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     if args.json:
         print(json.dumps(answer, indent=2))
