@@ -1,5 +1,5 @@
-"""The LLM ecosystem's own clients against a real Serve application (one per module, the session's local
-Ray): the official ``openai`` package with each sampling field loraops accepts, the routes benchmark
+"""The LLM ecosystem's own clients against a real Serve application (conftest's ``shared_app``, on the session's
+local Ray): the official ``openai`` package with each sampling field loraops accepts, the routes benchmark
 tools call first (``/health``, ``/version``), and GuideLLM 0.8.1 end to end (``guidellm run`` in its own
 virtual environment, built once per machine: it brings its own torch and datasets)."""
 
@@ -29,24 +29,25 @@ TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 @pytest.fixture(scope="module")
-def url(deploy_tiny_app, serving_home):
-    from ray import serve
-
-    try:
-        yield deploy_tiny_app([f"args.workspace={serving_home}"])
-    finally:
-        serve.shutdown()
+def url(shared_app) -> str:
+    """The session's shared application (conftest's ``shared_app``: bearer auth on, ``tiny@production`` the default)."""
+    return shared_app.url()
 
 
 @pytest.fixture(scope="module")
-def http(url):
-    with httpx.Client(base_url=url, timeout=120) as client:
+def token(shared_app) -> str:
+    return shared_app.token
+
+
+@pytest.fixture(scope="module")
+def http(url, token):
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(url, token):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0, timeout=120)
 
 
 def _complete(client, **fields):
@@ -186,11 +187,11 @@ def guidellm_python() -> Path:
     return python
 
 
-def _guidellm_run(url: str, tokenizer: Path, out: Path, output_tokens: int, requests: int) -> list[dict]:
+def _guidellm_run(url: str, token: str, tokenizer: Path, out: Path, output_tokens: int, requests: int) -> list[dict]:
     """``guidellm run`` at concurrency 1 then 8 (the command docs/serving.md shows); its benchmarks."""
     command = [
         str(guidellm_python()), "-m", "guidellm", "run",
-        "--backend", f"kind=openai_http,target={url},model=tiny",
+        "--backend", f"kind=openai_http,target={url},model=tiny,api_key={token}",
         "--tokenizer", f"kind=hf_auto,model={tokenizer}",
         "--data", f"kind=synthetic_text,prompt_tokens=120,output_tokens={output_tokens}",
         "--profile", "kind=concurrent", "--override", "profile.streams", "1,8",
@@ -209,12 +210,12 @@ def _lost_by_guidellm(benchmark: dict) -> bool:
     return benchmark["scheduler_state"]["processing_requests"] > 0 and totals["errored"] == totals["incomplete"] == 0
 
 
-def test_guidellm_completes_every_request_at_concurrency_1_and_8(url, serving_home, tmp_path):
+def test_guidellm_completes_every_request_at_concurrency_1_and_8(url, token, serving_home, tmp_path):
     output_tokens, requests = 24, 24
     tokenizer = serving_home / "models" / "tiny-phi"
-    benchmarks = _guidellm_run(url, tokenizer, tmp_path / "guidellm.json", output_tokens, requests)
+    benchmarks = _guidellm_run(url, token, tokenizer, tmp_path / "guidellm.json", output_tokens, requests)
     if any(_lost_by_guidellm(b) for b in benchmarks):  # its accounting, not a request that failed: run it once more
-        benchmarks = _guidellm_run(url, tokenizer, tmp_path / "guidellm-again.json", output_tokens, requests)
+        benchmarks = _guidellm_run(url, token, tokenizer, tmp_path / "guidellm-again.json", output_tokens, requests)
 
     assert [b["config"]["strategy"]["streams"] for b in benchmarks] == [1, 8]
     for benchmark in benchmarks:
