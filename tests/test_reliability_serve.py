@@ -616,6 +616,8 @@ def test_drill_promotion_to_a_corrupt_version(http, url, home):
         _answers_after(records, time.monotonic())  # and goes on after the problem is reported
     finally:
         _stop(load, stop)
+    # Each replica finds the problem at its own next registry poll: wait until every probe's replica has.
+    _wait_for(lambda: all(m["problem"] for m in _models(http, 6)), 30, "every replica reporting the corrupt version")
     models = _models(http, 6)
     health = httpx.get(url + "/healthz", timeout=30)
     strict = httpx.get(url + "/healthz?strict=true", timeout=30)
