@@ -259,15 +259,15 @@ class Registry:
             row = aliases.version_of(session, adapter, number)
             return ModelVersion.from_row(row, name, aliases.aliases_by_version(session, adapter.id).get(row.version, []))
 
-    def resolve(self, ref: str) -> Path:
-        """A local folder with the verified files of ``ref``, ready to load with PEFT.
+    def resolve(self, ref: str | ModelVersion) -> Path:
+        """A local folder with the verified files of ``ref`` (a reference, or a version already read), ready to load with PEFT.
 
         A local store is read in place; a remote one is downloaded once into
         ``WORKSPACE/cache/registry/sha256-DIGEST`` (:meth:`ArtifactStore.local_copy`). Every call checks each file's sha256 against the
         database and raises :class:`~loraops.registry.store.IntegrityError` naming the first bad
         file: a corrupt adapter is never handed out.
         """
-        version = self.get(ref)
+        version = ref if isinstance(ref, ModelVersion) else self.get(ref)
         stored = self.store.version_path(version.name, version.version)
         return self.store.local_copy(stored, version.files, self.workspace / "cache" / "registry", version.label)
 

@@ -72,10 +72,7 @@ class RememberingRegistry:
         try:
             return self._registry.resolve(ref)
         except DatabaseError as exc:
-            version = self._recalled(ref, exc)
-        store = self._registry.store
-        stored = store.version_path(version.name, version.version)
-        return store.local_copy(stored, version.files, self._registry.workspace / "cache" / "registry", version.label)
+            return self._registry.resolve(self._recalled(ref, exc))  # the recorded version: its files checked, no database read
 
     def _record(self, ref: str, version: ModelVersion) -> None:
         """Write what ``ref`` (and ``NAME:VERSION``, which loading resolves) names now, when it changed."""
