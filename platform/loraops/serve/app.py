@@ -295,19 +295,9 @@ class SummarizerAPI:
     async def _summarize(self, payload: SummaryRequest, field: str) -> dict[str, Any]:
         started = time.perf_counter()
         try:
-            result = await self._call(self._model_for(payload).summarize.remote(payload), timeout=self.settings.request_timeout_s)
-        except ReplicaDied:  # once more, on another replica, within what is left of the request's deadline
-            left = self.settings.request_timeout_s - (time.perf_counter() - started)
-            if left < 1.0:
-                raise  # no time left for another try; a crash is no version's error either way
-            log.warning("a model replica died holding a request; retrying it once (%.0f s left)", left)
-            try:
-                result = await self._call(self._model_for(payload).summarize.remote(payload), timeout=left)
-            except ReplicaDied:
-                raise  # a crash is no version's error: not charged in the canary figures
-            except ApiError as exc:
-                self.traffic.record_failure(payload.model, time.perf_counter() - started, server_side=exc.status >= 500, split=payload.split)
-                raise
+            result = await self._summarize_on_a_live_replica(payload, started)
+        except ReplicaDied:
+            raise  # a crash is no version's error: not charged in the canary figures
         except ApiError as exc:
             self.traffic.record_failure(payload.model, time.perf_counter() - started, server_side=exc.status >= 500, split=payload.split)
             raise
@@ -319,6 +309,18 @@ class SummarizerAPI:
             raise self._rejected(result, field)
         self.traffic.record(payload.model, result, time.perf_counter() - started, split=payload.split)
         return result.to_dict()
+
+    async def _summarize_on_a_live_replica(self, payload: SummaryRequest, started: float) -> SummaryResult:
+        """The model's answer; a request whose replica died is sent once more, to another replica, within what is
+        left of its deadline (generation is stateless)."""
+        try:
+            return await self._call(self._model_for(payload).summarize.remote(payload), timeout=self.settings.request_timeout_s)
+        except ReplicaDied:
+            left = self.settings.request_timeout_s - (time.perf_counter() - started)
+            if left < 1.0:
+                raise  # no time left for another try
+            log.warning("a model replica died holding a request; retrying it once (%.0f s left)", left)
+            return await self._call(self._model_for(payload).summarize.remote(payload), timeout=left)
 
     def _model_for(self, payload: SummaryRequest) -> DeploymentHandle:
         """The model deployment for ``payload``: a reference that loads on demand goes with Serve's model multiplexing,
