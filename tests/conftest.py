@@ -222,6 +222,18 @@ class SharedApp:
             )
         return self.running
 
+    def http(self):
+        """An HTTP client of the application with its bearer token (the caller closes it)."""
+        import httpx
+
+        return httpx.Client(base_url=self.url(), headers={"Authorization": f"Bearer {self.token}"}, timeout=120)
+
+    def openai_client(self):
+        """The official ``openai`` client of the application's OpenAI routes, without client-side retries."""
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url()}/v1", api_key=self.token, max_retries=0, timeout=120)
+
     def stop(self) -> None:
         if self.running is not None:
             from ray import serve

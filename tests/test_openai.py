@@ -30,14 +30,14 @@ def url(shared_app):
 
 
 @pytest.fixture(scope="module")
-def http(url, shared_app):
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {shared_app.token}"}, timeout=120) as client:
+def http(shared_app):
+    with shared_app.http() as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def client(url, shared_app):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=shared_app.token, max_retries=0, timeout=120)
+def client(shared_app):
+    return shared_app.openai_client()
 
 
 def _summary(http, dialogue: str, model: str | None = None) -> dict:

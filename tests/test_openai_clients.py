@@ -14,7 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import httpx
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -40,14 +39,14 @@ def token(shared_app) -> str:
 
 
 @pytest.fixture(scope="module")
-def http(url, token):
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as client:
+def http(shared_app):
+    with shared_app.http() as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def client(url, token):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0, timeout=120)
+def client(shared_app):
+    return shared_app.openai_client()
 
 
 def _complete(client, **fields):
