@@ -138,6 +138,9 @@ class OnDemand:
         self.load_seconds: list[float] = []
         self.failures: dict[str, Failure] = {}
         self._metrics = _metrics()
+        #: Where :meth:`publish` sends :meth:`info` (the replica sets it): every replica's state in ``/v1/models``.
+        self.board, self.replica, self.poll_s = None, "", 1.0
+        self._publishing: set[asyncio.Task] = set()
 
     @property
     def capacity(self) -> int:
@@ -208,6 +211,7 @@ class OnDemand:
         self._metrics["load_seconds"].observe(seconds)
         self._metrics["resident"].set(len(self.adapters.references))
         log.info("loaded %s on demand in %.2f s", ref, seconds)
+        self._publish_soon()
         return Lease(ref, self._unload, asyncio.get_running_loop())
 
     async def _unload(self, ref: str) -> None:
@@ -216,6 +220,18 @@ class OnDemand:
         self._metrics["evictions"].inc()
         self._metrics["resident"].set(len(self.adapters.references))
         log.info("evicted %s (least recently used on-demand adapter)", ref)
+        self._publish_soon()
+
+    def _publish_soon(self) -> None:
+        """Publish a change without making the load or the eviction wait for the board (tasks kept until done)."""
+        task = asyncio.get_running_loop().create_task(self.publish())
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def publish(self) -> None:
+        """Tell the application's board (:mod:`loraops.serve.replica_board`) this replica's state: its heartbeat, and each change."""
+        if self.board is not None:
+            await self.board.publish(self.replica, self.info(), self.poll_s)
 
     def info(self) -> dict[str, Any]:
         """``/v1/models``' view: what is resident on demand, the counts, and that other versions load on request."""
