@@ -64,6 +64,13 @@ def _add_serve(kinds: SubParsers) -> None:
         "--skew", type=float, default=0.0, metavar="S", help="with --adapters: Zipf-like mix, adapter i drawn with weight 1/i^S (default 0: uniform)"
     )
     bench.add_argument(
+        "--max-adapters",
+        type=int,
+        metavar="K",
+        help="with --adapters: a third run with K on-demand adapters resident next to the default (least recently used evicted, "
+        "as a replica's load_on_demand LRU): resident-hit ratio, loads, evictions, cold loads (K at most N-2)",
+    )
+    bench.add_argument(
         "--output", metavar="FILE", help="JSON results (default WORKSPACE/benchmarks/serve-cpu-tiny.json; with --model-only serve-model-<device>.json)"
     )
     bench.add_argument("--address", metavar="ADDR", help="Ray cluster (default: $RAY_ADDRESS, else a new local instance)")
@@ -86,6 +93,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise LoraopsError(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
     if args.random_init and not args.model_only:
         raise LoraopsError("--random-init needs --model-only (a random-init model is not in the registry a deployment serves from)")
+    if args.max_adapters is not None and args.adapters is None:
+        raise LoraopsError("--max-adapters needs --adapters N (the working set it is smaller than)")
     if args.adapters is not None:
         return _run_adapters(args, modes, max(concurrencies))
     if args.model_only:
@@ -120,7 +129,14 @@ def _run_adapters(args: argparse.Namespace, modes: list[str], clients: int) -> i
         raise LoraopsError(f"--adapters {args.adapters}: expected 2 to 64 (a replica's max_adapters is at most 64)")
     if args.skew < 0:
         raise LoraopsError(f"--skew {args.skew}: expected 0 (uniform) or more")
-    report = benchmark_adapters(args.config, args.overrides, modes, args.adapters, args.skew, clients, args.duration, args.max_new_tokens)
+    if args.max_adapters is not None and not 1 <= args.max_adapters <= args.adapters - 2:
+        raise LoraopsError(
+            f"--max-adapters {args.max_adapters}: expected 1 to {args.adapters - 2} (the default is resident besides; "
+            f"{args.adapters - 1} or more keep all {args.adapters} adapters resident, nothing evicted)"
+        )
+    report = benchmark_adapters(
+        args.config, args.overrides, modes, args.adapters, args.skew, clients, args.duration, args.max_new_tokens, args.max_adapters
+    )
     output = Path(args.output or _default_output(None, f"serve-adapters-{_device_tag()}.json"))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
