@@ -57,8 +57,10 @@ def _add_serve(kinds: SubParsers) -> None:
         "--adapters",
         type=int,
         metavar="N",
-        help="with --model-only: N registered adapters resident at once (per-row adapters) against one, 16 clients (the largest "
-        "--concurrency), and the cold load of each adapter (default output WORKSPACE/benchmarks/serve-adapters-<device>.json)",
+        help="N registered adapters against one, the largest --concurrency clients: with --model-only resident at once on the "
+        "replica's engine (per-row adapters), and each adapter's cold load (default output WORKSPACE/benchmarks/serve-adapters-<device>.json); "
+        "without, named per request over HTTP through Serve's multiplexed routing to a load_on_demand replica "
+        "(serve-adapters-http-cpu-tiny.json)",
     )
     bench.add_argument(
         "--skew", type=float, default=0.0, metavar="S", help="with --adapters: Zipf-like mix, adapter i drawn with weight 1/i^S (default 0: uniform)"
@@ -117,14 +119,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_adapters(args: argparse.Namespace, modes: list[str], clients: int) -> int:
-    """``bench serve --model-only --adapters N``: :mod:`loraops.bench.adapters`."""
+    """``bench serve [--model-only] --adapters N``: :mod:`loraops.bench.adapters` (model-level), :mod:`loraops.bench.adapters_http` (HTTP)."""
     import json
     from pathlib import Path
 
     from loraops.bench.adapters import benchmark_adapters, format_adapters_report
+    from loraops.bench.adapters_http import benchmark_adapters_http, format_http_report
 
-    if not args.model_only:
-        raise LoraopsError("--adapters needs --model-only (it runs the replica's model and engine directly)")
     if not 2 <= args.adapters <= 64:
         raise LoraopsError(f"--adapters {args.adapters}: expected 2 to 64 (a replica's max_adapters is at most 64)")
     if args.skew < 0:
@@ -134,13 +135,15 @@ def _run_adapters(args: argparse.Namespace, modes: list[str], clients: int) -> i
             f"--max-adapters {args.max_adapters}: expected 1 to {args.adapters - 2} (the default is resident besides; "
             f"{args.adapters - 1} or more keep all {args.adapters} adapters resident, nothing evicted)"
         )
-    report = benchmark_adapters(
-        args.config, args.overrides, modes, args.adapters, args.skew, clients, args.duration, args.max_new_tokens, args.max_adapters
-    )
-    output = Path(args.output or _default_output(None, f"serve-adapters-{_device_tag()}.json"))
+    common = (args.config, args.overrides, modes, args.adapters, args.skew, clients, args.duration, args.max_new_tokens, args.max_adapters)
+    if args.model_only:
+        report, name, table = benchmark_adapters(*common), f"serve-adapters-{_device_tag()}.json", format_adapters_report
+    else:
+        report, name, table = benchmark_adapters_http(*common, address=args.address), "serve-adapters-http-cpu-tiny.json", format_http_report
+    output = Path(args.output or _default_output(None, name))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
-    print(format_adapters_report(report))
+    print(table(report))
     print(f"results: {output}")
     return 0
 
