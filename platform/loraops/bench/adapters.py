@@ -29,6 +29,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -182,8 +183,10 @@ def _run_mode(registry, refs, settings, mode, skew, clients, duration_s, max_new
     if max_adapters:
         row = {"mode": mode, "adapters": len(refs), "skew": skew, "concurrency": clients, "max_adapters": max_adapters}
         rows.append(row | summarize_records(lru, duration_s))
-    for row in rows:
+    for row, records in zip(rows, (one, many, lru), strict=False):
         row.pop("overhead_p50_ms", None), row.pop("overhead_p99_ms", None)  # no Serve here
+        if row["failed"]:  # what failed, so a failure in the figures can be explained
+            row["errors"] = dict(Counter(record.error for record in records if record.error).most_common(3))
     return rows, _quantiles(loads), _lru_summary(lru_counts) if max_adapters else None
 
 
