@@ -185,8 +185,7 @@ def _run_mode(registry, refs, settings, mode, skew, clients, duration_s, max_new
         rows.append(row | summarize_records(lru, duration_s))
     for row, records in zip(rows, (one, many, lru), strict=False):
         row.pop("overhead_p50_ms", None), row.pop("overhead_p99_ms", None)  # no Serve here
-        if row["failed"]:  # what failed, so a failure in the figures can be explained
-            row["errors"] = dict(Counter(record.error for record in records if record.error).most_common(3))
+        add_errors(row, records)
     return rows, _quantiles(loads), _lru_summary(lru_counts) if max_adapters else None
 
 
@@ -248,6 +247,12 @@ def _load_cold(engine, registry, ref: str, settings) -> float:
     started = time.perf_counter()
     _add(engine, registry, ref, settings)
     return time.perf_counter() - started
+
+
+def add_errors(row: dict[str, Any], records) -> None:
+    """The most frequent errors of a row's failed requests, so a failure in the figures can be explained."""
+    if row["failed"]:
+        row["errors"] = dict(Counter(f"{record.status}: {record.error}" for record in records if record.error).most_common(3))
 
 
 def _quantiles(samples: list[float]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from loraops.bench.adapters import ROUNDS, _drop_scratch, _ratio, _scratch_registry
+from loraops.bench.adapters import ROUNDS, _drop_scratch, _ratio, _scratch_registry, add_errors
 from loraops.bench.load import run_load, summarize_records
 
 
@@ -108,6 +108,8 @@ def _run_mode(url: str, refs: list[str], mode: str, skew: float, clients: int, d
         {"mode": mode, "adapters": 1, "skew": None, "concurrency": clients} | summarize_records(alone, duration_s),
         {"mode": mode, "adapters": len(refs), "skew": skew, "concurrency": clients} | summarize_records(mixed, duration_s),
     ]
+    for row, records in zip(rows, (alone, mixed), strict=True):
+        add_errors(row, records)
     loads, evictions = after[0] - before[0], after[1] - before[1]
     requests = len(mixed)
     # A request that waited for another one's load of the same adapter counts as a hit here.

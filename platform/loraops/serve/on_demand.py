@@ -11,7 +11,8 @@ Serve keeps what the loader returns, a :class:`Lease`, in its own LRU of ``max_a
 configured references per replica, and drops the least recently used one when a new one comes
 (calling its ``__del__``). The lease owns the adapter's slot in the engine: it unloads the adapter
 then, or, while rows of that adapter are still waiting or decoding (a reference count, not a
-timer), when the last one ends. Adding or removing an adapter next to others that stay unmerged
+timer), when the last one ends. A reference asked for again while its evicted lease still has rows
+gets a second lease of the same loaded adapter; the adapter is unloaded only with the last lease of it. Adding or removing an adapter next to others that stay unmerged
 (``nf4``, or ``merged`` with several loaded) pauses the engine between two steps, rows kept; only
 the change from one merged adapter to several (or back) waits for the running rows to finish. The configured references (the default among them) and a canary's
 candidate are loaded outside the LRU, so they are never evicted. A load that fails is retried on a
@@ -140,6 +141,8 @@ class OnDemand:
         self._metrics = _metrics()
         #: Where :meth:`publish` sends :meth:`info` (the replica sets it): every replica's state in ``/v1/models``.
         self.board, self.replica, self.poll_s = None, "", 1.0
+        #: Leases per reference not ended yet (Serve's and evicted ones whose rows still run): the adapter stays while any does.
+        self._live: dict[str, int] = {}
         self._publishing: set[asyncio.Task] = set()
 
     @property
@@ -206,6 +209,7 @@ class OnDemand:
         seconds = time.perf_counter() - started
         self.loads += 1
         self.loaded[ref] = self.loaded.get(ref, 0) + 1
+        self._live[ref] = self._live.get(ref, 0) + 1
         self.load_seconds.append(seconds)
         self._metrics["loads"].inc()
         self._metrics["load_seconds"].observe(seconds)
@@ -215,9 +219,16 @@ class OnDemand:
         return Lease(ref, self._unload, asyncio.get_running_loop())
 
     async def _unload(self, ref: str) -> None:
-        await self._change(lambda: self.adapters.unload(ref, lambda: self._hold_for(False)))
+        """A lease's end. Serve may load a reference again while an evicted lease of it still has rows (the load then
+        finds it loaded and hands out a second lease): the adapter goes only with the last of its leases."""
+        self._live[ref] -= 1
         self.evictions += 1
         self._metrics["evictions"].inc()
+        if self._live[ref] > 0:
+            log.info("evicted a lease of %s; a newer one keeps it loaded", ref)
+            return
+        del self._live[ref]
+        await self._change(lambda: self.adapters.unload(ref, lambda: self._hold_for(False)))
         self._metrics["resident"].set(len(self.adapters.references))
         log.info("evicted %s (least recently used on-demand adapter)", ref)
         self._publish_soon()
