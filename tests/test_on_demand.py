@@ -106,6 +106,43 @@ def test_the_board_lists_replicas_that_beat_and_drops_those_that_stopped():
     assert listing(None, "r1", {"resident": []}) == [{"replica": "r1", "seen_s_ago": 0.0, "resident": []}]  # board unreadable
 
 
+def test_a_reference_asked_for_again_while_its_evicted_lease_runs_stays_loaded_until_its_last_lease_ends(serving_home):
+    """Serve evicts a lease with a row running, then a request asks for the reference again: the loader hands out a
+    second lease of the same loaded adapter, and the first one's end must not unload it under the second."""
+    import contextlib
+
+    from loraops.registry import Registry
+    from loraops.serve.adapters import AdapterSet
+    from loraops.serve.on_demand import OnDemand
+    from loraops.serve.settings import validate_settings
+
+    settings = validate_settings({"workspace": str(serving_home), "load_on_demand": True, "max_adapters": 3})
+    registry = Registry(workspace=serving_home)
+    adapters = AdapterSet(registry, settings)
+    adapters.load("tiny@production")
+
+    async def change(fn):
+        return await asyncio.to_thread(fn)
+
+    async def scenario() -> list[list[str]]:
+        on_demand = OnDemand(settings, registry, adapters, change, lambda adding: contextlib.nullcontext())
+        seen = []
+        first = await on_demand.load("tiny:2")
+        first.acquire()  # a row of it runs
+        await asyncio.to_thread(first.__del__)  # Serve's LRU evicts it (from an executor thread): the row keeps it
+        second = await on_demand.load("tiny:2")  # asked for again: Serve calls the loader
+        second.acquire()
+        await asyncio.to_thread(first.release)  # the first lease's last row ends (on the engine's thread)
+        await wait_for(lambda: on_demand.evictions == 1)
+        seen.append(adapters.refs())
+        second.release()
+        await asyncio.to_thread(second.__del__)  # the last lease goes: now the adapter does
+        seen.append(adapters.refs())
+        return seen
+
+    assert asyncio.run(scenario()) == [["tiny@production", "tiny:2"], ["tiny@production"]]
+
+
 def test_an_adapter_added_between_steps_keeps_the_running_rows(serving_home):
     """The engine's between_steps(): the running pass ends, the rows stay (not drained), and they go on after it."""
     import threading

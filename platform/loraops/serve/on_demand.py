@@ -10,13 +10,15 @@ of requests waiting for it (Serve serialises loads per replica).
 Serve keeps what the loader returns, a :class:`Lease`, in its own LRU of ``max_adapters`` minus the
 configured references per replica, and drops the least recently used one when a new one comes
 (calling its ``__del__``). The lease owns the adapter's slot in the engine: it unloads the adapter
-then, or, while rows of that adapter are still waiting or decoding (a reference count, not a
-timer), when the last one ends. A reference asked for again while its evicted lease still has rows
-gets a second lease of the same loaded adapter; the adapter is unloaded only with the last lease of it. Adding or removing an adapter next to others that stay unmerged
-(``nf4``, or ``merged`` with several loaded) pauses the engine between two steps, rows kept; only
-the change from one merged adapter to several (or back) waits for the running rows to finish. The configured references (the default among them) and a canary's
-candidate are loaded outside the LRU, so they are never evicted. A load that fails is retried on a
-later request, after a back-off that doubles per failure (:data:`RETRY_S` to :data:`MAX_RETRY_S`).
+then, or, while rows of that adapter are still waiting or decoding (a reference count, not a timer),
+when the last one ends. A reference asked for again while its evicted lease still has rows gets a
+second lease of the same loaded adapter; the adapter is unloaded only with the last lease of it.
+Adding or removing an adapter next to others that stay unmerged (``nf4``, or ``merged`` with several
+loaded) pauses the engine between two steps, rows kept; only the change from one merged adapter to
+several (or back) waits for the running rows to finish. The configured references (the default among
+them) and a canary's candidate are loaded outside the LRU, so they are never evicted. A load that
+fails is retried on a later request, after a back-off that doubles per failure (:data:`RETRY_S` to
+:data:`MAX_RETRY_S`).
 """
 
 from __future__ import annotations
@@ -222,15 +224,15 @@ class OnDemand:
         """A lease's end. Serve may load a reference again while an evicted lease of it still has rows (the load then
         finds it loaded and hands out a second lease): the adapter goes only with the last of its leases."""
         self._live[ref] -= 1
-        self.evictions += 1
-        self._metrics["evictions"].inc()
         if self._live[ref] > 0:
             log.info("evicted a lease of %s; a newer one keeps it loaded", ref)
-            return
-        del self._live[ref]
-        await self._change(lambda: self.adapters.unload(ref, lambda: self._hold_for(False)))
+        else:
+            del self._live[ref]
+            await self._change(lambda: self.adapters.unload(ref, lambda: self._hold_for(False)))
+            log.info("evicted %s (least recently used on-demand adapter)", ref)
+        self.evictions += 1  # counted once the change is done, so a reader of the count sees its effect
+        self._metrics["evictions"].inc()
         self._metrics["resident"].set(len(self.adapters.references))
-        log.info("evicted %s (least recently used on-demand adapter)", ref)
         self._publish_soon()
 
     def _publish_soon(self) -> None:
