@@ -86,6 +86,63 @@ def test_a_lease_unloads_its_adapter_on_eviction_only_after_its_last_row():
     assert unloaded == ["b:1", "a:1"]
 
 
+def test_the_board_lists_replicas_that_beat_and_drops_those_that_stopped():
+    """/v1/models' ``replicas`` (:mod:`loraops.serve.replica_board`): a replica silent for STALE_POLLS of its polls is dropped;
+    the answering replica's own state, current, replaces what it last published."""
+    from loraops.serve.replica_board import MIN_STALE_S, STALE_POLLS, Board, listing
+
+    now = [0.0]
+    board = Board(clock=lambda: now[0])
+    board.publish("r1", {"resident": ["a:1"], "evictions": 0}, poll_s=2.0)
+    board.publish("r2", {"resident": [], "evictions": 0}, poll_s=0.0)  # watching off: it still beats every second
+    now[0] = MIN_STALE_S + 0.5
+    assert [(r["replica"], r["seen_s_ago"]) for r in board.read()] == [("r1", MIN_STALE_S + 0.5)]  # r2 stopped
+    now[0] = STALE_POLLS * 2.0 + 0.5
+    assert board.read() == []
+    board.publish("r1", {"resident": ["a:1"], "evictions": 0}, poll_s=2.0)
+    board.publish("r3", {"resident": ["b:1"], "evictions": 1}, poll_s=2.0)
+    merged = listing(board.read(), "r1", {"resident": ["c:1"], "evictions": 1})
+    assert [(r["replica"], r["resident"], r["seen_s_ago"]) for r in merged] == [("r1", ["c:1"], 0.0), ("r3", ["b:1"], 0.0)]
+    assert listing(None, "r1", {"resident": []}) == [{"replica": "r1", "seen_s_ago": 0.0, "resident": []}]  # board unreadable
+
+
+def test_a_reference_asked_for_again_while_its_evicted_lease_runs_stays_loaded_until_its_last_lease_ends(serving_home):
+    """Serve evicts a lease with a row running, then a request asks for the reference again: the loader hands out a
+    second lease of the same loaded adapter, and the first one's end must not unload it under the second."""
+    import contextlib
+
+    from loraops.registry import Registry
+    from loraops.serve.adapters import AdapterSet
+    from loraops.serve.on_demand import OnDemand
+    from loraops.serve.settings import validate_settings
+
+    settings = validate_settings({"workspace": str(serving_home), "load_on_demand": True, "max_adapters": 3})
+    registry = Registry(workspace=serving_home)
+    adapters = AdapterSet(registry, settings)
+    adapters.load("tiny@production")
+
+    async def change(fn):
+        return await asyncio.to_thread(fn)
+
+    async def scenario() -> list[list[str]]:
+        on_demand = OnDemand(settings, registry, adapters, change, lambda adding: contextlib.nullcontext())
+        seen = []
+        first = await on_demand.load("tiny:2")
+        first.acquire()  # a row of it runs
+        await asyncio.to_thread(first.__del__)  # Serve's LRU evicts it (from an executor thread): the row keeps it
+        second = await on_demand.load("tiny:2")  # asked for again: Serve calls the loader
+        second.acquire()
+        await asyncio.to_thread(first.release)  # the first lease's last row ends (on the engine's thread)
+        await wait_for(lambda: on_demand.evictions == 1)
+        seen.append(adapters.refs())
+        second.release()
+        await asyncio.to_thread(second.__del__)  # the last lease goes: now the adapter does
+        seen.append(adapters.refs())
+        return seen
+
+    assert asyncio.run(scenario()) == [["tiny@production", "tiny:2"], ["tiny@production"]]
+
+
 def test_an_adapter_added_between_steps_keeps_the_running_rows(serving_home):
     """The engine's between_steps(): the running pass ends, the rows stay (not drained), and they go on after it."""
     import threading
@@ -217,16 +274,18 @@ def _exported(metric: str) -> float:
 
 
 def _replicas(url: str) -> dict[str, dict]:
-    """Each model replica's /v1/models entry (polled until both answered: the API asks one at a time)."""
-    seen: dict[str, dict] = {}
+    """Each model replica's on-demand state, from one /v1/models answer (polled until both replicas have published)."""
 
-    def both() -> bool:
-        entry = httpx.get(url + "/v1/models", timeout=60).json()["models"][0]
-        seen[entry["replica"]] = entry
-        return len(seen) == 2
+    def both() -> dict | None:
+        body = _listing(url)
+        return body if len(body["replicas"]) == 2 else None
 
-    wait_until(both, 60, "both model replicas answering /v1/models", 0.1)
-    return seen
+    listing = wait_until(both, 60, "both replicas in /v1/models", 0.1)
+    return {entry["replica"]: entry for entry in listing["replicas"]}
+
+
+def _listing(url: str) -> dict:
+    return httpx.get(url + "/v1/models", timeout=60).json()
 
 
 @pytest.mark.ray
@@ -254,13 +313,17 @@ def test_every_version_is_answered_by_itself_and_the_lru_evicts(url, alone):
     assert chat.status_code == 200 and chat.json()["model"] == "od-c:1" and chat.json()["choices"][0]["message"]["content"] == alone[6], chat.text
     assert batch.status_code == 200 and [(s["model"]["name"], s["summary"]) for s in batch.json()] == [("od-d", alone[12])] * 2, batch.text
     replicas = _replicas(url).values()
-    print(json.dumps(next(iter(replicas))["on_demand"]))
+    print(json.dumps(list(replicas)))
     assert cold.status_code == warm.status_code == 200 and cold.json()["summary"] == warm.json()["summary"]
-    assert sum(r["on_demand"]["evictions"] for r in replicas) > 0
-    assert all(len(r["on_demand"]["resident"]) <= r["on_demand"]["capacity"] == 2 for r in replicas)
+    assert sum(r["evictions"] for r in replicas) > 0
+    assert all(len(r["resident"]) <= r["capacity"] == 2 and set(r["resident"]) <= set(ON_DEMAND) for r in replicas)
+    assert sum(r["loads"] for r in replicas) >= len(ON_DEMAND)  # each version loaded somewhere at least once
     wait_until(lambda: _exported("ray_loraops_adapter_evictions_total") > 0, 90, "Ray's metrics endpoint to export the evictions per replica", 0.5)
-    listing = httpx.get(url + "/v1/models", timeout=60).json()
-    assert "evictions" in listing["models"][0]["on_demand"] and "load when a request names them" in listing["models"][0]["on_demand"]["note"]
+    # One answer lists both replicas (not only the one that answered, whose own entry matches its details).
+    listing = _listing(url)
+    answered, entries = listing["models"][0], {r["replica"]: r for r in listing["replicas"]}
+    assert len(entries) == 2 and answered["replica"] in entries and entries[answered["replica"]]["resident"] == answered["on_demand"]["resident"]
+    assert all("evictions" in r and "load when a request names them" in r["note"] and r["seen_s_ago"] < 5 for r in entries.values())
 
 
 @pytest.mark.ray
@@ -271,14 +334,14 @@ def test_a_burst_of_first_requests_loads_the_version_once(url):
 
     assert [a.status_code for a in answers] == [200] * 12
     assert {a.json()["model"]["name"] for a in answers} == {"burst"}
-    loads = [r["on_demand"]["loads_by_ref"].get("burst:1", 0) for r in _replicas(url).values()]
+    loads = [r["loads_by_ref"].get("burst:1", 0) for r in _replicas(url).values()]
     assert sum(loads) >= 1 and max(loads) == 1  # at most one load per replica (Serve routes the rest to it)
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_unknown_malformed_path_like_and_refused_references_load_nothing(url):
-    before = {replica: r["on_demand"]["loads"] for replica, r in _replicas(url).items()}
+    before = {replica: r["loads"] for replica, r in _replicas(url).items()}
     cases = {"nope:1": 404, "od-z@production": 404, "other:1": 404, "tiny:0": 422, "../tiny": 422, "/etc/passwd": 422, "s3://bucket/tiny": 422}
     answers = {ref: _ask(url, ref) for ref in cases}
     after = _replicas(url)
@@ -288,7 +351,7 @@ def test_unknown_malformed_path_like_and_refused_references_load_nothing(url):
         error = answer.json()["error"]
         assert error["field"] == "model" and "Traceback" not in answer.text, (ref, error)
     assert "not in args.on_demand_names" in answers["other:1"].json()["error"]["message"]
-    assert {replica: r["on_demand"]["loads"] for replica, r in after.items()} == before
+    assert {replica: r["loads"] for replica, r in after.items()} == before
 
 
 @pytest.mark.ray
@@ -317,7 +380,7 @@ def test_a_promotion_reaches_the_replica_that_holds_the_alias_and_the_one_that_d
     from loraops.registry import Registry
 
     assert _ask(url, "promo").json()["model"]["version"] == 1  # a bare NAME is NAME@production
-    holders = [r for r in _replicas(url).values() if "promo@production" in r["on_demand"]["resident"]]
+    holders = [r for r in _replicas(url).values() if "promo@production" in r["resident"]]
     assert len(holders) >= 1
     Registry(workspace=home).promote("promo", 2)
 

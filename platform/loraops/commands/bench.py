@@ -57,11 +57,20 @@ def _add_serve(kinds: SubParsers) -> None:
         "--adapters",
         type=int,
         metavar="N",
-        help="with --model-only: N registered adapters resident at once (per-row adapters) against one, 16 clients (the largest "
-        "--concurrency), and the cold load of each adapter (default output WORKSPACE/benchmarks/serve-adapters-<device>.json)",
+        help="N registered adapters against one, the largest --concurrency clients: with --model-only resident at once on the "
+        "replica's engine (per-row adapters), and each adapter's cold load (default output WORKSPACE/benchmarks/serve-adapters-<device>.json); "
+        "without, named per request over HTTP through Serve's multiplexed routing to a load_on_demand replica "
+        "(serve-adapters-http-cpu-tiny.json)",
     )
     bench.add_argument(
         "--skew", type=float, default=0.0, metavar="S", help="with --adapters: Zipf-like mix, adapter i drawn with weight 1/i^S (default 0: uniform)"
+    )
+    bench.add_argument(
+        "--max-adapters",
+        type=int,
+        metavar="K",
+        help="with --adapters: a third run with K on-demand adapters resident next to the default (least recently used evicted, "
+        "as a replica's load_on_demand LRU): resident-hit ratio, loads, evictions, cold loads (K at most N-2)",
     )
     bench.add_argument(
         "--output", metavar="FILE", help="JSON results (default WORKSPACE/benchmarks/serve-cpu-tiny.json; with --model-only serve-model-<device>.json)"
@@ -86,6 +95,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise LoraopsError(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
     if args.random_init and not args.model_only:
         raise LoraopsError("--random-init needs --model-only (a random-init model is not in the registry a deployment serves from)")
+    if args.max_adapters is not None and args.adapters is None:
+        raise LoraopsError("--max-adapters needs --adapters N (the working set it is smaller than)")
     if args.adapters is not None:
         return _run_adapters(args, modes, max(concurrencies))
     if args.model_only:
@@ -108,23 +119,31 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_adapters(args: argparse.Namespace, modes: list[str], clients: int) -> int:
-    """``bench serve --model-only --adapters N``: :mod:`loraops.bench.adapters`."""
+    """``bench serve [--model-only] --adapters N``: :mod:`loraops.bench.adapters` (model-level), :mod:`loraops.bench.adapters_http` (HTTP)."""
     import json
     from pathlib import Path
 
     from loraops.bench.adapters import benchmark_adapters, format_adapters_report
+    from loraops.bench.adapters_http import benchmark_adapters_http, format_http_report
 
-    if not args.model_only:
-        raise LoraopsError("--adapters needs --model-only (it runs the replica's model and engine directly)")
     if not 2 <= args.adapters <= 64:
         raise LoraopsError(f"--adapters {args.adapters}: expected 2 to 64 (a replica's max_adapters is at most 64)")
     if args.skew < 0:
         raise LoraopsError(f"--skew {args.skew}: expected 0 (uniform) or more")
-    report = benchmark_adapters(args.config, args.overrides, modes, args.adapters, args.skew, clients, args.duration, args.max_new_tokens)
-    output = Path(args.output or _default_output(None, f"serve-adapters-{_device_tag()}.json"))
+    if args.max_adapters is not None and not 1 <= args.max_adapters <= args.adapters - 2:
+        raise LoraopsError(
+            f"--max-adapters {args.max_adapters}: expected 1 to {args.adapters - 2} (the default is resident besides; "
+            f"{args.adapters - 1} or more keep all {args.adapters} adapters resident, nothing evicted)"
+        )
+    common = (args.config, args.overrides, modes, args.adapters, args.skew, clients, args.duration, args.max_new_tokens, args.max_adapters)
+    if args.model_only:
+        report, name, table = benchmark_adapters(*common), f"serve-adapters-{_device_tag()}.json", format_adapters_report
+    else:
+        report, name, table = benchmark_adapters_http(*common, address=args.address), "serve-adapters-http-cpu-tiny.json", format_http_report
+    output = Path(args.output or _default_output(None, name))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
-    print(format_adapters_report(report))
+    print(table(report))
     print(f"results: {output}")
     return 0
 

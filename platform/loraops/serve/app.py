@@ -52,6 +52,7 @@ from loraops.serve.contract import Rejection, SummaryRequest, SummaryResult
 from loraops.serve.guard import RequestGuard, error_response, is_openai_route, request_id_of
 from loraops.serve.openai import Answer, ChatRequest, CompletionRequest, model_list, sse
 from loraops.serve.replica import SummarizerModel
+from loraops.serve.replica_board import BoardClient, listing
 from loraops.serve.settings import API_DEPLOYMENT, MODEL_DEPLOYMENT, ServeSettings, validate_settings
 from loraops.serve.traffic import Traffic
 
@@ -178,6 +179,7 @@ class SummarizerAPI:
         app.state.auth_token = os.environ.get(self.settings.auth_token_env) or None
         log.info("auth %s", f"on (bearer token from ${self.settings.auth_token_env})" if app.state.auth_token else "off")
         self.traffic = Traffic(self.settings)
+        self.board = BoardClient(serve.get_replica_context().app_name)  # every model replica's on-demand state
         self._traffic_task = asyncio.get_running_loop().create_task(self.traffic.run(self.settings.registry_poll_s))
 
     @app.post("/v1/summarize", response_model=Summary, responses=ERROR_RESPONSES, dependencies=[Security(bearer_token)])
@@ -231,7 +233,8 @@ class SummarizerAPI:
     @app.get("/v1/models", responses=ERROR_RESPONSES, dependencies=[Security(bearer_token)])
     async def models(self) -> dict[str, Any]:
         """What is served. ``data``: OpenAI's model list (one entry per servable ``model`` value); ``models``: the
-        replica's details (adapters and versions, mode, base model, buckets, limits, problem)."""
+        replica's details (adapters and versions, mode, base model, buckets, limits, problem); with ``load_on_demand``,
+        ``replicas``: every live model replica's resident on-demand references, loads and evictions."""
         info = await self._call(self.model.info.remote(), timeout=HEALTH_TIMEOUT_S * 2)
         limits = {
             "default_max_new_tokens": self.settings.default_max_new_tokens,
@@ -240,6 +243,8 @@ class SummarizerAPI:
             "max_body_bytes": self.settings.max_body_bytes,
         }
         body = {"object": "list", "data": model_list(info.adapters, self.traffic.name), "models": [info.to_dict() | {"limits": limits}]}
+        if info.on_demand is not None:  # each live model replica's, not only the one that answered
+            body["replicas"] = listing(await self.board.read(), info.replica, info.on_demand)
         if self.traffic.canary is not None:
             body["canary"] = self.traffic.canary
         return body

@@ -10,12 +10,15 @@ of requests waiting for it (Serve serialises loads per replica).
 Serve keeps what the loader returns, a :class:`Lease`, in its own LRU of ``max_adapters`` minus the
 configured references per replica, and drops the least recently used one when a new one comes
 (calling its ``__del__``). The lease owns the adapter's slot in the engine: it unloads the adapter
-then, or, while rows of that adapter are still waiting or decoding (a reference count, not a
-timer), when the last one ends. Adding or removing an adapter next to others that stay unmerged
-(``nf4``, or ``merged`` with several loaded) pauses the engine between two steps, rows kept; only
-the change from one merged adapter to several (or back) waits for the running rows to finish. The configured references (the default among them) and a canary's
-candidate are loaded outside the LRU, so they are never evicted. A load that fails is retried on a
-later request, after a back-off that doubles per failure (:data:`RETRY_S` to :data:`MAX_RETRY_S`).
+then, or, while rows of that adapter are still waiting or decoding (a reference count, not a timer),
+when the last one ends. A reference asked for again while its evicted lease still has rows gets a
+second lease of the same loaded adapter; the adapter is unloaded only with the last lease of it.
+Adding or removing an adapter next to others that stay unmerged (``nf4``, or ``merged`` with several
+loaded) pauses the engine between two steps, rows kept; only the change from one merged adapter to
+several (or back) waits for the running rows to finish. The configured references (the default among
+them) and a canary's candidate are loaded outside the LRU, so they are never evicted. A load that
+fails is retried on a later request, after a back-off that doubles per failure (:data:`RETRY_S` to
+:data:`MAX_RETRY_S`).
 """
 
 from __future__ import annotations
@@ -138,6 +141,11 @@ class OnDemand:
         self.load_seconds: list[float] = []
         self.failures: dict[str, Failure] = {}
         self._metrics = _metrics()
+        #: Where :meth:`publish` sends :meth:`info` (the replica sets it): every replica's state in ``/v1/models``.
+        self.board, self.replica, self.poll_s = None, "", 1.0
+        #: Leases per reference not ended yet (Serve's and evicted ones whose rows still run): the adapter stays while any does.
+        self._live: dict[str, int] = {}
+        self._publishing: set[asyncio.Task] = set()
 
     @property
     def capacity(self) -> int:
@@ -203,19 +211,40 @@ class OnDemand:
         seconds = time.perf_counter() - started
         self.loads += 1
         self.loaded[ref] = self.loaded.get(ref, 0) + 1
+        self._live[ref] = self._live.get(ref, 0) + 1
         self.load_seconds.append(seconds)
         self._metrics["loads"].inc()
         self._metrics["load_seconds"].observe(seconds)
         self._metrics["resident"].set(len(self.adapters.references))
         log.info("loaded %s on demand in %.2f s", ref, seconds)
+        self._publish_soon()
         return Lease(ref, self._unload, asyncio.get_running_loop())
 
     async def _unload(self, ref: str) -> None:
-        await self._change(lambda: self.adapters.unload(ref, lambda: self._hold_for(False)))
-        self.evictions += 1
+        """A lease's end. Serve may load a reference again while an evicted lease of it still has rows (the load then
+        finds it loaded and hands out a second lease): the adapter goes only with the last of its leases."""
+        self._live[ref] -= 1
+        if self._live[ref] > 0:
+            log.info("evicted a lease of %s; a newer one keeps it loaded", ref)
+        else:
+            del self._live[ref]
+            await self._change(lambda: self.adapters.unload(ref, lambda: self._hold_for(False)))
+            log.info("evicted %s (least recently used on-demand adapter)", ref)
+        self.evictions += 1  # counted once the change is done, so a reader of the count sees its effect
         self._metrics["evictions"].inc()
         self._metrics["resident"].set(len(self.adapters.references))
-        log.info("evicted %s (least recently used on-demand adapter)", ref)
+        self._publish_soon()
+
+    def _publish_soon(self) -> None:
+        """Publish a change without making the load or the eviction wait for the board (tasks kept until done)."""
+        task = asyncio.get_running_loop().create_task(self.publish())
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def publish(self) -> None:
+        """Tell the application's board (:mod:`loraops.serve.replica_board`) this replica's state: its heartbeat, and each change."""
+        if self.board is not None:
+            await self.board.publish(self.replica, self.info(), self.poll_s)
 
     def info(self) -> dict[str, Any]:
         """``/v1/models``' view: what is resident on demand, the counts, and that other versions load on request."""

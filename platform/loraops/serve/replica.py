@@ -153,8 +153,11 @@ class SummarizerModel:
         """On-demand loading (``args.load_on_demand``): Serve's multiplexed loader and LRU, wired at start because its
         size, ``max_adapters`` minus the configured references, comes from the settings (Serve detects it on the instance)."""
         from loraops.serve.on_demand import OnDemand
+        from loraops.serve.replica_board import BoardClient
 
         on_demand = OnDemand(self.settings, self.registry, self.adapters, self._change, self._hold_for)
+        context = serve.get_replica_context()
+        on_demand.board, on_demand.replica = BoardClient(context.app_name), context.replica_id.unique_id
 
         # A plain function, not a bound method: Serve keeps its LRU on the function object.
         async def load_registered_adapter(ref: str):
@@ -197,6 +200,9 @@ class SummarizerModel:
         """Follow the alias references: poll the registry and switch a reference when its alias points elsewhere."""
         while True:
             await asyncio.sleep(self.live.registry_poll_s or 1.0)
+            if self.on_demand is not None:  # the heartbeat that keeps this replica in every replica's /v1/models
+                self.on_demand.poll_s = self.live.registry_poll_s or 1.0
+                await self.on_demand.publish()
             if not self.live.registry_poll_s:
                 continue  # watching is off
             try:
