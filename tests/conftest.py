@@ -84,6 +84,10 @@ def ray_address():
     from loraops.cluster import use_local_serve_env
 
     use_local_serve_env()  # the Serve settings of `loraops serve`'s local instance
+    # Autoscaling metrics every 2 s instead of Ray's 10 s, so the autoscaling test's short look-back window
+    # always holds fresh figures (read by Serve's processes when they start, hence before ray.init).
+    for variable in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
+        os.environ.setdefault(variable, "2")
     context = ray.init(
         address="local",
         num_cpus=2,
@@ -166,9 +170,17 @@ def serving_home(tmp_path_factory, tiny_model_home) -> Path:
 
 
 @pytest.fixture(scope="session")
-def deploy_tiny_app(ray_address):
-    """A function: start Serve on a free local port and deploy ``serve/tiny.yaml`` with ``overrides``
-    (the loraops path of ``loraops serve``); returns the application's URL. The caller shuts Serve down.
+def serve_port(ray_address) -> int:
+    """The local port of the session's Serve instance: started by the first module that serves, shared by the
+    modules after it, each removing its applications when done (``helpers.remove_applications``)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def deploy_tiny_app(serve_port):
+    """A function: start Serve on the session's port (or use it where it runs) and deploy ``serve/tiny.yaml``
+    with ``overrides`` (the loraops path of ``loraops serve``); returns the application's URL. The caller
+    removes its application (``helpers.remove_applications``).
 
     The application is sized for CI's 2 cores beside the other tests: one model replica without
     autoscaling, small CPU shares; ``overrides`` come after and win."""
@@ -183,9 +195,8 @@ def deploy_tiny_app(ray_address):
         from loraops.serve.deploy import deploy
         from loraops.serve.settings import load_serve_config
 
-        port = free_port()
-        helpers.start_serve(port)
-        return deploy(load_serve_config(REPO / "serve" / "tiny.yaml", [f"http_options.port={port}", *small, *overrides]))
+        helpers.start_serve(serve_port)
+        return deploy(load_serve_config(REPO / "serve" / "tiny.yaml", [f"http_options.port={serve_port}", *small, *overrides]))
 
     return deploy_app
 
@@ -236,10 +247,8 @@ class SharedApp:
 
     def stop(self) -> None:
         if self.running is not None:
-            from ray import serve
-
             self.running = None
-            serve.shutdown()
+            helpers.remove_applications()
 
 
 _shared_apps: list[SharedApp] = []  # the session's one, for the hooks below

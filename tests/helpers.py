@@ -173,10 +173,37 @@ def serve_actors() -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(("SERVE_CONTROLLER_ACTOR", "SERVE_PROXY_ACTOR")))
 
 
+def serve_is_running() -> bool:
+    import ray
+
+    return any(a["name"] == "SERVE_CONTROLLER_ACTOR" for a in ray.util.list_named_actors(all_namespaces=True))
+
+
 def start_serve(port: int) -> None:
-    """``serve.start`` on 127.0.0.1:``port`` once the previous module's Serve has exited: a Serve started while
-    an earlier ``serve.shutdown()`` is still draining has its new proxy killed by the old controller (seen in CI)."""
+    """Serve on 127.0.0.1:``port``: the session's instance when it runs (modules share it and remove only their
+    applications, see :func:`remove_applications`: a controller and proxy start cost seconds per module), else a
+    new one once a previous one has exited: a Serve started while an earlier ``serve.shutdown()`` is still
+    draining has its new proxy killed by the old controller (seen in CI)."""
     from ray import serve
 
+    if serve_is_running():
+        return
     wait_until(lambda: not serve_actors(), 120, "the previous Serve controller and proxies to exit", 0.5, serve_actors)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+
+def remove_applications() -> None:
+    """Delete every Serve application and wait until each is gone (its replicas exit, the CPUs go back to the
+    other tests); the controller and proxy stay for the next module."""
+    from ray import serve
+
+    for name in list(serve.status().applications):
+        serve.delete(name)
+
+
+def stop_serve() -> None:
+    """Shut Serve down and wait until its controller and proxies have exited (for a test that needs none running)."""
+    from ray import serve
+
+    serve.shutdown()
+    wait_until(lambda: not serve_actors(), 120, "Serve's controller and proxies to exit", 0.5, serve_actors)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 import helpers
-from helpers import free_port
 
 ADAPTER = "tiny"  # what the serving_home fixture registers: v1 (production) and v2
 
@@ -281,7 +280,7 @@ DIALOGUE = "#Person1#: Hi, I'd like to book a table for two tonight.\n#Person2#:
 
 
 @pytest.fixture(scope="module")
-def replica(ray_address, serving_home):
+def replica(serve_port, serving_home):
     """The model deployment alone (no HTTP ingress) serving tiny@production (v1), room for one more; yields its handle."""
 
     from ray import serve
@@ -289,14 +288,14 @@ def replica(ray_address, serving_home):
     from loraops.serve.replica import SummarizerModel
     from loraops.serve.settings import validate_settings
 
-    port = free_port()
+    port = serve_port
     helpers.start_serve(port)
     settings = validate_settings({"workspace": str(serving_home), "adapter": ADAPTER, "max_adapters": 2, "max_batch_size": 4, "registry_poll_s": 1})
     deployment = SummarizerModel.options(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, user_config=settings.live())
     try:
         yield serve.run(deployment.bind(settings.with_absolute_paths().model_dump()), name="adapters", route_prefix=None)
     finally:
-        serve.shutdown()
+        helpers.remove_applications()
 
 
 def _served_alone(home, number: int, max_new_tokens: int) -> str:

@@ -18,9 +18,9 @@ from loraops.bench.search_report import best_so_far, steps_to, summarize, value_
 REPO = Path(__file__).resolve().parents[1]
 
 #: With the session's small search: the budget is num_samples x max_steps, as in the default, so the
-#: random search finishes every trial; the recipe's one run is 10 steps.
-EXTRA = ["search.num_samples=3", "training.max_steps=10"]
-BUDGET = 60
+#: random search finishes every trial (two of 20 steps); the recipe's one run is 10 steps.
+EXTRA = ["search.num_samples=2", "training.max_steps=10"]
+BUDGET = 40
 
 
 def test_ledger_counts_reported_steps_in_arrival_order_and_stops_at_the_budget():

@@ -17,8 +17,8 @@ def test_bench_train_compares_the_recipe_with_the_seed_recipe(workspace, tmp_pat
     """Without --output the figures go to the workspace, never into the repository's benchmarks/results/ (cwd here)."""
     output = workspace / "benchmarks" / "train.json"
     run = run_cli(
-        "bench", "train", "--config", str(REPO / "tune" / "tiny.yaml"), "--steps", "20",
-        "--set", "data.builtin_size=300", "--set", "training.packing=true", "--set", "training.max_tokens_per_batch=2048", "--eval-samples", "24",
+        "bench", "train", "--config", str(REPO / "tune" / "tiny.yaml"), "--steps", "10",
+        "--set", "data.builtin_size=300", "--set", "training.packing=true", "--set", "training.max_tokens_per_batch=2048", "--eval-samples", "12",
         env=cli_env(workspace), cwd=tmp_path, timeout=900,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
@@ -30,8 +30,8 @@ def test_bench_train_compares_the_recipe_with_the_seed_recipe(workspace, tmp_pat
 
     report = json.loads(output.read_text())
     seed, configured = report["recipes"]["seed"], report["recipes"]["configured"]
-    assert configured["steps"] == 20 and configured["samples"] == 20 * 16
-    assert seed["steps"] == 80 and seed["eval_after_samples"] == configured["eval_after_samples"] == 320
+    assert configured["steps"] == 10 and configured["samples"] == 10 * 16
+    assert seed["steps"] == 40 and seed["eval_after_samples"] == configured["eval_after_samples"] == 160
     assert seed["settings"] | {"compute_dtype": None} == {
         "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "max_tokens_per_batch": None, "packing": False,
         "gradient_checkpointing": True, "optim": "paged_adamw_32bit", "compute_dtype": None, "attn_implementation": "default (sdpa)",

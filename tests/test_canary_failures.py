@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import helpers
 from helpers import run_main, save_random_adapters, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -45,7 +46,6 @@ def home(tmp_path_factory, tiny_model_home) -> Path:
 
 @pytest.fixture(scope="module")
 def url(deploy_tiny_app, home):
-    from ray import serve
 
     try:
         yield deploy_tiny_app(
@@ -58,7 +58,7 @@ def url(deploy_tiny_app, home):
             ]
         )
     finally:
-        serve.shutdown()
+        helpers.remove_applications()
 
 
 @pytest.fixture(scope="module")

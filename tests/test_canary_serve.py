@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import helpers
 from helpers import run_main, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -40,7 +41,6 @@ def registry(serving_home):
 
 @pytest.fixture(scope="module")
 def url(deploy_tiny_app, serving_home, registry):
-    from ray import serve
 
     try:
         yield deploy_tiny_app(
@@ -51,7 +51,7 @@ def url(deploy_tiny_app, serving_home, registry):
             ]
         )
     finally:
-        serve.shutdown()
+        helpers.remove_applications()
 
 
 def _cli(cli_env, home: Path, *args: str) -> subprocess.CompletedProcess:

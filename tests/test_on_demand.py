@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import helpers
 from helpers import wait_until
 
 DIALOGUE = "#Person1#: Are you coming to the picnic on Sunday?\n#Person2#: Yes, I will bring some water and fruit."
@@ -222,7 +223,6 @@ def home(serving_home, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(home, deploy_tiny_app):
-    from ray import serve
 
     try:
         yield deploy_tiny_app(
@@ -237,7 +237,7 @@ def url(home, deploy_tiny_app):
             ]
         )
     finally:
-        serve.shutdown()
+        helpers.remove_applications()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import helpers
 from helpers import save_random_adapters, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.reliability]
@@ -39,7 +40,6 @@ def home(tmp_path_factory, tiny_model_home, postgres) -> Path:
 
 @pytest.fixture(scope="module")
 def http(deploy_tiny_app, home, postgres):
-    from ray import serve
 
     try:
         url = deploy_tiny_app(
@@ -49,7 +49,7 @@ def http(deploy_tiny_app, home, postgres):
         with httpx.Client(base_url=url, timeout=120) as client:
             yield client
     finally:
-        serve.shutdown()
+        helpers.remove_applications()
 
 
 def health(http: httpx.Client) -> dict:

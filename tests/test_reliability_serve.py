@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import helpers
 from helpers import elapsed_until, run_cli, save_random_adapters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,16 +71,15 @@ def home(tmp_path_factory, tiny_model_home) -> Path:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_deploy_on_a_cluster_whose_http_port_is_taken_is_one_line(ray_address, home):
-    """First in this file: Serve must not be running yet on the session's Ray (the module's application starts it later)."""
-    import ray
+    """Serve must not be running on the session's Ray for this (an earlier module's instance is stopped first;
+    the next module that serves starts a new one)."""
     from ray import serve
 
     from loraops.errors import LoraopsError
     from loraops.serve.deploy import deploy
     from loraops.serve.settings import load_serve_config
 
-    if any(actor["name"] == "SERVE_CONTROLLER_ACTOR" for actor in ray.util.list_named_actors(all_namespaces=True)):
-        pytest.skip("Serve already runs on this Ray instance (started by an earlier test module)")
+    helpers.stop_serve()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import helpers
 from helpers import save_random_adapters, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.reliability]
@@ -40,7 +41,6 @@ def home(tmp_path_factory, tiny_model_home) -> Path:
 
 @pytest.fixture(scope="module")
 def url(deploy_tiny_app, home):
-    from ray import serve
 
     try:
         yield deploy_tiny_app(
@@ -48,7 +48,7 @@ def url(deploy_tiny_app, home):
              "args.default_max_new_tokens=4", "deployments.SummarizerModel.num_replicas=2"]
         )  # fmt: skip
     finally:
-        serve.shutdown()
+        helpers.remove_applications()
 
 
 def model_replicas() -> list[str]:

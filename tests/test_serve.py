@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 import helpers
-from helpers import forbid_ray, free_port, run_main
+from helpers import forbid_ray, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,14 +40,13 @@ SETTLE_S = 8.0
 
 
 @pytest.fixture(scope="module")
-def serve_urls(ray_address, serving_home):
+def serve_urls(serve_port, serving_home):
     """Deploy both applications from serve/tiny.yaml through the code path of `loraops serve`; yields their URLs."""
-    from ray import serve
 
     from loraops.serve.deploy import deploy
     from loraops.serve.settings import load_serve_config
 
-    port = free_port()
+    port = serve_port
     helpers.start_serve(port)
     common = [
         f"http_options.port={port}",
@@ -70,9 +69,10 @@ def serve_urls(ray_address, serving_home):
             "args.mode=merged",
             f"args.auth_token_env={TOKEN_ENV}",
             f"deployments.SummarizerAPI.ray_actor_options.runtime_env.env_vars.{TOKEN_ENV}={TOKEN}",
+            # Quick decisions both ways (the session pushes autoscaling metrics every 2 s: conftest's ray_address).
             "deployments.SummarizerModel.autoscaling_config.upscale_delay_s=2",
-            "deployments.SummarizerModel.autoscaling_config.downscale_delay_s=6",
-            "deployments.SummarizerModel.autoscaling_config.look_back_period_s=11",
+            "deployments.SummarizerModel.autoscaling_config.downscale_delay_s=3",
+            "deployments.SummarizerModel.autoscaling_config.look_back_period_s=4",
         ],
     )
     open_app = load_serve_config(
@@ -92,7 +92,7 @@ def serve_urls(ray_address, serving_home):
         urls = {"main": deploy(main), "open": deploy(open_app)}
         yield urls
     finally:
-        serve.shutdown()  # the CPUs go back to the other tests
+        helpers.remove_applications()  # the CPUs go back to the other tests
 
 
 @pytest.fixture(scope="module")

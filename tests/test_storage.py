@@ -128,15 +128,16 @@ def test_tune_on_s3_then_show_register_promote_and_load_on_machines_without_its_
     shutil.rmtree(workspace / "experiments")
 
     elsewhere = cli_env(tmp_path / "other") | s3_server.env() | shared
-    shown = run_cli("tune", "--show", experiment, env=elsewhere, timeout=CLI_TIMEOUT)
+    # --show, register and promote run in this process (run_main): the same commands without a subprocess's imports.
+    shown = run_main("tune", "--show", experiment, env=elsewhere)
     assert shown.returncode == 0 and "best" in shown.stdout.lower(), shown.stdout + shown.stderr
     resumed = run_cli("tune", "--resume", experiment, env=elsewhere | {"LORAOPS_HOME": str(workspace)}, timeout=300)  # finished: nothing to run
     assert resumed.returncode == 0 and experiment in resumed.stdout, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    registered = run_cli("register", "--from-experiment", experiment, "--name", "tiny", env=elsewhere, timeout=CLI_TIMEOUT)
+    registered = run_main("register", "--from-experiment", experiment, "--name", "tiny", env=elsewhere)
     assert registered.returncode == 0, registered.stdout + registered.stderr
     root = f"{s3_server.bucket}/{prefix}/experiments/s3exp"
     best = json.loads(stored[f"{root}/best_trial.json"])
-    promoted = run_cli("promote", "tiny", "1", env=elsewhere, timeout=CLI_TIMEOUT)
+    promoted = run_main("promote", "tiny", "1", env=elsewhere)
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
 
     replica = Registry(db_url=shared["LORAOPS_DATABASE_URL"], workspace=tmp_path / "replica", artifact_uri=shared["LORAOPS_ARTIFACT_URI"])

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import helpers
 from helpers import s3_objects, save_random_adapters, wait_until
 from loraops.errors import LoraopsError
 from loraops.registry import Registry
@@ -248,7 +249,6 @@ def _move_alias(registry: Registry, version: int) -> None:
 @pytest.mark.reliability
 @pytest.mark.ray
 def test_replicas_serve_through_an_s3_outage_and_catch_up_after_it(own_s3_server, deploy_tiny_app, tiny_model_home, tmp_path):
-    from ray import serve
 
     from loraops.config import load_config
     from loraops.registry import Lineage
@@ -322,4 +322,4 @@ def test_replicas_serve_through_an_s3_outage_and_catch_up_after_it(own_s3_server
             assert _health(http) == {"status": "ok", "model": {"name": NAME, "version": 3, "mode": "merged", "adapter": f"{NAME}@production"}}
             assert len(list(cache.glob("sha256-*"))) == 3
     finally:
-        serve.shutdown()
+        helpers.remove_applications()
