@@ -163,14 +163,12 @@ def test_a_replica_with_no_recorded_resolution_waits_for_the_database_then_loads
         if len(waits) == 2:
             postgres.start()
 
-    logger = logging.getLogger("ray.serve")
-    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="ray.serve")
     postgres.stop()
     try:
         with remembering.remembered():
             until_the_database_answers(lambda: loaded.append(remembering.get("drill@production")), ["drill@production"], sleep=sleep)
     finally:
-        logger.removeHandler(caplog.handler)
         if len(waits) < 2:
             postgres.start()
     assert [v.ref for v in loaded] == ["drill:1"] and waits == [1.0, 2.0]

@@ -161,18 +161,19 @@ def test_the_endpoint_is_back_soon_after_its_proxy_is_killed_and_only_delivered_
         wait_until(lambda: len(replies) >= 8, 120, "answers before the kill", 0.2)
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         killed = time.monotonic()
-        wait_until(lambda: not answers(url), 30, "the endpoint to go down", 0.1)
-        wait_until(lambda: answers(url), 120, "the endpoint to answer again", 0.2)
-        back_after = time.monotonic() - killed
-        ok_at = whole(replies)
-        wait_until(lambda: whole(replies) >= ok_at + 8, 120, "answers through the new proxy", 0.2)
     finally:
-        stop.set()
+        stop.set()  # the clients end with the requests the dead proxy held: cut off, finished by the ingress for no one
         for thread in threads:
             thread.join()
+    wait_until(lambda: not answers(url), 30, "the endpoint to go down", 0.1)
+    wait_until(lambda: answers(url), 120, "the endpoint to answer again", 0.2)
+    back_after = time.monotonic() - killed
     cut = [body for status, body in replies if status is None and "RemoteProtocolError" in body]
     print(f"endpoint back {back_after:.1f} s after the proxy was killed; {whole(replies)} answers, {len(cut)} cut off mid-request")
     assert back_after < 20, back_after
-    expected = before + whole(replies)
-    figures = wait_until(lambda: (n := counted(canary)) >= expected and n, 30, "the canary figures to count every answer", 0.5, lambda: counted(canary))
-    assert figures == expected, f"{figures - before} counted, {whole(replies)} answers received ({len(cut)} cut off mid-request)"
+    # The requests cut off were finished by the ingress by now (the endpoint was down for seconds), and their figures
+    # flushed (every second). None may be counted. An answer the proxy wrote in the instant before it died cannot be
+    # acknowledged: it is counted for no one too, so one of the delivered answers may be missing, never one more.
+    received = whole(replies)
+    figures = wait_until(lambda: (n := counted(canary) - before) >= received - 1 and n, 30, "the canary figures", 0.5, lambda: counted(canary) - before)
+    assert received - 1 <= figures <= received, f"{figures} counted, {received} answers received ({len(cut)} cut off mid-request)"
