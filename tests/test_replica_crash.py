@@ -176,4 +176,5 @@ def test_the_endpoint_is_back_soon_after_its_proxy_is_killed_and_only_delivered_
     # acknowledged: it is counted for no one too, so one of the delivered answers may be missing, never one more.
     received = whole(replies)
     figures = wait_until(lambda: (n := counted(canary) - before) >= received - 1 and n, 30, "the canary figures", 0.5, lambda: counted(canary) - before)
+    print(f"the canary figures grew by {figures} for {received} answers received")
     assert received - 1 <= figures <= received, f"{figures} counted, {received} answers received ({len(cut)} cut off mid-request)"
