@@ -136,28 +136,6 @@ def kill_replica(replica: str) -> float:
     return time.monotonic()
 
 
-def test_a_replica_replaced_while_postgres_is_stopped_serves_what_was_last_resolved_within_30_s(http, postgres, home):
-    """A model replica dies during the outage: its replacement starts from the resolution recorded beside the cache
-    (files verified against the recorded checksums), serves within the issue's 30 s of the kill, says degraded,
-    and catches up after."""
-    assert list((home / "cache" / "registry" / "resolved").glob("*.json")), "the running replicas recorded no resolution"
-    before = wait_until(lambda: len(r := model_replicas()) == 2 and r, 30, "two model replicas")
-    postgres.stop()
-    try:
-        killed = kill_replica(before[0])
-        seen: dict[str, str | None] = {}
-        new = lambda: [r for r, problem in problems(http, seen).items() if r not in before and outage_problem(problem)]  # noqa: E731
-        wait_until(new, 60, "the replacement to answer, degraded", 0.2, lambda: seen)
-        serving_after = time.monotonic() - killed
-        print(f"the replacement answered (degraded) {serving_after:.1f} s after the kill")
-        answer = http.post("/v1/summarize", json={"dialogue": DIALOGUE})
-        assert answer.status_code == 200 and answer.json()["model"] == {"name": ADAPTER, "version": 1}, answer.text
-        assert serving_after < 30, serving_after
-    finally:
-        postgres.start()
-    every_replica(http, lambda p: p is None, "both replicas to say ok again")
-
-
 def replica_log(replica: str) -> str:
     """The text of a Serve replica's log file (in Ray's session log folder)."""
     import ray
@@ -166,28 +144,41 @@ def replica_log(replica: str) -> str:
     return "".join(path.read_text(errors="replace") for path in folder.glob(f"replica_*{replica}*.log"))
 
 
-def test_a_replica_with_no_recorded_resolution_waits_for_the_database_then_serves(http, postgres, home):
-    """The node never resolved the reference (its records are gone) and PostgreSQL is stopped: the replacement of a
-    killed replica waits in its constructor, one warning per try, without failing (Serve would start another, with
-    a traceback, again and again); once PostgreSQL is back it serves, and it is the same replica."""
+def test_replicas_started_while_postgres_is_stopped_serve_the_recorded_resolution_or_wait_for_the_database(http, postgres, home):
+    """Both model replicas die during one outage, one after the other. The first one's replacement starts from the
+    resolution recorded beside the cache (files verified against the recorded checksums) and serves within the issue's
+    30 s of the kill, degraded. Then the node's records are removed, as on a node that never resolved the reference:
+    the second one's replacement waits in its constructor, one warning per try, without failing (Serve would start
+    another, with a traceback, again and again); once PostgreSQL is back it serves, the same replica, and both say ok."""
     from ray import serve
 
-    before = wait_until(lambda: len(r := model_replicas()) == 2 and r, 30, "two model replicas")
+    records = home / "cache" / "registry" / "resolved"
+    assert list(records.glob("*.json")), "the running replicas recorded no resolution"
+    first, second = wait_until(lambda: len(r := model_replicas()) == 2 and r, 30, "two model replicas")
     postgres.stop()
     try:
-        for record in (home / "cache" / "registry" / "resolved").glob("*.json"):
+        killed = kill_replica(first)
+        seen: dict[str, str | None] = {}
+        new = lambda: [r for r, problem in problems(http, seen).items() if r not in (first, second) and outage_problem(problem)]  # noqa: E731
+        replacement = wait_until(new, 60, "the replacement to answer, degraded", 0.2, lambda: seen)[0]
+        serving_after = time.monotonic() - killed
+        print(f"the replacement answered (degraded) {serving_after:.1f} s after the kill")
+        assert serving_after < 30, serving_after
+
+        for record in records.glob("*.json"):
             record.unlink()
-        kill_replica(before[0])
-        waiting = wait_until(lambda: [r for r in model_replicas() if r not in before], 60, "a replacement replica", 0.2)[0]
+        kill_replica(second)
+        waiting = wait_until(lambda: [r for r in model_replicas() if r not in (first, second, replacement)], 60, "a second replacement", 0.2)[0]
         line = "registry unreachable and no resolution of tiny@production recorded on this node; waiting for the database (attempt 1"
-        wait_until(lambda: line in replica_log(waiting), 90, "the replacement's first try", 0.5, lambda: replica_log(waiting)[-2000:])
+        wait_until(lambda: line in replica_log(waiting), 90, "the second replacement's first try", 0.5, lambda: replica_log(waiting)[-2000:])
         assert serve.status().applications["outage"].deployments["SummarizerModel"].replica_states.get("RUNNING") == 1
-        answer = http.post("/v1/summarize", json={"dialogue": DIALOGUE})  # the other replica serves meanwhile
+        answer = http.post("/v1/summarize", json={"dialogue": DIALOGUE})  # the first replacement serves meanwhile
         assert answer.status_code == 200 and answer.json()["model"] == {"name": ADAPTER, "version": 1}, answer.text
     finally:
         postgres.start()
     started = time.monotonic()
     wait_until(lambda: waiting in problems(http, {}), 60, "the waiting replica to serve", 0.2)
     print(f"the waiting replica served {time.monotonic() - started:.1f} s after PostgreSQL started")
-    assert model_replicas() == sorted([before[1], waiting]), "a replica failed to start and was replaced"
+    assert model_replicas() == sorted([replacement, waiting]), "a replica failed to start and was replaced"
     assert "Traceback" not in replica_log(waiting)
+    every_replica(http, lambda p: p is None, "both replicas to say ok again")
