@@ -24,6 +24,8 @@ POLL_S = 1
 #: The application's bounds on each database call, shorter than loraops' defaults (5 s connect, 5 s statements) so
 #: that the frozen drill is short: its replicas see the outage after about 2 + 1 + 2 s instead of 12.
 BOUNDS = "connect_timeout=2&options=-c%20statement_timeout%3D2000"
+#: One request at a time here: an engine of few shapes, so that each of the drills' 4 replica starts warms up less.
+SMALL_ENGINE = ["args.max_batch_size=2", "args.length_buckets=[256]", "args.prefill_batch_size=1"]
 DIALOGUE = "#Person1#: Hi, I'd like to book a table for two tonight.\n#Person2#: Sure, what time?\n#Person1#: Eight, please."
 
 
@@ -50,7 +52,7 @@ def http(deploy_tiny_app, home, postgres):
     try:
         url = deploy_tiny_app(
             ["name=outage", f"args.workspace={home}", f"args.db_url={postgres.url}?{BOUNDS}", f"args.adapter={ADAPTER}@production",
-             f"args.registry_poll_s={POLL_S}", "args.default_max_new_tokens=8", "deployments.SummarizerModel.num_replicas=2"]
+             f"args.registry_poll_s={POLL_S}", "args.default_max_new_tokens=8", "deployments.SummarizerModel.num_replicas=2", *SMALL_ENGINE]
         )  # fmt: skip
         with httpx.Client(base_url=url, timeout=120) as client:
             yield client
