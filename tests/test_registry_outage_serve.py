@@ -3,7 +3,7 @@ model replicas on a PostgreSQL server of the test's own, which is stopped then s
 then thawed. Meanwhile every replica says ``degraded`` with since when and what is served (``/healthz``,
 ``/v1/models``), ``?strict=true`` answers 503, summaries keep coming; after, every replica says ``ok`` again
 and nothing in the registry changed. Replicas that start during the outage: with a recorded resolution they
-serve within 30 s of the kill; without one they wait for the database (no failed start) and serve after."""
+serve within 30 s of the kill."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ POLL_S = 1
 #: The application's bounds on each database call, shorter than loraops' defaults (5 s connect, 5 s statements) so
 #: that the frozen drill is short: its replicas see the outage after about 2 + 1 + 2 s instead of 12.
 BOUNDS = "connect_timeout=2&options=-c%20statement_timeout%3D2000"
-#: One request at a time here: an engine of few shapes, so that each of the drills' 4 replica starts warms up less.
+#: One request at a time here: an engine of few shapes, so that each replica start warms up less.
 SMALL_ENGINE = ["args.max_batch_size=2", "args.length_buckets=[256]", "args.prefill_batch_size=1"]
 DIALOGUE = "#Person1#: Hi, I'd like to book a table for two tonight.\n#Person2#: Sure, what time?\n#Person1#: Eight, please."
 
@@ -138,49 +138,24 @@ def kill_replica(replica: str) -> float:
     return time.monotonic()
 
 
-def replica_log(replica: str) -> str:
-    """The text of a Serve replica's log file (in Ray's session log folder)."""
-    import ray
-
-    folder = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
-    return "".join(path.read_text(errors="replace") for path in folder.glob(f"replica_*{replica}*.log"))
-
-
-def test_replicas_started_while_postgres_is_stopped_serve_the_recorded_resolution_or_wait_for_the_database(http, postgres, home):
-    """Both model replicas die during one outage, one after the other. The first one's replacement starts from the
-    resolution recorded beside the cache (files verified against the recorded checksums) and serves within the issue's
-    30 s of the kill, degraded. Then the node's records are removed, as on a node that never resolved the reference:
-    the second one's replacement waits in its constructor, one warning per try, without failing (Serve would start
-    another, with a traceback, again and again); once PostgreSQL is back it serves, the same replica, and both say ok."""
-    from ray import serve
-
-    records = home / "cache" / "registry" / "resolved"
-    assert list(records.glob("*.json")), "the running replicas recorded no resolution"
-    first, second = wait_until(lambda: len(r := model_replicas()) == 2 and r, 30, "two model replicas")
+def test_a_replica_replaced_while_postgres_is_stopped_serves_what_was_last_resolved_within_30_s(http, postgres, home):
+    """A model replica dies during the outage: its replacement starts from the resolution recorded beside the cache
+    (files verified against the recorded checksums), serves within the issue's 30 s of the kill, says degraded,
+    and catches up after. (A replica with no recorded resolution waits for the database instead:
+    tests/test_registry_outage.py, on the constructor's own code; a Serve drill of it costs another replica start.)"""
+    assert list((home / "cache" / "registry" / "resolved").glob("*.json")), "the running replicas recorded no resolution"
+    before = wait_until(lambda: len(r := model_replicas()) == 2 and r, 30, "two model replicas")
     postgres.stop()
     try:
-        killed = kill_replica(first)
+        killed = kill_replica(before[0])
         seen: dict[str, str | None] = {}
-        new = lambda: [r for r, problem in problems(http, seen).items() if r not in (first, second) and outage_problem(problem)]  # noqa: E731
-        replacement = wait_until(new, 60, "the replacement to answer, degraded", 0.2, lambda: seen)[0]
+        new = lambda: [r for r, problem in problems(http, seen).items() if r not in before and outage_problem(problem)]  # noqa: E731
+        wait_until(new, 60, "the replacement to answer, degraded", 0.2, lambda: seen)
         serving_after = time.monotonic() - killed
         print(f"the replacement answered (degraded) {serving_after:.1f} s after the kill")
-        assert serving_after < 30, serving_after
-
-        for record in records.glob("*.json"):
-            record.unlink()
-        kill_replica(second)
-        waiting = wait_until(lambda: [r for r in model_replicas() if r not in (first, second, replacement)], 60, "a second replacement", 0.2)[0]
-        line = "registry unreachable and no resolution of tiny@production recorded on this node; waiting for the database (attempt 1"
-        wait_until(lambda: line in replica_log(waiting), 90, "the second replacement's first try", 0.5, lambda: replica_log(waiting)[-2000:])
-        assert serve.status().applications["outage"].deployments["SummarizerModel"].replica_states.get("RUNNING") == 1
-        answer = http.post("/v1/summarize", json={"dialogue": DIALOGUE})  # the first replacement serves meanwhile
+        answer = http.post("/v1/summarize", json={"dialogue": DIALOGUE})
         assert answer.status_code == 200 and answer.json()["model"] == {"name": ADAPTER, "version": 1}, answer.text
+        assert serving_after < 30, serving_after
     finally:
         postgres.start()
-    started = time.monotonic()
-    wait_until(lambda: waiting in problems(http, {}), 60, "the waiting replica to serve", 0.2)
-    print(f"the waiting replica served {time.monotonic() - started:.1f} s after PostgreSQL started")
-    assert model_replicas() == sorted([replacement, waiting]), "a replica failed to start and was replaced"
-    assert "Traceback" not in replica_log(waiting)
     every_replica(http, lambda p: p is None, "both replicas to say ok again")
