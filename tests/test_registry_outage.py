@@ -144,3 +144,35 @@ def test_a_server_frozen_between_the_statements_of_a_write_leaves_no_half_state(
         assert ([v.version for v in registry.versions("drill")], [(e.from_version, e.to_version) for e in registry.audit_log("drill")]) == before, table
     stored = sorted(p.relative_to(tmp_path / "store").parts[:2] for p in (tmp_path / "store").rglob("*") if p.is_file())
     assert set(stored) == {("drill", "v1"), ("drill", "v2")}, stored  # no v3 files, no staging left
+
+
+def test_a_replica_with_no_recorded_resolution_waits_for_the_database_then_loads(postgres, registry, caplog):
+    """What a model replica's constructor does when it starts during an outage on a node that never resolved its
+    reference (issue #29 item 3): no traceback, one warning per try with a bounded back-off, and the load as soon as
+    the database answers. The test's ``sleep`` starts the server again at the second wait instead of sleeping."""
+    import logging
+
+    from loraops.serve.remembered import RememberingRegistry, until_the_database_answers
+
+    remembering = RememberingRegistry(registry)  # nothing recorded in this workspace
+    waits: list[float] = []
+    loaded = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 2:
+            postgres.start()
+
+    caplog.set_level(logging.WARNING, logger="ray.serve")
+    postgres.stop()
+    try:
+        with remembering.remembered():
+            until_the_database_answers(lambda: loaded.append(remembering.get("drill@production")), ["drill@production"], sleep=sleep)
+    finally:
+        if len(waits) < 2:
+            postgres.start()
+    assert [v.ref for v in loaded] == ["drill:1"] and waits == [1.0, 2.0]
+    lines = [r.getMessage() for r in caplog.records if "waiting for the database" in r.getMessage()]
+    assert len(lines) == 2, caplog.text
+    expected = "registry unreachable and no resolution of drill@production recorded on this node; waiting for the database (attempt 2, next in 2 s): "
+    assert lines[1].startswith(expected), lines

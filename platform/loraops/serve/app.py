@@ -33,7 +33,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response, Security
@@ -49,6 +49,7 @@ from loraops.errors import LoraopsError
 from loraops.registry.refs import normalize_ref
 from loraops.serve.bodies import ERROR_RESPONSES, ApiError, BatchRequest, SummarizeRequest, Summary, field_of, valid_text
 from loraops.serve.contract import Rejection, SummaryRequest, SummaryResult
+from loraops.serve.delivery import DeliveryGate
 from loraops.serve.guard import RequestGuard, error_response, is_openai_route, request_id_of
 from loraops.serve.openai import Answer, ChatRequest, CompletionRequest, model_list, sse
 from loraops.serve.replica import SummarizerModel
@@ -131,6 +132,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 app.add_middleware(RequestGuard)
+app.add_middleware(DeliveryGate)  # outside the guard: it reads the proxy's receive after the answer was sent
 
 #: Declares the bearer scheme in the OpenAPI document (the docs' "Authorize" button sends the
 #: token); the check itself is :class:`RequestGuard`'s, done before the body is read.
@@ -316,16 +318,19 @@ class SummarizerAPI:
         return result.to_dict()
 
     async def _summarize_on_a_live_replica(self, payload: SummaryRequest, started: float) -> SummaryResult:
-        """The model's answer; a request whose replica died is sent once more, to another replica, within what is
-        left of its deadline (generation is stateless)."""
+        return await self._on_a_live_replica(lambda timeout: self._call(self._model_for(payload).summarize.remote(payload), timeout), started, "a request")
+
+    async def _on_a_live_replica(self, attempt: Callable[[float], Awaitable[Any]], started: float, what: str) -> Any:
+        """``attempt(timeout)``; one whose replica died is made once more, on another replica, within what is left of
+        the request's deadline (generation is stateless)."""
         try:
-            return await self._call(self._model_for(payload).summarize.remote(payload), timeout=self.settings.request_timeout_s)
+            return await attempt(self.settings.request_timeout_s)
         except ReplicaDied:
             left = self.settings.request_timeout_s - (time.perf_counter() - started)
             if left < 1.0:
                 raise  # no time left for another try
-            log.warning("a model replica died holding a request; retrying it once (%.0f s left)", left)
-            return await self._call(self._model_for(payload).summarize.remote(payload), timeout=left)
+            log.warning("a model replica died holding %s; retrying it once (%.0f s left)", what, left)
+            return await attempt(left)
 
     def _model_for(self, payload: SummaryRequest) -> DeploymentHandle:
         """The model deployment for ``payload``: a reference that loads on demand goes with Serve's model multiplexing,
@@ -349,17 +354,20 @@ class SummarizerAPI:
     async def _open_stream(self, payload: SummaryRequest, field: str) -> AsyncIterator[dict[str, Any]]:
         """The model's stream of events, once its first event shows the request was taken (a refusal is an ordinary error answer)."""
         started = time.perf_counter()
-        events = self._model_for(payload).options(stream=True).summarize_stream.remote(payload)
-        try:
-            first = await self._call(events.__anext__(), timeout=self.settings.request_timeout_s)
-        except ApiError:
-            events.cancel()  # no replica answered in time: do not leave the request queued there
-            raise
+        events, first = await self._on_a_live_replica(lambda timeout: self._first_event(payload, timeout), started, "a stream before its first event")
         if "rejection" in first:
             rejection = Rejection(**first["rejection"])
             self.traffic.record_failure(payload.model, time.perf_counter() - started, server_side=rejection.type == "generation_failed", split=payload.split)
             raise self._rejected(rejection, field)
         return self._recorded(first, events, payload, started)
+
+    async def _first_event(self, payload: SummaryRequest, timeout: float) -> tuple[Any, dict[str, Any]]:
+        events = self._model_for(payload).options(stream=True).summarize_stream.remote(payload)
+        try:
+            return events, await self._call(events.__anext__(), timeout=timeout)
+        except ApiError:
+            events.cancel()  # no replica answered in time (or it died): do not leave the request queued there
+            raise
 
     async def _recorded(self, first: dict[str, Any], events, payload: SummaryRequest, started: float) -> AsyncIterator[dict[str, Any]]:
         """The events, recorded for the version that answered; a failure mid-stream becomes a last ``{"error"}`` event."""

@@ -6,7 +6,9 @@ is written beside the checksum-keyed artifact cache, ``WORKSPACE/cache/registry/
 replacement, a scale-up) is answered from that record (:meth:`RememberingRegistry.remembered`):
 the version's files are still checked against the recorded sha256 before anything loads, so
 nothing unverified is served. The replica then reports ``degraded`` and follows the registry again
-once it answers. Without a record (this workspace never resolved the reference) it cannot start.
+once it answers. Without a record (this workspace never resolved the reference) it cannot serve: it
+waits for the database in its constructor (:func:`until_the_database_answers`, one log line per try,
+no traceback), and starts once it answers (Serve has no start-up deadline, only a slow-start warning).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,26 @@ from loraops.registry.db import DatabaseError
 from loraops.registry.records import ModelVersion
 
 log = logging.getLogger("ray.serve")
+
+#: The longest wait between two tries of a replica that cannot start without the database.
+MAX_WAIT_S = 15.0
+
+
+def until_the_database_answers(load: Callable[[], None], refs: list[str], sleep: Callable[[float], None] = time.sleep) -> None:
+    """``load()``, tried again while the database fails it (bounded back-off: 1, 2, 4, 8, then every 15 s).
+
+    What a replica does that starts during an outage without a recorded resolution of ``refs``: raising
+    would only have Serve start another replica that fails alike, each with a traceback in its log."""
+    attempt = 0
+    while True:
+        try:
+            return load()
+        except DatabaseError as exc:
+            attempt += 1
+            wait = min(MAX_WAIT_S, 2.0 ** (attempt - 1))
+            what = f"registry unreachable and no resolution of {', '.join(refs)} recorded on this node"
+            log.warning("%s; waiting for the database (attempt %d, next in %.0f s): %s", what, attempt, wait, exc)
+            sleep(wait)
 
 
 class RememberingRegistry:

@@ -55,7 +55,7 @@ from loraops.serve.engine.params import GREEDY, SamplingParams
 from loraops.serve.prompts import DialogueTooLong, PromptBuilder, prompt_of
 from loraops.serve.public import public_model_name, without_paths
 from loraops.serve.registry_health import RegistryHealth
-from loraops.serve.remembered import RememberingRegistry
+from loraops.serve.remembered import RememberingRegistry, until_the_database_answers
 from loraops.serve.settings import MODEL_DEPLOYMENT, LiveSettings, ServeSettings, validate_live
 
 log = logging.getLogger("ray.serve")
@@ -92,7 +92,7 @@ class SummarizerModel:
         self.engine = None
         self.adapters = AdapterSet(self.registry, self.settings)
         with self.registry.remembered():  # a replica started while the database is down serves what it last resolved
-            self._load_configured()
+            until_the_database_answers(self._load_configured, self.settings.adapters)  # nothing recorded: wait for it
         self.served = self.adapters.served
         self._probe = prompt_of(self.served, "#Person1#: Hello.\n#Person2#: Hi.")
         self._prompts = PromptBuilder(self.served)

@@ -4,7 +4,8 @@ A request that names no model (or the bare adapter name) goes to the deployment'
 except the running canary's share, which goes to the candidate (:class:`~loraops.serve.canary.CanaryRouter`:
 deterministic per request id, so a retry with the same ``X-Request-Id`` lands on the same version).
 Every answer and failure is recorded per version: Ray metrics, and while a canary runs the
-figures ``loraops canary status`` reads from the registry.
+figures ``loraops canary status`` reads from the registry. Inside a request, both wait until its answer
+reached the client (:mod:`loraops.serve.delivery`): an answer lost with its proxy counts for no version.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from loraops.errors import LoraopsError
 from loraops.registry.refs import Bare, Ref
 from loraops.serve.contract import SummaryResult
+from loraops.serve.delivery import once_delivered
 
 log = logging.getLogger("ray.serve")
 
@@ -59,13 +61,13 @@ class Traffic:
         name, version, tokens = result.model.name, result.model.version, result.usage.completion_tokens
         if model is None:
             self._default_version = version
-        self._count(name, version, seconds, False, tokens, split, model)
+        once_delivered(lambda: self._count(name, version, seconds, False, tokens, split, model))
 
     def record_failure(self, model: str | None, seconds: float, server_side: bool, split: bool = True) -> None:
         """A request sent with ``model`` that got no answer; the version's error when the server side failed (not the client's input)."""
         target = self._version_of(model) if server_side else None
         if target is not None:
-            self._count(*target, seconds, True, 0, split, model)
+            once_delivered(lambda: self._count(*target, seconds, True, 0, split, model))
 
     def _count(self, name: str, version: int, seconds: float, error: bool, tokens: int, split: bool, model: str | None) -> None:
         if self.router is not None and name == self.name:  # the router also keeps the canary's figures
