@@ -16,12 +16,15 @@ CONNECT_S = 2
 
 
 @pytest.fixture
-def registry(postgres, make_run, tmp_path):
-    """A registry on the test's own server, with ``drill:1`` registered and promoted, and a bounded URL."""
+def registry(postgres, make_run, tmp_path, request):
+    """A registry on the test's own server, with ``drill:1`` registered and promoted, and a bounded URL: loraops'
+    default statement timeout, or the one in milliseconds a test gives as the fixture's parameter (indirect)."""
     from loraops.registry import Registry
     from loraops.registry import db as registry_db
 
-    url = f"{postgres.url}?connect_timeout={CONNECT_S}"  # the statement timeout is loraops' default
+    url = f"{postgres.url}?connect_timeout={CONNECT_S}"
+    if getattr(request, "param", None):
+        url += f"&options=-c%20statement_timeout%3D{request.param}"  # libpq's own option: the URL's wins
     registry = Registry(db_url=url, artifact_uri=str(tmp_path / "store"), workspace=tmp_path / "ws")
     registry.register(make_run(tmp_path / "run", seed=1), "drill")
     registry.promote("drill", 1)
@@ -120,6 +123,7 @@ def freeze_before(postgres, registry, table: str):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("registry", [2000], indirect=True, ids=["statement_timeout=2s"])  # three waits for the bound: short ones
 def test_a_server_frozen_between_the_statements_of_a_write_leaves_no_half_state(postgres, registry, make_run, tmp_path):
     """promote, canary start and register each meet a server frozen half-way through their transaction: each
     fails within the bound with a DatabaseError (the command's one line), and after SIGCONT nothing of it is there."""

@@ -113,6 +113,12 @@ def _model_replicas(app: str = "loraops") -> int:
     return _replica_states(app).get("RUNNING", 0)
 
 
+def _added_replicas(app: str = "loraops") -> int:
+    """Model replicas running or starting (what the autoscaler asked for)."""
+    states = _replica_states(app)
+    return states.get("RUNNING", 0) + states.get("STARTING", 0)
+
+
 def _settled_on_one_replica() -> bool:
     """One replica running and none starting or stopping: the autoscaler is at rest at min_replicas."""
     return _replica_states() == {"RUNNING": 1}
@@ -307,6 +313,39 @@ def test_cli_serve_in_the_foreground_removes_its_application_on_sigterm_and_sigi
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_urls):
+    from loraops.bench.load import run_load
+    from loraops.bench.serve import builtin_test_dialogues
+
+    def wait_for(condition, timeout_s: float) -> float:
+        started = time.monotonic()
+        while not condition():
+            assert time.monotonic() - started < timeout_s, f"timed out; replicas: {_replica_states()}"
+            time.sleep(0.5)
+        return time.monotonic() - started
+
+    wait_for(_settled_on_one_replica, 120)  # a previous test's load may have scaled it up
+    stop = threading.Event()
+    load = threading.Thread(
+        target=run_load,
+        args=(serve_urls["main"], builtin_test_dialogues(16), 16, 150),
+        kwargs={"body": lambda text: {"dialogue": text, "max_new_tokens": 16}, "headers": AUTH, "stop": stop},
+    )
+    load.start()
+    try:
+        # The autoscaler's decision is what is tested: a second replica starting (its start is a replica start like any)
+        scaled_up_after = wait_for(lambda: _added_replicas() >= 2, 120)
+        peak = _added_replicas()
+    finally:
+        stop.set()
+        load.join()
+    scaled_down_after = wait_for(_settled_on_one_replica, 120)
+    print(f"\nautoscaling 1..3: {peak} replicas running or starting {scaled_up_after:.1f} s into the load; "
+          f"back to 1 replica {scaled_down_after:.1f} s after it stopped")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_promotion_under_load_drops_nothing_and_switches_every_replica(serve_urls, serving_home):
     from loraops.bench.load import run_load
     from loraops.bench.serve import builtin_test_dialogues
@@ -347,37 +386,6 @@ def test_promotion_under_load_drops_nothing_and_switches_every_replica(serve_url
     assert len(settled) >= 16
     assert all(r.version == 2 for r in settled), [r.version for r in settled]
     assert httpx.get(serve_urls["main"] + "/healthz").json()["model"]["version"] == 2
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_urls):
-    from loraops.bench.load import run_load
-    from loraops.bench.serve import builtin_test_dialogues
-
-    def wait_for(condition, timeout_s: float) -> float:
-        started = time.monotonic()
-        while not condition():
-            assert time.monotonic() - started < timeout_s, f"timed out; replicas: {_replica_states()}"
-            time.sleep(0.5)
-        return time.monotonic() - started
-
-    wait_for(_settled_on_one_replica, 120)  # a previous test's load may have scaled it up
-    stop = threading.Event()
-    load = threading.Thread(
-        target=run_load,
-        args=(serve_urls["main"], builtin_test_dialogues(16), 16, 150),
-        kwargs={"body": lambda text: {"dialogue": text, "max_new_tokens": 16}, "headers": AUTH, "stop": stop},
-    )
-    load.start()
-    try:
-        scaled_up_after = wait_for(lambda: _model_replicas() >= 2, 120)
-        peak = _model_replicas()
-    finally:
-        stop.set()
-        load.join()
-    scaled_down_after = wait_for(_settled_on_one_replica, 120)
-    print(f"\nautoscaling 1..3: {peak} replicas running {scaled_up_after:.1f} s into the load; back to 1 replica {scaled_down_after:.1f} s after it stopped")
 
 
 # --- numerics and swaps, in-process ------------------------------------------------------------
