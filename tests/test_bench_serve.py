@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import forbid_ray, run_cli, run_main
+from helpers import forbid_ray, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,9 +59,9 @@ def _bench(cli_env, home: Path, output: Path | None, *extra: str, cwd: Path | No
     command = [
         "bench", "serve", "--model-only", "--config", str(REPO / "serve" / "tiny.yaml"),
         "--set", f"args.workspace={home}", "--set", "args.context_tokens=256", "--modes", "merged",
-        "--concurrency", "1,2", "--duration", "3", "--max-new-tokens", "8", *(["--output", str(output)] if output else []), *extra,
+        "--concurrency", "1,2", "--duration", "2", "--max-new-tokens", "8", *(["--output", str(output)] if output else []), *extra,
     ]  # fmt: skip
-    return run_cli(*command, env=cli_env(home), timeout=900, cwd=cwd)
+    return run_main(*command, env=cli_env(home), cwd=cwd)  # in this process: no Ray, no subprocess's imports
 
 
 @pytest.mark.slow
