@@ -112,7 +112,7 @@ def test_tune_on_s3_then_show_register_promote_and_load_on_machines_without_its_
     env = cli_env(workspace) | s3_server.env() | shared
     env.pop("RAY_ADDRESS", None)  # a Ray of its own, started with these variables: the trials read S3 with them
     experiment = f"s3://{s3_server.bucket}/{prefix}/experiments/s3exp"
-    settings = [*small_search, "search.num_samples=2", "search.scheduler={type: fifo}", "search.max_steps=30", "search.keep_checkpoints=1",
+    settings = [*small_search, "search.num_samples=2", "search.scheduler={type: fifo}", "search.max_steps=20", "search.keep_checkpoints=1",
                 f"search.storage=s3://{s3_server.bucket}/{prefix}/experiments"]
     overrides = [arg for item in settings for arg in ("--set", item)]
     tune = run_cli("tune", "-c", str(REPO / "tune" / "tiny.yaml"), "--name", "s3exp", *overrides, env=env, timeout=600)
@@ -120,7 +120,7 @@ def test_tune_on_s3_then_show_register_promote_and_load_on_machines_without_its_
     stored = objects(s3_server, f"{prefix}/experiments/s3exp")
     line = next(line for line in tune.stdout.splitlines() if line.startswith("storage: "))
     assert line.startswith(f"storage: {len(stored)} objects, ") and experiment in line, line
-    # Three checkpoints per trial were reported, one kept (the best) plus Tune's latest; no base model.
+    # Two checkpoints per trial were reported, one kept (the best) plus Tune's latest; no base model.
     checkpoints = {key.split("/checkpoint_")[0] + "/checkpoint_" + key.split("/checkpoint_")[1].split("/")[0] for key in stored if "/checkpoint_" in key}
     per_trial = [sum(1 for path in checkpoints if f"/{trial}/" in path) for trial in {path.rsplit("/", 2)[-2] for path in checkpoints}]
     assert len(per_trial) == 2 and all(1 <= count <= 2 for count in per_trial), sorted(checkpoints)
