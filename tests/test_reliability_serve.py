@@ -654,7 +654,9 @@ def test_drill_replica_killed_under_load_while_production_is_corrupt(http, url, 
         _answers_after(records, time.monotonic())  # and goes on after the fallback answers
     finally:
         _stop(load, stop)
-    degraded = [m for m in _models(http, 8) if m["problem"]]
+    # /v1/models is answered by one replica per call, which Serve's router picks: probe until the replacement answers
+    degraded: list[dict] = []
+    _wait_for(lambda: degraded.extend(m for m in _models(http, 4) if m["problem"]) or degraded, 30, "the fallback replica's /v1/models")
 
     failed = [r for r in records if r.status != 200]
     first_fallback = min(r.ended for r in records if r.version == 1) - killed_at
