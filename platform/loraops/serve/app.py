@@ -302,7 +302,9 @@ class SummarizerAPI:
     async def _summarize(self, payload: SummaryRequest, field: str) -> dict[str, Any]:
         started = time.perf_counter()
         try:
-            result = await self._summarize_on_a_live_replica(payload, started)
+            result = await self._on_a_live_replica(
+                lambda timeout: self._call(self._model_for(payload).summarize.remote(payload), timeout), started, "a request"
+            )
         except ReplicaDied:
             raise  # a crash is no version's error: not charged in the canary figures
         except ApiError as exc:
@@ -316,9 +318,6 @@ class SummarizerAPI:
             raise self._rejected(result, field)
         self.traffic.record(payload.model, result, time.perf_counter() - started, split=payload.split)
         return result.to_dict()
-
-    async def _summarize_on_a_live_replica(self, payload: SummaryRequest, started: float) -> SummaryResult:
-        return await self._on_a_live_replica(lambda timeout: self._call(self._model_for(payload).summarize.remote(payload), timeout), started, "a request")
 
     async def _on_a_live_replica(self, attempt: Callable[[float], Awaitable[Any]], started: float, what: str) -> Any:
         """``attempt(timeout)``; one whose replica died is made once more, on another replica, within what is left of
