@@ -217,7 +217,7 @@ class OnDemand:
         self._metrics["load_seconds"].observe(seconds)
         self._metrics["resident"].set(len(self.adapters.references))
         log.info("loaded %s on demand in %.2f s", ref, seconds)
-        self._publish_soon()
+        self.publish_soon()
         return Lease(ref, self._unload, asyncio.get_running_loop())
 
     async def _unload(self, ref: str) -> None:
@@ -233,10 +233,10 @@ class OnDemand:
         self.evictions += 1  # counted once the change is done, so a reader of the count sees its effect
         self._metrics["evictions"].inc()
         self._metrics["resident"].set(len(self.adapters.references))
-        self._publish_soon()
+        self.publish_soon()
 
-    def _publish_soon(self) -> None:
-        """Publish a change without making the load or the eviction wait for the board (tasks kept until done)."""
+    def publish_soon(self) -> None:
+        """Publish this replica's state (a heartbeat, or a change) without making the caller wait for the board (tasks kept until done)."""
         task = asyncio.get_running_loop().create_task(self.publish())
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)

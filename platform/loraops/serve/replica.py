@@ -202,7 +202,7 @@ class SummarizerModel:
             await asyncio.sleep(self.live.registry_poll_s or 1.0)
             if self.on_demand is not None:  # the heartbeat that keeps this replica in every replica's /v1/models
                 self.on_demand.poll_s = self.live.registry_poll_s or 1.0
-                await self.on_demand.publish()
+                self.on_demand.publish_soon()  # not awaited: an unreachable board must not hold up the registry check
             if not self.live.registry_poll_s:
                 continue  # watching is off
             try:
