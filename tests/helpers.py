@@ -131,7 +131,7 @@ def elapsed_until(condition: Callable[[], Any], timeout_s: float, what: str, int
 
 
 def s3_objects(server, prefix: str) -> dict[str, bytes]:
-    """Every object under ``bucket/prefix`` of an S3 server (conftest's ``S3Server``) with its bytes, read with the server's own credentials."""
+    """Every object under ``bucket/prefix`` of an S3 server (``s3_server.S3Server``) with its bytes, read with the server's own credentials."""
     import pyarrow.fs as pafs
 
     filesystem = server.filesystem()

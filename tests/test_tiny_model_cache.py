@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from pathlib import Path
 
 from loraops.training import tiny_model
@@ -46,6 +49,36 @@ def test_an_empty_cache_is_built_once_and_then_reused(tmp_path, monkeypatch):
     tiny_model.ensure_tiny_model(tmp_path / "ws2")
     assert len(builds) == 1
     assert (tiny_model.machine_cache_dir() / "config.json").is_file()
+
+
+def test_a_second_process_waits_for_the_build_under_way_instead_of_building_again(tmp_path, monkeypatch, caplog):
+    """Two builders at once (two test workers, two trials): one builds, the other waits on the lock and copies."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    builds, building, release = [], threading.Event(), threading.Event()
+
+    def held_build(folder):
+        builds.append(folder)
+        building.set()
+        assert release.wait(30)
+        (Path(folder) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(tiny_model, "build_tiny_model", held_build)
+    caplog.set_level(logging.INFO, logger=tiny_model.log.name)
+    # flock locks belong to open files, not processes: two threads contend exactly as two processes do
+    first = threading.Thread(target=tiny_model.ensure_tiny_model, args=(tmp_path / "ws1",))
+    second = threading.Thread(target=tiny_model.ensure_tiny_model, args=(tmp_path / "ws2",))
+    first.start()
+    assert building.wait(30)
+    second.start()
+    deadline = time.monotonic() + 30
+    while not any("waiting for another process" in record.getMessage() for record in caplog.records):
+        assert time.monotonic() < deadline, "the second builder did not wait for the first"
+        time.sleep(0.01)
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert len(builds) == 1
+    assert all((tiny_model.tiny_model_dir(tmp_path / ws) / "config.json").is_file() for ws in ("ws1", "ws2"))
 
 
 def test_the_recipe_key_changes_with_the_library_versions(monkeypatch):

@@ -47,13 +47,13 @@ def benchmark_adapters(
     max_adapters: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """For each mode, the one-adapter and the N-adapter runs and the cold loads; the report (see the module docstring)."""
-    from loraops.bench.serve import _machine, _replica_threads, builtin_test_dialogues
+    from loraops.bench.serve import builtin_test_dialogues, machine_figures, replica_threads
     from loraops.serve.settings import load_serve_config
 
     load_at_start = round(os.getloadavg()[0], 2)
     serve_config = load_serve_config(config_path, [*overrides, f"args.max_batch_size={clients}"], ray_schema=False)
     settings = serve_config.settings.with_absolute_paths()
-    threads = _replica_threads(serve_config)
+    threads = replica_threads(serve_config)
     dialogues = builtin_test_dialogues(64)
     results: list[dict[str, Any]] = []
     cold: dict[str, Any] = {}
@@ -61,13 +61,13 @@ def benchmark_adapters(
     about: dict[str, Any] = {}
     for mode in modes:
         with tempfile.TemporaryDirectory(prefix="loraops-bench-adapters-") as scratch:
-            registry, refs = _scratch_registry(settings, Path(scratch), count)
+            registry, refs = scratch_registry(settings, Path(scratch), count)
             try:
                 rows, cold[mode], lru[mode] = _run_mode(
                     registry, refs, settings, mode, skew, clients, duration_s, max_new_tokens, dialogues, max_adapters, about
                 )
             finally:
-                _drop_scratch(registry, refs)
+                drop_scratch(registry, refs)
         results.extend(rows)
     store = "local" if registry.store.is_local else registry.artifact_uri.split("://", 1)[0]
     return {
@@ -80,16 +80,16 @@ def benchmark_adapters(
         "clients": clients,
         "max_new_tokens": max_new_tokens,
         "duration_s_per_point": duration_s,
-        "machine": {"name": about.get("name")} | _machine(load_at_start) | {"load_average_1m_at_end": round(os.getloadavg()[0], 2)},
+        "machine": {"name": about.get("name")} | machine_figures(load_at_start) | {"load_average_1m_at_end": round(os.getloadavg()[0], 2)},
         "torch_threads": threads,
         "store": store,
         "results": results,
         "cold_load_s": cold,
-        "ratios": {mode: _ratio(results, mode, count) for mode in modes},
+        "ratios": {mode: ratio_to_one(results, mode, count) for mode in modes},
     } | ({"max_adapters": max_adapters, "lru": lru} if max_adapters else {})
 
 
-def _scratch_registry(settings, folder: Path, count: int):
+def scratch_registry(settings, folder: Path, count: int):
     """``count`` versions ``bench-i:1`` of the served version's files and training config, in a registry in ``folder``
     whose store is the served registry's kind: a local folder there, or a scratch prefix of the same remote store.
 
@@ -133,7 +133,7 @@ def _forget_local_copies(registry, refs) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _drop_scratch(registry, refs) -> None:
+def drop_scratch(registry, refs) -> None:
     """The scratch versions' local copies and, for a remote store, their files there (the local store goes with its folder)."""
     _forget_local_copies(registry, refs)
     if not registry.store.is_local:
@@ -266,7 +266,7 @@ def _quantiles(samples: list[float]) -> dict[str, Any]:
     return {"loads": len(ordered), "p50_s": at(0.5), "p99_s": at(0.99), "max_s": round(ordered[-1], 3)}
 
 
-def _ratio(results: list[dict[str, Any]], mode: str, count: int) -> float | None:
+def ratio_to_one(results: list[dict[str, Any]], mode: str, count: int) -> float | None:
     """Tokens/s with ``count`` adapters resident over tokens/s with one, in ``mode``."""
     one = next((r for r in results if r["mode"] == mode and r["adapters"] == 1), None)
     many = next((r for r in results if r["mode"] == mode and r["adapters"] == count and not r.get("max_adapters")), None)

@@ -1,6 +1,6 @@
 """``loraops bench serve --adapters N`` (without ``--model-only``): the same comparison over HTTP, through Serve's routing.
 
-N versions are registered as for the model-level run (:func:`loraops.bench.adapters._scratch_registry`,
+N versions are registered as for the model-level run (:func:`loraops.bench.adapters.scratch_registry`,
 in the served registry's kind of store), and one application per mode is deployed on a local Ray
 instance (one model replica, autoscaling off) serving the first as its default with
 ``load_on_demand``: each request of the N-adapter run names its adapter in ``model`` (the default's
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from loraops.bench.adapters import ROUNDS, _drop_scratch, _ratio, _scratch_registry, add_errors
+from loraops.bench.adapters import ROUNDS, add_errors, drop_scratch, ratio_to_one, scratch_registry
 from loraops.bench.load import run_load, summarize_records
 
 
@@ -31,7 +31,7 @@ def benchmark_adapters_http(
     from ray import serve
 
     from loraops import cluster
-    from loraops.bench.serve import _bench_config, _machine, load_workload
+    from loraops.bench.serve import bench_config, load_workload, machine_figures
     from loraops.serve.deploy import deploy
     from loraops.serve.settings import load_serve_config
 
@@ -41,7 +41,7 @@ def benchmark_adapters_http(
     results: list[dict[str, Any]] = []
     counts: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="loraops-bench-adapters-http-") as scratch:
-        registry, refs = _scratch_registry(settings, Path(scratch), count)
+        registry, refs = scratch_registry(settings, Path(scratch), count)
         owned = cluster.connect(address, log_to_driver=False, configure_logging=False)
         deployed: list[str] = []
         try:
@@ -50,7 +50,7 @@ def benchmark_adapters_http(
                     f"args.db_url={registry.db_url}", f"args.artifact_uri={registry.artifact_uri}", f"args.adapter={refs[0]}",
                     "args.load_on_demand=true", f"args.max_adapters={(max_adapters or count - 1) + 1}",
                 ]  # fmt: skip
-                config = _bench_config(config_path, [*overrides, *on_demand], mode, "continuous", clients)
+                config = bench_config(config_path, [*overrides, *on_demand], mode, "continuous", clients)
                 url = deploy(config)
                 deployed.append(config.app_name)
                 rows, counts[mode] = _run_mode(url, refs, mode, skew, clients, duration_s, items)
@@ -60,7 +60,7 @@ def benchmark_adapters_http(
             for name in deployed:
                 serve.delete(name)
             cluster.shutdown(owned)
-            _drop_scratch(registry, refs)
+            drop_scratch(registry, refs)
     return {
         "what": "N adapters named per request over HTTP (ingress, Serve's multiplexed routing, one model replica with load_on_demand) "
         "against one adapter",
@@ -74,10 +74,10 @@ def benchmark_adapters_http(
         "max_new_tokens": max_new_tokens,
         "duration_s_per_point": duration_s,
         "store": "local" if registry.store.is_local else registry.artifact_uri.split("://", 1)[0],
-        "machine": _machine(load_at_start) | {"load_average_1m_at_end": round(os.getloadavg()[0], 2)},
+        "machine": machine_figures(load_at_start) | {"load_average_1m_at_end": round(os.getloadavg()[0], 2)},
         "results": results,
         "on_demand": counts,
-        "ratios": {mode: _ratio(results, mode, count) for mode in modes},
+        "ratios": {mode: ratio_to_one(results, mode, count) for mode in modes},
     }
 
 

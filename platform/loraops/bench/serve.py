@@ -151,7 +151,7 @@ def benchmark(
         for mode in modes:
             urls: dict[str, str] = {}
             for batching in batchings:
-                config = _bench_config(config_path, overrides, mode, batching, max(concurrencies))
+                config = bench_config(config_path, overrides, mode, batching, max(concurrencies))
                 urls[batching] = deploy(config)
                 deployed.append(config.app_name)
                 warm_ups[f"{mode}/{batching}"] = httpx.get(urls[batching] + "/v1/models", timeout=60).json()["models"][0].get("warm_up")
@@ -174,7 +174,7 @@ def benchmark(
             "overrides": list(overrides),
             "workload": {"source": source, "requests": len(items), "max_new_tokens": max_new_tokens, "lengths": lengths},
             "duration_s_per_point": duration_s,
-            "machine": _machine(load_at_start),
+            "machine": machine_figures(load_at_start),
             "model_replica": {key: value for key, value in config.deployment_options.get(MODEL_DEPLOYMENT, {}).items() if key in ("ray_actor_options",)},
             "warm_up": warm_ups,
             "serve_floor": floor,
@@ -191,7 +191,7 @@ def benchmark(
         cluster.shutdown(owned)
 
 
-def _bench_config(config_path: str, overrides: list[str], mode: str, batching: str, clients: int):
+def bench_config(config_path: str, overrides: list[str], mode: str, batching: str, clients: int):
     """The serve config of one (mode, batching) application: its own name and route, one model replica taking ``clients`` at once."""
     from loraops.serve.settings import MODEL_DEPLOYMENT, load_serve_config
 
@@ -280,7 +280,7 @@ def benchmark_model(
     serve_config = load_serve_config(config_path, [*overrides, f"args.max_batch_size={max(concurrencies)}"], ray_schema=False)
     rows, source = read_workload(data, lengths)  # a bad --data file is one line before any model loads
     settings = serve_config.settings.with_absolute_paths()
-    threads = _replica_threads(serve_config)
+    threads = replica_threads(serve_config)
     results: list[dict[str, Any]] = []
     warm_ups: dict[str, Any] = {}
     items: list[WorkItem] = []
@@ -322,7 +322,7 @@ def benchmark_model(
         "device": _device_name(device()),
         "workload": {"source": source, "requests": len(items), "max_new_tokens": max_new_tokens, "lengths": lengths},
         "duration_s_per_point": duration_s,
-        "machine": _machine(load_at_start),
+        "machine": machine_figures(load_at_start),
         "settings": {key: getattr(settings, key) for key in SETTINGS_REPORTED},
         "torch_threads": threads,
         "warm_up": warm_ups,
@@ -332,7 +332,7 @@ def benchmark_model(
     return report
 
 
-def _replica_threads(serve_config) -> int:
+def replica_threads(serve_config) -> int:
     """torch threads of a model replica (``torch_threads``, else what Ray gives it: its num_cpus), set here too so both levels compare."""
     import torch
 
@@ -371,7 +371,7 @@ def _device_name(target) -> str:
     return f"cuda: {torch.cuda.get_device_name(target)}" if target.type == "cuda" else "cpu"
 
 
-def _machine(load_at_start: float) -> dict[str, Any]:
+def machine_figures(load_at_start: float) -> dict[str, Any]:
     # Other work on the machine skews the figures: the load average says how busy it was.
     return {"cpus": os.cpu_count(), "load_average_1m_at_start": load_at_start, "platform": platform.platform(), "python": platform.python_version()}
 

@@ -5,12 +5,14 @@ Built once per machine into a cache keyed by its recipe (``$XDG_CACHE_HOME/lorao
 Hugging Face checkpoint folder and loaded through the same ``from_pretrained`` path as
 ``microsoft/phi-2``. A user's second workspace, and every test workspace, starts at once. Building and
 copying are atomic (a temporary folder renamed into place), so concurrent trials that all need it
-cannot see half a model.
+cannot see half a model, and one process builds while the others wait for its model (a file lock
+beside the cache), so a machine never spends its cores on the same build twice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -65,10 +67,25 @@ def ensure_tiny_model(workspace: Path) -> Path:
         return target
     cached = machine_cache_dir()
     if not (cached / "config.json").is_file():
-        _materialize(cached, build_tiny_model)
-        log.info("built the embedded tiny Phi model in %s", cached)
+        with _build_lock(cached):
+            if not (cached / "config.json").is_file():  # else another process built it while this one waited
+                _materialize(cached, build_tiny_model)
+                log.info("built the embedded tiny Phi model in %s", cached)
     _materialize(target, lambda staging: shutil.copytree(cached, staging, dirs_exist_ok=True))
     return target
+
+
+@contextlib.contextmanager
+def _build_lock(cached: Path):
+    """Held while ``cached`` is built; the kernel releases it if the holder dies, so no stale lock blocks a build."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with open(cached.parent / f".{cached.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process building the embedded tiny Phi model in %s", cached)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _materialize(target: Path, fill) -> None:
