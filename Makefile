@@ -35,7 +35,7 @@ docs: install
 	$(PY) tools/gen_config_reference.py
 
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) .loraops

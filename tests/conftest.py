@@ -263,40 +263,16 @@ def _uses_shared_app(item) -> bool:
     return "shared_app" in getattr(item, "fixturenames", ())
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     """The modules with a test that uses ``shared_app`` run one after the other, where the first of them
     was, so its application is deployed once; the order inside each module and of the others is kept."""
     sharing = {item.path for item in items if _uses_shared_app(item)}
-    if sharing:
-        first = next(index for index, item in enumerate(items) if item.path in sharing)
-        grouped = [item for item in items if item.path in sharing]
-        rest = [item for item in items if item.path not in sharing]
-        items[:] = rest[:first] + grouped + rest[first:]
-    if config.getoption("dist", "no") == "loadgroup":
-        _group_for_workers(items)
-
-
-#: The xdist group of every test on the session's Ray instance (``ray_address``).
-SESSION_RAY_GROUP = "session-ray"
-
-
-def _group_for_workers(items) -> None:
-    """Work units for pytest-xdist's ``--dist loadgroup`` (``make test``: two workers, units in this order).
-
-    Every test on the session's Ray instance is one unit, in the order above: one worker starts one Ray
-    and one Serve instance and runs them as a serial run would. Every other module is a unit of its own,
-    so its module-scoped fixtures are built once. That unit goes first, then the modules with a slow
-    test, then the rest: the longest units start early and short ones fill the end."""
-    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
-
-    def unit(item) -> tuple[str, int]:
-        if "ray_address" in item.fixturenames:
-            return SESSION_RAY_GROUP, 0
-        return item.nodeid.split("::")[0], 1 if item.path in slow_modules else 2
-
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(unit(item)[0]))
-    items.sort(key=lambda item: unit(item)[1])  # stable: each unit keeps its order
+    if not sharing:
+        return
+    first = next(index for index, item in enumerate(items) if item.path in sharing)
+    grouped = [item for item in items if item.path in sharing]
+    rest = [item for item in items if item.path not in sharing]
+    items[:] = rest[:first] + grouped + rest[first:]
 
 
 @pytest.hookimpl(hookwrapper=True)
