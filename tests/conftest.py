@@ -71,7 +71,7 @@ def dialogsum_sample() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_address():
-    """One real local Ray instance for the whole test session, sized for CI's 2 cores.
+    """One real local Ray instance for the whole test session (each xdist worker's own), sized for CI's 2 cores.
 
     Yields its address, so CLI subprocesses can join it through RAY_ADDRESS. Always shut down. A new
     instance whatever Ray's address file says (``address="local"``): never another process's cluster.
