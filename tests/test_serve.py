@@ -317,14 +317,10 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_urls):
     from loraops.bench.load import run_load
     from loraops.bench.serve import builtin_test_dialogues
 
-    def wait_for(condition, timeout_s: float) -> float:
-        started = time.monotonic()
-        while not condition():
-            assert time.monotonic() - started < timeout_s, f"timed out; replicas: {_replica_states()}"
-            time.sleep(0.5)
-        return time.monotonic() - started
+    def wait_for(condition, timeout_s: float, what: str) -> float:
+        return helpers.elapsed_until(condition, timeout_s, what, 0.5, lambda: f"replicas: {_replica_states()}")
 
-    wait_for(_settled_on_one_replica, 120)  # a previous test's load may have scaled it up
+    wait_for(_settled_on_one_replica, 120, "one replica at rest")  # a previous test's load may have scaled it up
     stop = threading.Event()
     load = threading.Thread(
         target=run_load,
@@ -334,12 +330,12 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_urls):
     load.start()
     try:
         # The autoscaler's decision is what is tested: a second replica starting (its start is a replica start like any)
-        scaled_up_after = wait_for(lambda: _added_replicas() >= 2, 120)
+        scaled_up_after = wait_for(lambda: _added_replicas() >= 2, 120, "a second replica running or starting")
         peak = _added_replicas()
     finally:
         stop.set()
         load.join()
-    scaled_down_after = wait_for(_settled_on_one_replica, 120)
+    scaled_down_after = wait_for(_settled_on_one_replica, 120, "back to one replica")
     print(f"\nautoscaling 1..3: {peak} replicas running or starting {scaled_up_after:.1f} s into the load; "
           f"back to 1 replica {scaled_down_after:.1f} s after it stopped")
 
