@@ -123,6 +123,13 @@ def wait_until(condition: Callable[[], T], timeout_s: float, what: str, interval
         time.sleep(interval_s)
 
 
+def wait_for_the_ingress_canary(models: Callable[[], dict], canary_id: int, timeout_s: float = 60) -> None:
+    """Until ``models()`` (a ``/v1/models`` body) shows the ingress's view of canary ``canary_id``. The ingress routes
+    and counts by the canary it read at its own registry poll, apart from the model replicas' polls: requests it
+    answered before reading this one are not counted."""
+    wait_until(lambda: (models().get("canary") or {}).get("id") == canary_id, timeout_s, "the ingress to read the canary", 0.2)
+
+
 def elapsed_until(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.25, detail: Callable[[], Any] | None = None) -> float:
     """Seconds until ``condition`` held (see :func:`wait_until`)."""
     started = time.monotonic()

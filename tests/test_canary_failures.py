@@ -78,12 +78,6 @@ def no_canary_left(home):
         registry.abort_canary(NAME, actor="test", reason="left running by a failed test")
 
 
-def _wait_for_the_ingress(http: httpx.Client, canary) -> None:
-    """The ingress routes and counts by the canary it read at its own registry poll, apart from the model
-    replicas' polls: requests sent before it read this one would go uncounted."""
-    wait_until(lambda: (http.get("/v1/models").json().get("canary") or {}).get("id") == canary.id, 30, "the ingress to read the canary", 0.2)
-
-
 def _artifact(home: Path, version: int) -> Path:
     return home / "registry" / NAME / f"v{version}" / "adapter_model.safetensors"
 
@@ -141,7 +135,7 @@ def test_a_candidate_that_cannot_load_is_reported_retried_and_then_served(http, 
             return len(replicas) == 2 and all(r.error for r in replicas)
 
         wait_until(all_failed, 120, "both replicas to report the candidate failed", 0.5)
-        _wait_for_the_ingress(http, canary)
+        helpers.wait_for_the_ingress_canary(lambda: http.get("/v1/models").json(), canary.id, 30)
         shown = run_main("canary", "status", NAME, env=cli_env(home))
         print(f"\n$ loraops canary status {NAME}\n{shown.stdout}")
         assert shown.returncode == 0, shown.stderr

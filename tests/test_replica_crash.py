@@ -95,11 +95,10 @@ def canary(url, home):
     from loraops.registry import Registry
 
     registry = Registry(workspace=home)
-    registry.start_canary(f"{ADAPTER}:2", 50, min_requests=1000)
+    started = registry.start_canary(f"{ADAPTER}:2", 50, min_requests=1000)
     try:
         wait_until(lambda: sum(r.loaded for r in registry.canary_status(ADAPTER).replicas) == 2, 120, "both replicas to load the candidate", 0.5)
-        # The ingress counts the figures: only once it has read the canary is every answer counted (it polls on its own).
-        wait_until(lambda: "canary" in httpx.get(f"{url}/v1/models", timeout=30).json(), 60, "the ingress to read the canary", 0.5)
+        helpers.wait_for_the_ingress_canary(lambda: httpx.get(f"{url}/v1/models", timeout=30).json(), started.id)
         yield registry
     finally:
         registry.abort_canary(ADAPTER, reason="test over")
